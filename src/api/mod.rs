@@ -1,0 +1,243 @@
+//! The KohortPay API client: the only module that knows reqwest.
+//!
+//! Each call returns a [`Reply`]: the outcome class, the status, the latency, any
+//! `Retry-After`, a readable error text, and the parsed value when there is one.
+//! Calls never fail with a Rust error: a failed exchange is data for the engine.
+
+pub mod classify;
+pub mod wire;
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use jiff::Timestamp;
+use reqwest::header::{AUTHORIZATION, HeaderValue, RETRY_AFTER};
+
+pub use classify::{Class, Exchange, Transport, classify};
+
+use crate::error::{Error, Result};
+use crate::job::{Group, Payload};
+
+/// An API key. Its `Debug` and `Display` never show it.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: String) -> Self {
+        ApiKey(key)
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.0.starts_with("sk_live_")
+    }
+
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// The result of one HTTP exchange.
+#[derive(Debug, Clone)]
+pub struct Reply<T> {
+    pub class: Class,
+    pub status: Option<u16>,
+    pub started_at: Timestamp,
+    pub latency: Duration,
+    pub retry_after: Option<Duration>,
+    /// What went wrong, readable (None on success).
+    pub error: Option<String>,
+    /// The parsed body, on success.
+    pub value: Option<T>,
+}
+
+/// A client bound to one base URL and key.
+#[derive(Clone, Debug)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    auth: HeaderValue,
+}
+
+impl ApiClient {
+    /// Builds a client. `ca_cert` adds a private root certificate (PEM).
+    pub fn new(base: &str, key: &ApiKey, timeout: Duration, ca_cert: Option<&Path>) -> Result<Self> {
+        // Installing the provider twice is harmless; the first one wins.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
+            Error::usage("the API key contains characters that cannot be sent in a header")
+        })?;
+        auth.set_sensitive(true);
+        let mut builder = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("kohort-batch/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(256);
+        if let Some(path) = ca_cert {
+            let pem = std::fs::read(path).map_err(|source| Error::File {
+                action: "read CA certificate",
+                path: path.to_owned(),
+                source,
+            })?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                Error::usage(format!("{} is not a PEM certificate: {e}", path.display()))
+            })?;
+            builder = builder.tls_certs_merge([cert]);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))?;
+        Ok(ApiClient {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            auth,
+        })
+    }
+
+    /// `POST /groups`.
+    pub async fn create_group(&self, body: &Payload) -> Reply<Group> {
+        let req = self.http.post(format!("{}/groups", self.base)).json(body);
+        self.exchange(req, wire::parse_group).await
+    }
+
+    /// `GET /orders/{id}`: the order's group id, if it has one.
+    pub async fn order_group(&self, order_id: &str) -> Reply<Option<String>> {
+        let req = self.http.get(format!("{}/orders/{}", self.base, path_segment(order_id)));
+        self.exchange(req, wire::parse_order_group).await
+    }
+
+    /// `GET /groups/{id}`: the group, or `None` (the API's empty 200).
+    pub async fn group(&self, group_id: &str) -> Reply<Option<Group>> {
+        let req = self.http.get(format!("{}/groups/{}", self.base, path_segment(group_id)));
+        self.exchange(req, wire::parse_group_lookup).await
+    }
+
+    async fn exchange<T>(
+        &self,
+        req: reqwest::RequestBuilder,
+        parse: fn(&[u8]) -> Result<T, String>,
+    ) -> Reply<T> {
+        let started_at = Timestamp::now();
+        let clock = Instant::now();
+        let req = req.header(AUTHORIZATION, self.auth.clone());
+        let reply = |class, status, retry_after, error, value| Reply {
+            class,
+            status,
+            started_at,
+            latency: clock.elapsed(),
+            retry_after,
+            error,
+            value,
+        };
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let transport = transport_kind(&e);
+                return reply(classify(Exchange::Transport(transport)), None, None, Some(describe_transport(transport, &e)), None);
+            }
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| classify::parse_retry_after(v, SystemTime::now()));
+        let body = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                let class = if (200..300).contains(&status) {
+                    classify(Exchange::Transport(Transport::Body))
+                } else {
+                    classify(Exchange::Http { status, body_ok: true })
+                };
+                let error = format!("HTTP {status}, but the body was cut short: {}", error_chain(&e));
+                return reply(class, Some(status), retry_after, Some(error), None);
+            }
+        };
+        if (200..300).contains(&status) {
+            return match parse(&body) {
+                Ok(v) => reply(Class::Ok, Some(status), retry_after, None, Some(v)),
+                Err(why) => {
+                    let class = classify(Exchange::Http { status, body_ok: false });
+                    let error = format!("HTTP {status}, but the response could not be read: {why}");
+                    reply(class, Some(status), retry_after, Some(error), None)
+                }
+            };
+        }
+        let class = classify(Exchange::Http { status, body_ok: true });
+        reply(class, Some(status), retry_after, Some(wire::describe_error(status, &body)), None)
+    }
+}
+
+fn path_segment(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn transport_kind(e: &reqwest::Error) -> Transport {
+    if e.is_connect() {
+        Transport::Connect
+    } else if e.is_timeout() {
+        Transport::Timeout
+    } else if e.is_body() || e.is_decode() {
+        Transport::Body
+    } else {
+        Transport::Reset
+    }
+}
+
+fn describe_transport(kind: Transport, e: &reqwest::Error) -> String {
+    let what = match kind {
+        Transport::Connect => "could not connect",
+        Transport::Timeout => "timed out waiting for the response",
+        Transport::Reset => "the connection failed mid-request",
+        Transport::Body => "the response body was cut short",
+    };
+    format!("{what}: {}", error_chain(e))
+}
+
+/// The error and its causes on one line; URLs carry no secrets (the key is a header).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_never_printed() {
+        let key = ApiKey::new("sk_test_secret".into());
+        assert!(!format!("{key:?}").contains("secret"));
+        assert!(!key.is_live());
+        assert!(ApiKey::new("sk_live_x".into()).is_live());
+    }
+
+    #[test]
+    fn ids_are_escaped_in_paths() {
+        assert_eq!(path_segment("ord_1-A.b~"), "ord_1-A.b~");
+        assert_eq!(path_segment("a/b c"), "a%2Fb%20c");
+    }
+}

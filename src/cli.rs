@@ -1,0 +1,176 @@
+//! The command line, as clap structs. Nothing else in the crate imports clap:
+//! `config.rs` turns these raw values into resolved settings in one fallible step.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Creates KohortPay referral groups in bulk, safely: one group per order, exactly once.
+#[derive(Debug, Parser)]
+#[command(name = "kohort-batch", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// The SQLite database holding jobs, attempts, groups and runs.
+    #[arg(long, global = true, env = "KOHORT_BATCH_DB", default_value = "kohort-batch.db")]
+    pub db: PathBuf,
+
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Import the CSV rows (if any), then send every pending job.
+    Run(RunArgs),
+    /// Run the local simulated KohortPay API.
+    Sandbox(SandboxArgs),
+    /// The sandbox plus samples/ end to end: no key, no network.
+    Demo,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// CSV files to import before sending ('-' for stdin). May be repeated.
+    #[arg(long = "csv", value_name = "FILE")]
+    pub csv: Vec<PathBuf>,
+
+    #[command(flatten)]
+    pub send: SendArgs,
+}
+
+/// Options of every command that talks to the API.
+#[derive(Debug, Args, Clone)]
+pub struct SendArgs {
+    /// API base URL (plain http only for loopback).
+    #[arg(long, env = "KOHORTPAY_API_BASE", default_value = "https://api.kohortpay.com")]
+    pub api_base: String,
+
+    /// Read the API key from this file (else from the KOHORTPAY_API_KEY environment variable).
+    #[arg(long, value_name = "PATH")]
+    pub api_key_file: Option<PathBuf>,
+
+    /// Allow a live key (sk_live_…): live groups email real customers.
+    #[arg(long)]
+    pub live: bool,
+
+    /// Most requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+
+    /// Most requests started per second (fractions allowed; 0 for no limit).
+    #[arg(long, default_value_t = 5.0)]
+    pub rate: f64,
+
+    /// Attempts per job and run, the first included.
+    #[arg(long, default_value_t = 8)]
+    pub max_attempts: u32,
+
+    /// Per-request timeout (e.g. 30s, 500ms, 2m).
+    #[arg(long, default_value = "30s")]
+    pub timeout: String,
+
+    /// Wait after an ambiguous outcome before checking whether the group exists
+    /// (default: twice --timeout).
+    #[arg(long)]
+    pub settle: Option<String>,
+
+    /// When to check for an existing group before creating one.
+    #[arg(long, value_enum, default_value_t = PrecheckArg::Always)]
+    pub precheck: PrecheckArg,
+
+    /// Consecutive 5xx or transport failures after which the run stops (exit 3).
+    #[arg(long, default_value_t = 30)]
+    pub breaker: u32,
+
+    /// Re-send rows whose earlier outcome is unknown and cannot be checked (may duplicate).
+    #[arg(long)]
+    pub include_unknown: bool,
+
+    /// Also write the report as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub report_json: Option<PathBuf>,
+
+    /// How long requests in flight may finish after SIGINT/SIGTERM.
+    #[arg(long, default_value = "30s")]
+    pub grace: String,
+
+    /// Seed for retry jitter (reproducible tests).
+    #[arg(long, hide = true)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrecheckArg {
+    Always,
+    Ambiguous,
+}
+
+/// Knobs of the simulated API.
+#[derive(Debug, Args, Clone)]
+pub struct SandboxArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Latency added to each request: fixed (20ms) or a range (10ms..80ms).
+    #[arg(long, default_value = "0ms")]
+    pub latency: String,
+
+    /// Probability of a 500 (not processed).
+    #[arg(long, default_value_t = 0.0)]
+    pub error_500: f64,
+
+    /// Probability of a 502 with an HTML body (not processed).
+    #[arg(long, default_value_t = 0.0)]
+    pub error_502: f64,
+
+    /// Probability of a 503 with Retry-After (not processed).
+    #[arg(long, default_value_t = 0.0)]
+    pub error_503: f64,
+
+    /// Probability of a 429 with Retry-After.
+    #[arg(long, default_value_t = 0.0)]
+    pub error_429: f64,
+
+    /// Retry-After seconds sent with 429 and 503.
+    #[arg(long, default_value_t = 1)]
+    pub retry_after: u64,
+
+    /// Requests per second above which the sandbox answers 429.
+    #[arg(long)]
+    pub rate_limit: Option<f64>,
+
+    /// Probability the connection drops before processing.
+    #[arg(long, default_value_t = 0.0)]
+    pub reset: f64,
+
+    /// Probability a create is stored but its response is lost.
+    #[arg(long, default_value_t = 0.0)]
+    pub lost_response: f64,
+
+    /// Probability a create is stored but answered with a truncated body.
+    #[arg(long, default_value_t = 0.0)]
+    pub truncated: f64,
+
+    /// Probability of a late create: 503 after --late-after, group created later.
+    #[arg(long, default_value_t = 0.0)]
+    pub late_create: f64,
+
+    /// When a late create answers 503 (the group appears twice as late).
+    #[arg(long, default_value = "1s")]
+    pub late_after: String,
+
+    /// Seed for every random choice.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}

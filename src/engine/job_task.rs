@@ -1,0 +1,307 @@
+//! One job's life in a run: the exactly-once protocol of the design, step by step.
+//!
+//! check (if due) → mark `in_flight` (committed) → create → classify → record, and
+//! on a retryable outcome wait and go round again. An ambiguous outcome is never
+//! followed by a blind re-send: the job waits the settle delay, then is checked.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Ctx, Precheck, StopReason};
+use crate::api::{Class, Reply};
+use crate::error::Result;
+use crate::job::Group;
+use crate::store::{Attempt, Job, Obtained, RequestKind, Transition};
+
+fn unix_ms_in(d: Duration) -> i64 {
+    jiff::Timestamp::now().as_millisecond() + d.as_millis() as i64
+}
+
+fn attempt_of<T>(kind: RequestKind, reply: &Reply<T>) -> Attempt {
+    Attempt {
+        kind,
+        started_at: reply.started_at,
+        latency: reply.latency,
+        status: reply.status,
+        class: reply.class.as_str(),
+        error: reply.error.clone(),
+    }
+}
+
+/// What an existence check found.
+enum Check {
+    Found(Group, Attempt),
+    Absent,
+    /// The order does not exist: the job can never succeed as written.
+    OrderMissing(String, Attempt),
+    /// Try again later (after `delay_hint`, if the API gave one).
+    Retry(Option<Duration>, String),
+    Stopped,
+}
+
+/// Runs one job until it succeeds, fails, becomes unknown, or the run stops.
+pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
+    let seed = ctx.cfg.seed.map(|s| s ^ job.id as u64);
+    let mut rng = seed.map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed);
+    let mut backoff = ctx.cfg.retry.backoff(move || rng.f64());
+    let mut needs_check = job.needs_check;
+    let mut checked_clean = false;
+    let mut not_before = job.next_attempt_at;
+    let mut last_error = String::new();
+
+    loop {
+        if let Some(at) = not_before.take() {
+            let wait = at - jiff::Timestamp::now().as_millisecond();
+            if wait > 0 && !ctx.sleep(Duration::from_millis(wait as u64)).await {
+                return Ok(()); // stopping: the job stays pending
+            }
+        }
+        let order = job.payload.checkable_order();
+        if needs_check && order.is_none() && !ctx.cfg.resend_unknown {
+            let reason = format!(
+                "the outcome of an earlier create is unknown ({}) and this row has no orderId \
+                 (or also a paymentIntentId), so the API cannot be asked whether its group \
+                 exists; check in the KohortPay dashboard, then `retry-failed --include-unknown` \
+                 to send it again",
+                if last_error.is_empty() { "interrupted mid-request" } else { &last_error }
+            );
+            tracing::warn!(key = %job.key, line = ?job.line, %reason, "row outcome unknown");
+            return ctx.store.record(ctx.run_id, job.id, None, Transition::Unknown { reason }).await;
+        }
+        let check_due = order.is_some()
+            && (needs_check
+                || (ctx.cfg.precheck == Precheck::Always && job.creates == 0 && !checked_clean));
+        if let (true, Some(order_id)) = (check_due, order) {
+            match check(&ctx, &job, order_id).await? {
+                Check::Found(group, attempt) => {
+                    let obtained = if needs_check { Obtained::Recovered } else { Obtained::Existing };
+                    let t = Transition::Succeeded { obtained, group };
+                    return ctx.store.record(ctx.run_id, job.id, Some(attempt), t).await;
+                }
+                Check::Absent => {
+                    needs_check = false;
+                    checked_clean = true;
+                }
+                Check::OrderMissing(reason, attempt) => {
+                    tracing::warn!(key = %job.key, line = ?job.line, %reason, "row failed");
+                    let t = Transition::Failed {
+                        reason,
+                        class: "order_not_found".into(),
+                        status: attempt.status,
+                    };
+                    return ctx.store.record(ctx.run_id, job.id, Some(attempt), t).await;
+                }
+                Check::Stopped => return Ok(()),
+                Check::Retry(hint, error) => {
+                    last_error = error;
+                    match backoff.next() {
+                        Some(delay) => {
+                            not_before = Some(unix_ms_in(hint.unwrap_or(delay)));
+                            continue;
+                        }
+                        None => return give_up_after(&ctx, &job, &last_error, needs_check).await,
+                    }
+                }
+            }
+        }
+
+        // Create.
+        let Some(permit) = ctx.pacer.admit(&ctx.control.stop).await else {
+            return Ok(());
+        };
+        let in_flight = Transition::InFlight {
+            check_after: unix_ms_in(ctx.cfg.settle),
+        };
+        ctx.store.record(ctx.run_id, job.id, None, in_flight).await?;
+        let reply = ctx.api.create_group(&job.payload).await;
+        drop(permit);
+        ctx.observe(&reply);
+        let attempt = attempt_of(RequestKind::Create, &reply);
+        match reply.class {
+            Class::Ok => {
+                let group = reply.value.unwrap_or_default();
+                let t = Transition::Succeeded {
+                    obtained: Obtained::Created,
+                    group,
+                };
+                return ctx.store.record(ctx.run_id, job.id, Some(attempt), t).await;
+            }
+            Class::Definitive => {
+                let reason = reply.error.unwrap_or_default();
+                tracing::warn!(key = %job.key, line = ?job.line, %reason, "row failed");
+                let t = Transition::Failed {
+                    reason,
+                    class: format!("http_{}", reply.status.unwrap_or(0)),
+                    status: reply.status,
+                };
+                return ctx.store.record(ctx.run_id, job.id, Some(attempt), t).await;
+            }
+            Class::Stop => {
+                let reason = reply.error.unwrap_or_default();
+                let t = Transition::Pending {
+                    next_attempt_at: None,
+                    needs_check: false,
+                    reason: Some(reason.clone()),
+                };
+                ctx.store.record(ctx.run_id, job.id, Some(attempt), t).await?;
+                ctx.control.stop(StopReason::Api(stop_message(&reason)));
+                return Ok(());
+            }
+            Class::Retry | Class::Ambiguous => {
+                let ambiguous = reply.class == Class::Ambiguous;
+                last_error = reply.error.clone().unwrap_or_default();
+                let Some(delay) = backoff.next() else {
+                    ctx.store
+                        .record(ctx.run_id, job.id, Some(attempt), Transition::Keep)
+                        .await?;
+                    if ambiguous {
+                        needs_check = true;
+                    }
+                    return give_up_after(&ctx, &job, &last_error, needs_check).await;
+                };
+                let mut wait = reply.retry_after.unwrap_or(delay);
+                if ambiguous {
+                    // The server may still create the group late: let it settle, then check.
+                    needs_check = true;
+                    wait = wait.max(ctx.cfg.settle);
+                }
+                let next = unix_ms_in(wait);
+                let t = Transition::Pending {
+                    next_attempt_at: Some(next),
+                    needs_check,
+                    reason: reply.error.clone(),
+                };
+                ctx.store.record(ctx.run_id, job.id, Some(attempt), t).await?;
+                not_before = Some(next);
+            }
+        }
+    }
+}
+
+async fn give_up_after(ctx: &Ctx, job: &Job, last_error: &str, maybe_created: bool) -> Result<()> {
+    let reason = format!(
+        "gave up after {} attempts; last error: {last_error}{}",
+        ctx.cfg.retry.max_attempts,
+        if maybe_created {
+            " (a group may exist: retry-failed checks before sending again)"
+        } else {
+            ""
+        }
+    );
+    tracing::warn!(key = %job.key, line = ?job.line, %reason, "row failed");
+    let t = Transition::Failed {
+        reason,
+        class: "retries_exhausted".into(),
+        status: None,
+    };
+    ctx.store.record(ctx.run_id, job.id, None, t).await
+}
+
+fn stop_message(reason: &str) -> String {
+    format!(
+        "the API rejected the key ({reason}); no row was failed. Check KOHORTPAY_API_KEY or \
+         --api-key-file, then run again"
+    )
+}
+
+/// `GET /orders/{id}`, then `GET /groups/{id}` when the order has a group.
+async fn check(ctx: &Ctx, job: &Job, order_id: &str) -> Result<Check> {
+    let Some(permit) = ctx.pacer.admit(&ctx.control.stop).await else {
+        return Ok(Check::Stopped);
+    };
+    let reply = ctx.api.order_group(order_id).await;
+    drop(permit);
+    ctx.observe(&reply);
+    let attempt = attempt_of(RequestKind::CheckOrder, &reply);
+    let group_id = match reply.class {
+        Class::Ok => reply.value.clone().flatten(),
+        Class::Definitive => {
+            let reason = format!(
+                "order {order_id} was not found in KohortPay ({}); create the order first, or \
+                 fix orderId",
+                reply.error.clone().unwrap_or_default()
+            );
+            return Ok(Check::OrderMissing(reason, attempt));
+        }
+        Class::Stop => {
+            let reason = reply.error.clone().unwrap_or_default();
+            ctx.store.record(ctx.run_id, job.id, Some(attempt), Transition::Keep).await?;
+            ctx.control.stop(StopReason::Api(stop_message(&reason)));
+            return Ok(Check::Stopped);
+        }
+        Class::Retry | Class::Ambiguous => {
+            ctx.store.record(ctx.run_id, job.id, Some(attempt), Transition::Keep).await?;
+            return Ok(Check::Retry(reply.retry_after, reply.error.unwrap_or_default()));
+        }
+    };
+    ctx.store.record(ctx.run_id, job.id, Some(attempt), Transition::Keep).await?;
+    let Some(group_id) = group_id else {
+        return Ok(Check::Absent);
+    };
+
+    let Some(permit) = ctx.pacer.admit(&ctx.control.stop).await else {
+        return Ok(Check::Stopped);
+    };
+    let reply = ctx.api.group(&group_id).await;
+    drop(permit);
+    ctx.observe(&reply);
+    let attempt = attempt_of(RequestKind::FetchGroup, &reply);
+    match reply.class {
+        Class::Ok => {
+            let group = reply.value.flatten().unwrap_or_else(|| {
+                // The order names a group the lookup cannot show: record what we know.
+                tracing::warn!(order = order_id, group = %group_id, "order names a group that GET /groups does not return");
+                Group {
+                    raw: serde_json::json!({ "id": group_id }).to_string(),
+                    id: group_id.clone(),
+                    order_id: Some(order_id.to_owned()),
+                    ..Group::default()
+                }
+            });
+            Ok(Check::Found(group, attempt))
+        }
+        Class::Stop => {
+            let reason = reply.error.clone().unwrap_or_default();
+            ctx.store.record(ctx.run_id, job.id, Some(attempt), Transition::Keep).await?;
+            ctx.control.stop(StopReason::Api(stop_message(&reason)));
+            Ok(Check::Stopped)
+        }
+        Class::Definitive | Class::Retry | Class::Ambiguous => {
+            ctx.store.record(ctx.run_id, job.id, Some(attempt), Transition::Keep).await?;
+            Ok(Check::Retry(reply.retry_after, reply.error.unwrap_or_default()))
+        }
+    }
+}
+
+impl Ctx {
+    /// Sleeps unless the run stops first; false if it stopped.
+    pub(super) async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep_until(Instant::now() + d) => true,
+            () = self.control.stop.cancelled() => false,
+        }
+    }
+
+    /// Feeds one reply to the shared pause and the circuit breaker.
+    pub(super) fn observe<T>(&self, reply: &Reply<T>) {
+        if let (Some(wait), Some(429 | 503)) = (reply.retry_after, reply.status) {
+            self.pacer.pause_for(wait);
+        }
+        let outage = match reply.status {
+            None => true,
+            Some(s) => (500..600).contains(&s),
+        };
+        if !outage {
+            self.pacer.note_healthy();
+        } else if self.pacer.note_outage_failure() {
+            self.control.stop(StopReason::Api(format!(
+                "the API looks unavailable: {} requests in a row failed (last: {}); pending \
+                 rows stay pending for the next run",
+                self.cfg.breaker_threshold,
+                reply.error.as_deref().unwrap_or("no response")
+            )));
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The engine: drains every pending job through the API, paced and recorded.
+//!
+//! It sees jobs, outcomes, a [`Store`] handle and an [`ApiClient`]; it knows no SQL
+//! and no CLI. Jobs are read from the store page by page and each gets a task; the
+//! number of live tasks is bounded, so memory does not grow with the queue.
+
+mod job_task;
+pub mod pacing;
+pub mod retry;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::ApiClient;
+use crate::error::{Error, Result};
+use crate::store::Store;
+pub use pacing::Pacer;
+pub use retry::RetryPolicy;
+
+/// When to ask the API whether a group already exists before creating one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precheck {
+    /// Before the first create of every job with an orderId (the default).
+    Always,
+    /// Only after an ambiguous outcome or an interrupted request.
+    Ambiguous,
+}
+
+/// The engine's resolved settings.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EngineConfig {
+    pub concurrency: usize,
+    /// Requests started per second; `None` for no limit.
+    pub rate: Option<f64>,
+    #[serde(skip)]
+    pub retry: RetryPolicy,
+    pub max_attempts: u32,
+    pub precheck: Precheck,
+    #[serde(with = "secs")]
+    pub settle: Duration,
+    /// Consecutive 5xx/transport failures that open the circuit breaker.
+    pub breaker_threshold: u32,
+    /// Send rows whose earlier outcome is unknown and cannot be checked (a person's decision).
+    pub resend_unknown: bool,
+    /// How long in-flight requests may finish after a stop.
+    #[serde(with = "secs")]
+    pub grace: Duration,
+    /// Seed for the backoff jitter (tests); `None` for random.
+    pub seed: Option<u64>,
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+/// Why a run stopped before its queue was empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// Auth rejected or the API is down (exit 3).
+    Api(String),
+    /// SIGINT or SIGTERM (exit 4).
+    Signal,
+}
+
+/// Stop and abandon switches shared by the engine and the signal handler.
+#[derive(Debug, Default)]
+pub struct Control {
+    /// No new request may start.
+    pub stop: CancellationToken,
+    /// Stop waiting for requests in flight.
+    pub abandon: CancellationToken,
+    reason: Mutex<Option<StopReason>>,
+}
+
+impl Control {
+    /// Stops the run (the first reason wins).
+    pub fn stop(&self, reason: StopReason) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if r.is_none() {
+            match &reason {
+                StopReason::Api(msg) => tracing::error!(reason = %msg, "stopping the run"),
+                StopReason::Signal => tracing::warn!(
+                    "stopping: no new requests; waiting for those in flight (signal again to abandon them)"
+                ),
+            }
+            *r = Some(reason);
+        }
+        self.stop.cancel();
+    }
+
+    /// A signal arrived: the first stops the run, the second abandons in-flight requests.
+    pub fn signal(&self) {
+        if self.stop.is_cancelled() {
+            tracing::warn!("second signal: abandoning requests in flight (the next run checks them)");
+            self.abandon.cancel();
+        } else {
+            self.stop(StopReason::Signal);
+        }
+    }
+
+    pub fn reason(&self) -> Option<StopReason> {
+        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Everything a job task needs.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    store: Store,
+    api: ApiClient,
+    pacer: Pacer,
+    cfg: EngineConfig,
+    control: Arc<Control>,
+    run_id: i64,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drained {
+    pub stopped: Option<StopReason>,
+    /// Requests were still in flight when the run gave up waiting for them.
+    pub abandoned: bool,
+}
+
+/// Sends every pending job. Returns when the queue is empty or the run stopped.
+pub async fn drain(
+    store: Store,
+    api: ApiClient,
+    cfg: EngineConfig,
+    control: Arc<Control>,
+    run_id: i64,
+) -> Result<Drained> {
+    let pacer = Pacer::new(cfg.concurrency, cfg.rate, cfg.breaker_threshold);
+    // Enough tasks to keep every permit busy while others sleep in backoff.
+    let max_live = (cfg.concurrency * 8).max(256);
+    let ctx = Arc::new(Ctx {
+        store: store.clone(),
+        api,
+        pacer,
+        cfg,
+        control: control.clone(),
+        run_id,
+    });
+    let mut tasks = JoinSet::new();
+    let mut first_error: Option<Error> = None;
+    let mut after = 0;
+    'feed: while !control.stop.is_cancelled() {
+        let page = store.pending_jobs(after, 512).await?;
+        if page.is_empty() {
+            break;
+        }
+        for job in page {
+            after = job.id;
+            while tasks.len() >= max_live {
+                collect(tasks.join_next().await, &mut first_error, &control);
+            }
+            if control.stop.is_cancelled() {
+                break 'feed;
+            }
+            tasks.spawn(job_task::process(ctx.clone(), job));
+        }
+    }
+    let mut abandoned = false;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        if deadline.is_none() && control.stop.is_cancelled() {
+            deadline = Some(tokio::time::Instant::now() + ctx.cfg.grace);
+        }
+        let timer = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => control.stop.cancelled().await,
+            }
+        };
+        tokio::select! {
+            next = tasks.join_next() => match next {
+                None => break,
+                some => collect(some, &mut first_error, &control),
+            },
+            () = control.abandon.cancelled() => { abandoned = true; break; }
+            () = timer => if deadline.is_some() { abandoned = true; break; },
+        }
+    }
+    if abandoned {
+        tracing::warn!(tasks = tasks.len(), "abandoning requests still in flight; their jobs stay in_flight and the next run checks them");
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+    store.flush().await?;
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    Ok(Drained {
+        stopped: control.reason(),
+        abandoned,
+    })
+}
+
+fn collect(
+    next: Option<Result<Result<()>, tokio::task::JoinError>>,
+    first_error: &mut Option<Error>,
+    control: &Control,
+) {
+    let err = match next {
+        None | Some(Ok(Ok(()))) => return,
+        Some(Ok(Err(e))) => e,
+        Some(Err(join)) if join.is_cancelled() => return,
+        Some(Err(join)) => Error::Internal(format!("a job task panicked: {join}")),
+    };
+    tracing::error!(error = %err, "stopping the run: cannot record outcomes");
+    control.stop.cancel();
+    first_error.get_or_insert(err);
+}

@@ -1,0 +1,171 @@
+//! Pacing: the concurrency cap, the rate limit, the shared `Retry-After` pause,
+//! and the circuit breaker. Creates and existence checks go through the same gate.
+//!
+//! The cap and the rate are two separate things: a semaphore bounds requests in
+//! flight; a GCRA limiter (governor) with a burst of one spaces request starts
+//! evenly. A permit is taken first and the rate slot second, so a request starts
+//! the moment its slot comes up and starts never bunch.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The gate every request passes.
+#[derive(Debug)]
+pub struct Pacer {
+    permits: Arc<Semaphore>,
+    limiter: Option<DefaultDirectRateLimiter>,
+    paused_until: std::sync::Mutex<Option<Instant>>,
+    streak: AtomicU32,
+    breaker_threshold: u32,
+}
+
+impl Pacer {
+    /// `rate` in requests per second (`None`: unlimited); `concurrency` ≥ 1.
+    pub fn new(concurrency: usize, rate: Option<f64>, breaker_threshold: u32) -> Pacer {
+        let limiter = rate.and_then(|r| {
+            let period = Duration::from_secs_f64(1.0 / r);
+            Quota::with_period(period).map(|q| RateLimiter::direct(q.allow_burst(NonZeroU32::MIN)))
+        });
+        Pacer {
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            limiter,
+            paused_until: std::sync::Mutex::new(None),
+            streak: AtomicU32::new(0),
+            breaker_threshold: breaker_threshold.max(1),
+        }
+    }
+
+    /// Waits for a free slot, the end of any pause, and the next rate slot.
+    /// `None` if `stop` fires first: the request must not start.
+    pub async fn admit(&self, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        let permit = tokio::select! {
+            p = self.permits.clone().acquire_owned() => p.ok()?,
+            () = stop.cancelled() => return None,
+        };
+        loop {
+            let until = *self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
+            match until {
+                Some(t) if t > Instant::now() => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(t) => {}
+                        () = stop.cancelled() => return None,
+                    }
+                }
+                _ => break,
+            }
+        }
+        if let Some(limiter) = &self.limiter {
+            tokio::select! {
+                () = limiter.until_ready() => {}
+                () = stop.cancelled() => return None,
+            }
+        }
+        (!stop.is_cancelled()).then_some(permit)
+    }
+
+    /// Pauses every sender for `d` (a `Retry-After` on a 429 or 503).
+    pub fn pause_for(&self, d: Duration) {
+        let until = Instant::now() + d;
+        let mut guard = self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none_or(|t| t < until) {
+            *guard = Some(until);
+        }
+    }
+
+    /// Counts a failure that suggests the API is down; true when the breaker opens.
+    pub fn note_outage_failure(&self) -> bool {
+        self.streak.fetch_add(1, Ordering::Relaxed) + 1 >= self.breaker_threshold
+    }
+
+    /// Any answer that shows the API is up closes the streak.
+    pub fn note_healthy(&self) {
+        self.streak.store(0, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[tokio::test]
+    async fn concurrency_cap_holds_without_rate_limit() {
+        let pacer = Arc::new(Pacer::new(3, None, 10));
+        let stop = CancellationToken::new();
+        let live = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let (pacer, stop, live, peak) = (pacer.clone(), stop.clone(), live.clone(), peak.clone());
+            tasks.push(tokio::spawn(async move {
+                let _permit = pacer.admit(&stop).await.unwrap();
+                let now = live.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                live.fetch_sub(1, Ordering::SeqCst);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(peak.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn rate_limit_spaces_starts_without_burst() {
+        // 40/s with a generous cap: 11 starts need at least 10 periods = 250 ms. Only a
+        // lower bound is asserted: a slow machine can be slower, never faster.
+        let pacer = Pacer::new(100, Some(40.0), 10);
+        let stop = CancellationToken::new();
+        let start = std::time::Instant::now();
+        for _ in 0..11 {
+            drop(pacer.admit(&stop).await.unwrap());
+        }
+        assert!(start.elapsed() >= Duration::from_millis(245), "{:?}", start.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pause_holds_every_sender_until_it_passes() {
+        let pacer = Pacer::new(4, None, 10);
+        let stop = CancellationToken::new();
+        pacer.pause_for(Duration::from_secs(2));
+        pacer.pause_for(Duration::from_secs(1)); // a shorter pause never shortens a longer one
+        let start = Instant::now();
+        drop(pacer.admit(&stop).await.unwrap());
+        assert!(start.elapsed() >= Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_releases_waiters_without_a_permit() {
+        let pacer = Pacer::new(1, None, 10);
+        let stop = CancellationToken::new();
+        let held = pacer.admit(&stop).await.unwrap();
+        let waiter = {
+            let stop = stop.clone();
+            async move { pacer.admit(&stop).await.is_none() }
+        };
+        let handle = tokio::spawn(waiter);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        stop.cancel();
+        assert!(handle.await.unwrap());
+        drop(held);
+    }
+
+    #[test]
+    fn breaker_opens_after_a_streak_and_closes_on_health() {
+        let pacer = Pacer::new(1, None, 3);
+        assert!(!pacer.note_outage_failure());
+        assert!(!pacer.note_outage_failure());
+        pacer.note_healthy();
+        assert!(!pacer.note_outage_failure());
+        assert!(!pacer.note_outage_failure());
+        assert!(pacer.note_outage_failure());
+    }
+}

@@ -1,0 +1,130 @@
+//! The one error type a command can end with, and the exit codes of the design.
+//!
+//! A failed *row* is never an `Error`: it is data recorded in the store. An `Error`
+//! is something that stops a whole command (bad flags, an unreadable file, a
+//! database held by another run), and each variant knows its exit code.
+
+use std::path::PathBuf;
+
+/// Process exit codes, exactly as `design.md` lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[repr(u8)]
+pub enum Exit {
+    /// Every job ended succeeded.
+    Success = 0,
+    /// The run finished but some rows are invalid, failed or unknown.
+    RowsFailed = 1,
+    /// Usage or configuration error.
+    Usage = 2,
+    /// The run was stopped by the API (auth rejected, API unavailable).
+    StoppedByApi = 3,
+    /// Interrupted by a signal.
+    Interrupted = 4,
+    /// Another run holds this database.
+    Locked = 5,
+    /// Internal error (a bug, or the database is unusable).
+    Internal = 70,
+}
+
+impl Exit {
+    /// The numeric code handed to the operating system.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+/// Everything that can end a command early. Messages say what, where, and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Flags, environment or configuration that cannot be used as given.
+    #[error("{0}")]
+    Usage(String),
+
+    /// A file named by the user could not be read or written.
+    #[error("cannot {action} {path}: {source}")]
+    File {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An input file that cannot be imported at all (e.g. its header lacks required columns).
+    #[error("{source_name}, line {line}: {message}")]
+    Input {
+        source_name: String,
+        line: u64,
+        message: String,
+    },
+
+    /// The SQLite database failed.
+    #[error("database {path}: {message}")]
+    Database { path: PathBuf, message: String },
+
+    /// Another process is running a batch on this database.
+    #[error(
+        "database {path} is in use by another kohort-batch run (pid {pid}, started {started_at}); \
+         wait for it to finish, or stop it first"
+    )]
+    Locked {
+        path: PathBuf,
+        pid: i64,
+        started_at: String,
+    },
+
+    /// A bug or an unexpected state. Please report it.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The exit code this error maps to.
+    pub fn exit(&self) -> Exit {
+        match self {
+            Error::Usage(_) | Error::File { .. } | Error::Input { .. } => Exit::Usage,
+            Error::Locked { .. } => Exit::Locked,
+            Error::Database { .. } | Error::Internal(_) => Exit::Internal,
+        }
+    }
+
+    pub(crate) fn usage(msg: impl Into<String>) -> Self {
+        Error::Usage(msg.into())
+    }
+}
+
+/// Convenience alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_match_design() {
+        let table = [
+            (Exit::Success, 0),
+            (Exit::RowsFailed, 1),
+            (Exit::Usage, 2),
+            (Exit::StoppedByApi, 3),
+            (Exit::Interrupted, 4),
+            (Exit::Locked, 5),
+            (Exit::Internal, 70),
+        ];
+        for (exit, code) in table {
+            assert_eq!(exit.code(), code, "{exit:?}");
+        }
+    }
+
+    #[test]
+    fn errors_map_to_exit_codes() {
+        assert_eq!(Error::usage("x").exit(), Exit::Usage);
+        let locked = Error::Locked {
+            path: "a.db".into(),
+            pid: 1,
+            started_at: "now".into(),
+        };
+        assert_eq!(locked.exit(), Exit::Locked);
+        assert!(locked.to_string().contains("pid 1"));
+        assert_eq!(Error::Internal("x".into()).exit(), Exit::Internal);
+    }
+}

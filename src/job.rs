@@ -1,0 +1,328 @@
+//! What one row asks for: the `POST /groups` request body, its key, and the rules
+//! a row must pass before it may be sent.
+//!
+//! Validation is pure (the clock is passed in) so it is shared, unchanged, by
+//! `run`, `enqueue`, `validate` and the inbox queue.
+
+use jiff::{SignedDuration, Timestamp};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Earliest accepted `expiresAt`, from now. The server's floor is 1 minute; the margin
+/// covers the time between import and send.
+pub const MIN_EXPIRY: SignedDuration = SignedDuration::from_mins(2);
+/// Latest accepted `expiresAt`, from now (the server's ceiling is 90 days, fixed at its start).
+pub const MAX_EXPIRY: SignedDuration = SignedDuration::from_hours(89 * 24);
+
+/// The request body of `POST /groups`, in the camelCase the API documents.
+///
+/// Serialized with sorted metadata keys and fixed timestamp formatting, so equal
+/// payloads give byte-equal JSON: that is how a re-imported row is told apart
+/// from a conflicting one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Payload {
+    pub customer_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_intent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mid_expire_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+impl Payload {
+    /// The job key: the order id, else the payment intent id.
+    pub fn key(&self) -> &str {
+        self.order_id
+            .as_deref()
+            .or(self.payment_intent_id.as_deref())
+            .unwrap_or_default()
+    }
+
+    /// Whether `GET /orders/{orderId}` can tell if this row's group exists.
+    ///
+    /// A row that also carries a `paymentIntentId` is linked to the payment intent,
+    /// not the order, so the order check would not see its group.
+    pub fn checkable_order(&self) -> Option<&str> {
+        match (&self.order_id, &self.payment_intent_id) {
+            (Some(order), None) => Some(order),
+            _ => None,
+        }
+    }
+
+    /// The canonical JSON text stored and compared.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// A group as the API returned it, with the fields a merchant needs picked out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Group {
+    /// `pg_…`
+    pub id: String,
+    /// `KHT-…`: what a merchant hands to the customer.
+    pub share_id: Option<String>,
+    pub status: Option<String>,
+    pub customer_id: Option<String>,
+    pub order_id: Option<String>,
+    pub expires_at: Option<String>,
+    pub created_at: Option<String>,
+    /// The JSON object exactly as the API sent it.
+    pub raw: String,
+}
+
+/// The cells of one input row, already picked out by column.
+#[derive(Debug, Default, Clone)]
+pub struct RowFields {
+    pub customer_id: Option<String>,
+    pub order_id: Option<String>,
+    pub payment_intent_id: Option<String>,
+    pub expires_at: Option<String>,
+    pub mid_expire_at: Option<String>,
+    /// The `metadata` column: JSON text that must be an object.
+    pub metadata: Option<String>,
+    /// `metadata.KEY` columns, in column order.
+    pub metadata_columns: Vec<(String, String)>,
+}
+
+impl RowFields {
+    /// The key this row would have, even if it is invalid (for reporting).
+    pub fn key(&self) -> Option<String> {
+        clean(&self.order_id).or_else(|| clean(&self.payment_intent_id))
+    }
+}
+
+fn clean(cell: &Option<String>) -> Option<String> {
+    cell.as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+/// Formats a timestamp the way the API wants it: RFC 3339, UTC, milliseconds.
+pub fn format_ts(ts: Timestamp) -> String {
+    ts.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+fn parse_ts(field: &str, text: &str) -> Result<Timestamp, String> {
+    text.parse::<Timestamp>().map_err(|_| {
+        format!(
+            "{field} {text:?} is not an RFC 3339 timestamp with a time zone \
+             (write it like 2026-12-24T18:00:00Z)"
+        )
+    })
+}
+
+/// Checks a row against the rules the server enforces (plus safety margins) and
+/// builds its request body. Every problem is listed, so one pass fixes the row.
+pub fn validate(row: &RowFields, now: Timestamp) -> Result<Payload, Vec<String>> {
+    let mut problems = Vec::new();
+    let customer_id = clean(&row.customer_id);
+    if customer_id.is_none() {
+        problems.push("customerId is empty: every row needs the KohortPay customer id".to_owned());
+    }
+    let order_id = clean(&row.order_id);
+    let payment_intent_id = clean(&row.payment_intent_id);
+    if order_id.is_none() && payment_intent_id.is_none() {
+        problems.push("orderId and paymentIntentId are both empty: give at least one".to_owned());
+    }
+
+    let expires_at = match clean(&row.expires_at) {
+        None => None,
+        Some(text) => match parse_ts("expiresAt", &text) {
+            Err(e) => {
+                problems.push(e);
+                None
+            }
+            Ok(ts) => {
+                let (lo, hi) = (now + MIN_EXPIRY, now + MAX_EXPIRY);
+                if ts < lo || ts > hi {
+                    problems.push(format!(
+                        "expiresAt {text} is outside the allowed window: it must lie between \
+                         2 minutes and 89 days from now ({} … {})",
+                        format_ts(lo),
+                        format_ts(hi)
+                    ));
+                }
+                Some(ts)
+            }
+        },
+    };
+    let mid_expire_at = match clean(&row.mid_expire_at) {
+        None => None,
+        Some(text) => match parse_ts("midExpireAt", &text) {
+            Err(e) => {
+                problems.push(e);
+                None
+            }
+            Ok(mid) => {
+                if let Some(end) = expires_at
+                    && mid >= end
+                {
+                    problems.push(format!(
+                        "midExpireAt {text} is not before expiresAt {}",
+                        format_ts(end)
+                    ));
+                }
+                Some(mid)
+            }
+        },
+    };
+
+    let mut metadata = match clean(&row.metadata) {
+        None => None,
+        Some(text) => match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(map)) => Some(map),
+            Ok(other) => {
+                problems.push(format!(
+                    "metadata must be a JSON object like {{\"campaign\":\"spring\"}}, not {}",
+                    json_kind(&other)
+                ));
+                None
+            }
+            Err(e) => {
+                problems.push(format!("metadata is not valid JSON ({e})"));
+                None
+            }
+        },
+    };
+    for (key, value) in &row.metadata_columns {
+        if value.is_empty() {
+            continue;
+        }
+        metadata
+            .get_or_insert_with(Map::new)
+            .insert(key.clone(), Value::String(value.clone()));
+    }
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Payload {
+        customer_id: customer_id.unwrap_or_default(),
+        order_id,
+        payment_intent_id,
+        expires_at: expires_at.map(format_ts),
+        mid_expire_at: mid_expire_at.map(format_ts),
+        metadata,
+    })
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> Timestamp {
+        "2026-11-24T12:00:00Z".parse().unwrap()
+    }
+
+    fn row(customer: &str, order: &str) -> RowFields {
+        RowFields {
+            customer_id: Some(customer.into()),
+            order_id: Some(order.into()),
+            ..RowFields::default()
+        }
+    }
+
+    #[test]
+    fn minimal_row_is_valid_and_serializes_camel_case() {
+        let p = validate(&row(" cus_1 ", "ord_1"), now()).unwrap();
+        assert_eq!(p.to_json(), r#"{"customerId":"cus_1","orderId":"ord_1"}"#);
+        assert_eq!(p.key(), "ord_1");
+        assert_eq!(p.checkable_order(), Some("ord_1"));
+    }
+
+    #[test]
+    fn payment_intent_rows_are_not_checkable() {
+        let mut r = row("cus_1", "ord_1");
+        r.payment_intent_id = Some("pi_1".into());
+        let p = validate(&r, now()).unwrap();
+        assert_eq!(p.key(), "ord_1");
+        assert_eq!(p.checkable_order(), None);
+        r.order_id = None;
+        assert_eq!(validate(&r, now()).unwrap().key(), "pi_1");
+    }
+
+    #[test]
+    fn timestamps_are_normalized_to_utc_millis() {
+        let mut r = row("cus_1", "ord_1");
+        r.expires_at = Some("2026-12-01T10:00:00+01:00".into());
+        r.mid_expire_at = Some("2026-11-28T00:00:00Z".into());
+        let p = validate(&r, now()).unwrap();
+        assert_eq!(p.expires_at.as_deref(), Some("2026-12-01T09:00:00.000Z"));
+        assert_eq!(p.mid_expire_at.as_deref(), Some("2026-11-28T00:00:00.000Z"));
+    }
+
+    #[test]
+    fn metadata_columns_merge_into_object() {
+        let mut r = row("cus_1", "ord_1");
+        r.metadata = Some(r#"{"b":1}"#.into());
+        r.metadata_columns = vec![("a".into(), "x".into()), ("empty".into(), String::new())];
+        let p = validate(&r, now()).unwrap();
+        assert_eq!(
+            p.to_json(),
+            r#"{"customerId":"cus_1","orderId":"ord_1","metadata":{"a":"x","b":1}}"#
+        );
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let r = RowFields {
+            customer_id: Some("  ".into()),
+            expires_at: Some("2020-01-01T00:00:00Z".into()),
+            mid_expire_at: Some("tomorrow".into()),
+            metadata: Some("[1,2]".into()),
+            ..RowFields::default()
+        };
+        let problems = validate(&r, now()).unwrap_err();
+        assert_eq!(problems.len(), 5, "{problems:#?}");
+        assert!(problems[0].contains("customerId is empty"));
+        assert!(problems[1].contains("orderId and paymentIntentId"));
+        assert!(problems[2].contains("outside the allowed window"));
+        assert!(problems[3].contains("not an RFC 3339"));
+        assert!(problems[4].contains("not an array"));
+    }
+
+    #[test]
+    fn expiry_window_edges() {
+        let mut r = row("cus_1", "ord_1");
+        for (offset, ok) in [(60, false), (120, true), (89 * 86_400, true), (89 * 86_400 + 1, false)] {
+            r.expires_at = Some(format_ts(now() + SignedDuration::from_secs(offset)));
+            assert_eq!(validate(&r, now()).is_ok(), ok, "offset {offset}s");
+        }
+    }
+
+    #[test]
+    fn mid_expire_must_precede_expiry() {
+        let mut r = row("cus_1", "ord_1");
+        r.expires_at = Some("2026-12-01T00:00:00Z".into());
+        r.mid_expire_at = Some("2026-12-01T00:00:00Z".into());
+        let problems = validate(&r, now()).unwrap_err();
+        assert!(problems[0].contains("not before expiresAt"), "{problems:?}");
+    }
+
+    #[test]
+    fn invalid_metadata_json_is_explained() {
+        let mut r = row("cus_1", "ord_1");
+        r.metadata = Some("{oops".into());
+        let problems = validate(&r, now()).unwrap_err();
+        assert!(problems[0].starts_with("metadata is not valid JSON"), "{problems:?}");
+    }
+}

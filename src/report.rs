@@ -1,0 +1,336 @@
+//! The run report: built from the database (so `report` shows the same thing
+//! later), rendered as readable text or as JSON.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::store::{FailureReason, ImportCounts, JobState, RunFacts};
+
+/// How many failure reasons the report lists, and examples per reason.
+const TOP_REASONS: usize = 5;
+const EXAMPLES: usize = 3;
+
+/// Everything a person or a monitor wants to know about one run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Report {
+    pub run_id: i64,
+    pub command: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub duration_secs: Option<f64>,
+    pub exit_code: Option<i64>,
+    /// Why the run stopped early, if it did.
+    pub stopped: Option<String>,
+    pub imported: Option<ImportCounts>,
+    /// Final state of every job this run touched.
+    pub jobs: BTreeMap<String, i64>,
+    /// How the succeeded jobs got their group: created, existing, recovered.
+    pub obtained: BTreeMap<String, i64>,
+    pub requests: Requests,
+    pub latency_ms: Option<Latency>,
+    /// The most common reasons rows did not succeed.
+    pub top_failures: Vec<FailureGroup>,
+    /// Rows not imported because their key was taken by different data.
+    pub conflicts: usize,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Requests {
+    pub total: i64,
+    pub creates: i64,
+    /// Existence checks: order lookups and group fetches.
+    pub checks: i64,
+    /// Exchanges that failed transiently and were retried (or gave up on).
+    pub transient_failures: i64,
+    pub by_class: BTreeMap<String, i64>,
+    /// Requests per second over the sending window.
+    pub rate_per_sec: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Latency {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FailureGroup {
+    pub state: String,
+    pub reason: String,
+    pub count: usize,
+    /// Row keys or line numbers, to find them.
+    pub examples: Vec<String>,
+}
+
+impl Report {
+    /// Builds the report from the stored facts of a run.
+    pub fn from_facts(f: RunFacts) -> Report {
+        let jobs: BTreeMap<String, i64> = JobState::ALL
+            .iter()
+            .map(|s| {
+                let n = f.states.iter().find(|(k, _)| k == s.as_str()).map_or(0, |(_, n)| *n);
+                (s.as_str().to_owned(), n)
+            })
+            .collect();
+        let kind = |k: &str| f.attempts_by_kind.iter().find(|(n, _)| n == k).map_or(0, |(_, c)| *c);
+        let class = |k: &str| f.attempts_by_class.iter().find(|(n, _)| n == k).map_or(0, |(_, c)| *c);
+        let total: i64 = f.attempts_by_kind.iter().map(|(_, c)| c).sum();
+        let rate_per_sec = match f.send_window_ms {
+            Some((a, b)) if b > a => total as f64 / ((b - a) as f64 / 1000.0),
+            _ => 0.0,
+        };
+        let mut failures = f.failures;
+        failures.extend(f.conflicts.iter().cloned());
+        Report {
+            run_id: f.run_id,
+            command: f.command,
+            duration_secs: duration(&f.started_at, f.finished_at.as_deref()),
+            started_at: f.started_at,
+            finished_at: f.finished_at,
+            exit_code: f.exit_code,
+            stopped: f.stopped,
+            imported: f.imported,
+            jobs,
+            obtained: f.obtained.into_iter().collect(),
+            requests: Requests {
+                total,
+                creates: kind("create"),
+                checks: kind("check_order") + kind("fetch_group"),
+                transient_failures: class("retry") + class("ambiguous"),
+                by_class: f.attempts_by_class.into_iter().collect(),
+                rate_per_sec: round2(rate_per_sec),
+            },
+            latency_ms: latency(&f.latencies_ms),
+            top_failures: group_failures(&failures),
+            conflicts: f.conflicts.len(),
+        }
+    }
+
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The report as text for a terminal or a log.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let verdict = match self.exit_code {
+            Some(0) => "every job succeeded".to_owned(),
+            Some(1) => "some rows did not succeed (see below)".to_owned(),
+            Some(3) => "stopped by the API".to_owned(),
+            Some(4) => "interrupted".to_owned(),
+            Some(c) => format!("exit {c}"),
+            None => "not finished".to_owned(),
+        };
+        let took = self.duration_secs.map(|d| format!(" in {d:.1} s")).unwrap_or_default();
+        let code = self.exit_code.map(|c| format!(", exit {c}")).unwrap_or_default();
+        let _ = writeln!(out, "kohort-batch {} #{}: {verdict}{took}{code}", self.command, self.run_id);
+        if let Some(why) = &self.stopped {
+            let _ = writeln!(out, "  Stopped    {why}");
+        }
+        if let Some(i) = &self.imported {
+            let _ = writeln!(
+                out,
+                "  Imported   {} rows: {} queued, {} fixed, {} invalid, {} duplicates (not sent again), {} conflicts",
+                i.rows, i.queued, i.fixed, i.invalid, i.duplicates, i.conflicts
+            );
+        }
+        let n = |s: &str| self.jobs.get(s).copied().unwrap_or(0);
+        let how: Vec<String> = self.obtained.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let how = if how.is_empty() { String::new() } else { format!(" ({})", how.join(", ")) };
+        let _ = writeln!(
+            out,
+            "  Jobs       succeeded {}{how} · failed {} · unknown {} · invalid {} · pending {} · in flight {}",
+            n("succeeded"),
+            n("failed"),
+            n("unknown"),
+            n("invalid"),
+            n("pending"),
+            n("in_flight")
+        );
+        let r = &self.requests;
+        let _ = writeln!(
+            out,
+            "  Requests   {} (creates {}, checks {}) · {} transient failures retried · {:.1} req/s",
+            r.total, r.creates, r.checks, r.transient_failures, r.rate_per_sec
+        );
+        if let Some(l) = &self.latency_ms {
+            let _ = writeln!(
+                out,
+                "  Latency    p50 {:.0} ms · p95 {:.0} ms · p99 {:.0} ms · max {:.0} ms",
+                l.p50, l.p95, l.p99, l.max
+            );
+        }
+        if !self.top_failures.is_empty() {
+            let _ = writeln!(out, "  Problems   most common first:");
+            for g in &self.top_failures {
+                let _ = writeln!(out, "    {:>6} {}: {}", g.count, g.state, g.reason);
+                let _ = writeln!(out, "           e.g. {}", g.examples.join(", "));
+            }
+        }
+        out
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn duration(start: &str, end: Option<&str>) -> Option<f64> {
+    let a: jiff::Timestamp = start.parse().ok()?;
+    let b: jiff::Timestamp = end?.parse().ok()?;
+    Some(round2(b.duration_since(a).as_secs_f64()))
+}
+
+fn latency(ms: &[f64]) -> Option<Latency> {
+    if ms.is_empty() {
+        return None;
+    }
+    // Microsecond resolution, three significant figures, up to an hour.
+    let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).ok()?;
+    for &v in ms {
+        let us = (v * 1000.0).round().max(1.0) as u64;
+        h.saturating_record(us);
+    }
+    let q = |p: f64| round2(h.value_at_quantile(p) as f64 / 1000.0);
+    Some(Latency {
+        p50: q(0.50),
+        p95: q(0.95),
+        p99: q(0.99),
+        max: round2(h.max() as f64 / 1000.0),
+    })
+}
+
+/// The reason with row-specific values (ids, numbers, quoted text) masked, so rows
+/// failing the same way group together.
+pub fn reason_template(reason: &str) -> String {
+    let mut out = Vec::new();
+    let mut in_quote = false;
+    for word in reason.split(' ') {
+        let starts = word.starts_with('"');
+        let ends = word.ends_with('"') && (word.len() > 1 || !starts);
+        if in_quote {
+            if ends {
+                in_quote = false;
+            }
+            continue;
+        }
+        if starts {
+            out.push("\"…\"".to_owned());
+            in_quote = !ends;
+            continue;
+        }
+        let is_status = word.len() == 3 && word.bytes().all(|b| b.is_ascii_digit());
+        let has_digit = word.bytes().any(|b| b.is_ascii_digit());
+        let is_id = word.contains('_') && word.bytes().any(|b| b.is_ascii_alphanumeric());
+        if (has_digit || is_id) && !is_status {
+            let trail: String = word.chars().rev().take_while(|c| ".,;:)".contains(*c)).collect();
+            out.push(format!("…{}", trail.chars().rev().collect::<String>()));
+        } else {
+            out.push(word.to_owned());
+        }
+    }
+    out.join(" ")
+}
+
+fn group_failures(rows: &[FailureReason]) -> Vec<FailureGroup> {
+    let mut groups: Vec<FailureGroup> = Vec::new();
+    let mut index: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for row in rows {
+        let template = reason_template(&row.reason);
+        let at = *index.entry((row.state.clone(), template)).or_insert_with(|| {
+            groups.push(FailureGroup {
+                state: row.state.clone(),
+                reason: row.reason.clone(),
+                count: 0,
+                examples: Vec::new(),
+            });
+            groups.len() - 1
+        });
+        let g = &mut groups[at];
+        g.count += 1;
+        if g.examples.len() < EXAMPLES {
+            g.examples.push(match (&row.key, row.line) {
+                (Some(k), Some(l)) => format!("{k} ({} line {l})", row.source),
+                (None, Some(l)) => format!("{} line {l}", row.source),
+                (Some(k), None) => k.clone(),
+                (None, None) => row.source.clone(),
+            });
+        }
+    }
+    groups.sort_by(|a, b| b.count.cmp(&a.count));
+    groups.truncate(TOP_REASONS);
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> RunFacts {
+        let fail = |state: &str, key: Option<&str>, line, reason: &str| FailureReason {
+            state: state.into(),
+            key: key.map(Into::into),
+            source: "orders.csv".into(),
+            line: Some(line),
+            reason: reason.into(),
+        };
+        RunFacts {
+            run_id: 7,
+            command: "run".into(),
+            started_at: "2026-11-24T08:00:00.000000Z".into(),
+            finished_at: Some("2026-11-24T08:00:12.500000Z".into()),
+            exit_code: Some(1),
+            stopped: None,
+            imported: Some(ImportCounts {
+                rows: 210,
+                queued: 203,
+                fixed: 0,
+                duplicates: 1,
+                conflicts: 1,
+                invalid: 5,
+            }),
+            states: vec![("succeeded".into(), 200), ("failed".into(), 3), ("invalid".into(), 5)],
+            obtained: vec![("created".into(), 197), ("existing".into(), 3)],
+            attempts_by_kind: vec![("check_order".into(), 203), ("create".into(), 205)],
+            attempts_by_class: vec![("ok".into(), 400), ("ambiguous".into(), 5), ("definitive".into(), 3)],
+            latencies_ms: (1..=100).map(f64::from).collect(),
+            send_window_ms: Some((0, 10_000)),
+            failures: vec![
+                fail("failed", Some("ord_9"), 10, "HTTP 404: Customer cus_unknown_9 not found."),
+                fail("failed", Some("ord_12"), 13, "HTTP 404: Customer cus_unknown_12 not found."),
+                fail("failed", Some("ord_40"), 41, "HTTP 400: customerId must be a string"),
+                fail("invalid", None, 20, "customerId is empty: every row needs the KohortPay customer id"),
+            ],
+            conflicts: vec![fail("conflict", Some("ord_3"), 30, "key ord_3 was already imported")],
+        }
+    }
+
+    #[test]
+    fn text_report_snapshot() {
+        insta::assert_snapshot!(Report::from_facts(facts()).to_text());
+    }
+
+    #[test]
+    fn json_report_snapshot() {
+        insta::assert_snapshot!(Report::from_facts(facts()).to_json());
+    }
+
+    #[test]
+    fn templates_group_rows_that_fail_alike() {
+        assert_eq!(
+            reason_template("HTTP 404: Customer cus_unknown_9 not found."),
+            reason_template("HTTP 404: Customer cus_x2 not found.")
+        );
+        assert_ne!(
+            reason_template("HTTP 404: Customer cus_1 not found."),
+            reason_template("HTTP 400: Customer cus_1 not found.")
+        );
+        assert_eq!(reason_template("metadata \"a b c\" bad"), "metadata \"…\" bad");
+    }
+}

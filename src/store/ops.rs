@@ -1,0 +1,366 @@
+//! The writes: runs and the lock, imports, and job state changes with their attempts.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::types::{Attempt, ImportCounts, Job, Transition};
+use crate::job::Payload;
+use crate::source::ImportRow;
+
+/// Now, in the fixed-width text form stored everywhere (sorts as time does).
+pub(crate) fn now_text() -> String {
+    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+fn process_alive(pid: i64) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Takes the lock and records a run. `Ok(Err((pid, started_at)))` names a live holder.
+pub(super) fn begin_run(
+    c: &Connection,
+    command: &str,
+    options: &str,
+    _settle_ms: i64,
+) -> rusqlite::Result<Result<i64, (i64, String)>> {
+    let holder: Option<(i64, String)> = c
+        .query_row("SELECT pid, started_at FROM lock WHERE id = 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    if let Some((pid, started_at)) = holder {
+        if process_alive(pid) {
+            return Ok(Err((pid, started_at)));
+        }
+        tracing::warn!(pid, %started_at, "taking over a lock left by a process that is gone");
+        c.execute("DELETE FROM lock", [])?;
+    }
+    let started = now_text();
+    let pid = i64::from(std::process::id());
+    c.execute(
+        "INSERT INTO runs (command, started_at, pid, options) VALUES (?1, ?2, ?3, ?4)",
+        params![command, started, pid, options],
+    )?;
+    let run_id = c.last_insert_rowid();
+    c.execute(
+        "INSERT INTO lock (id, pid, run_id, started_at) VALUES (1, ?1, ?2, ?3)",
+        params![pid, run_id, started],
+    )?;
+    // A job still in flight was interrupted mid-request: its outcome is unknown, so it
+    // must be checked (no earlier than the settle time set when it was sent).
+    let interrupted = c.execute(
+        "UPDATE jobs SET state = 'pending', needs_check = 1, error = 'interrupted while in flight', \
+         updated_at = ?1 WHERE state = 'in_flight'",
+        params![started],
+    )?;
+    if interrupted > 0 {
+        tracing::warn!(
+            jobs = interrupted,
+            "found jobs interrupted mid-request by an earlier run; they are checked before any re-send"
+        );
+    }
+    Ok(Ok(run_id))
+}
+
+pub(super) fn finish_run(
+    c: &Connection,
+    run_id: i64,
+    exit_code: u8,
+    stopped: Option<&str>,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE runs SET finished_at = ?1, exit_code = ?2, stopped = ?3 WHERE id = ?4",
+        params![now_text(), exit_code, stopped, run_id],
+    )?;
+    c.execute("DELETE FROM lock WHERE run_id = ?1", params![run_id])?;
+    Ok(())
+}
+
+/// Imports one batch of rows. See the README ("Importing rows") for the rules.
+pub(super) fn import(
+    c: &Connection,
+    run_id: i64,
+    source: &str,
+    rows: &[ImportRow],
+) -> rusqlite::Result<ImportCounts> {
+    let now = now_text();
+    let mut counts = ImportCounts::default();
+    for row in rows {
+        counts.rows += 1;
+        let raw = serde_json::to_string(&row.raw).unwrap_or_default();
+        let line = row.line as i64;
+        match &row.outcome {
+            Ok(payload) => import_valid(c, run_id, source, line, &raw, payload, &now, &mut counts)?,
+            Err(reason) => {
+                counts.invalid += 1;
+                let earlier: Option<i64> = match &row.key {
+                    Some(k) => c
+                        .prepare_cached(
+                            "SELECT id FROM jobs WHERE row_key = ?1 AND state = 'invalid' \
+                             ORDER BY id DESC LIMIT 1",
+                        )?
+                        .query_row(params![k], |r| r.get(0))
+                        .optional()?,
+                    None => c
+                        .prepare_cached(
+                            "SELECT id FROM jobs WHERE state = 'invalid' AND source = ?1 \
+                             AND line = ?2 AND raw = ?3 LIMIT 1",
+                        )?
+                        .query_row(params![source, line, raw], |r| r.get(0))
+                        .optional()?,
+                };
+                match earlier {
+                    Some(id) => {
+                        c.prepare_cached(
+                            "UPDATE jobs SET error = ?1, raw = ?2, source = ?3, line = ?4, \
+                             last_run_id = ?5, updated_at = ?6 WHERE id = ?7",
+                        )?
+                        .execute(params![reason, raw, source, line, run_id, now, id])?;
+                    }
+                    None => {
+                        c.prepare_cached(
+                            "INSERT INTO jobs (row_key, raw, source, line, state, error, \
+                             error_class, first_run_id, last_run_id, updated_at) \
+                             VALUES (?1, ?2, ?3, ?4, 'invalid', ?5, 'invalid', ?6, ?6, ?7)",
+                        )?
+                        .execute(params![row.key, raw, source, line, reason, run_id, now])?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(counts)
+}
+
+#[expect(clippy::too_many_arguments, reason = "one row's worth of columns")]
+fn import_valid(
+    c: &Connection,
+    run_id: i64,
+    source: &str,
+    line: i64,
+    raw: &str,
+    payload: &Payload,
+    now: &str,
+    counts: &mut ImportCounts,
+) -> rusqlite::Result<()> {
+    let key = payload.key();
+    let json = payload.to_json();
+    let existing: Option<(i64, String, Option<String>, i64)> = c
+        .prepare_cached("SELECT id, state, payload, creates FROM jobs WHERE key = ?1")?
+        .query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .optional()?;
+    let replace = |id: i64, needs_check: bool| -> rusqlite::Result<()> {
+        c.prepare_cached(
+            "UPDATE jobs SET key = ?1, row_key = NULL, customer_id = ?2, order_id = ?3, \
+             payment_intent_id = ?4, payload = ?5, raw = ?6, source = ?7, line = ?8, \
+             state = 'pending', needs_check = ?9, next_attempt_at = NULL, error = NULL, \
+             error_class = NULL, last_status = NULL, last_run_id = ?10, updated_at = ?11 \
+             WHERE id = ?12",
+        )?
+        .execute(params![
+            key,
+            payload.customer_id,
+            payload.order_id,
+            payload.payment_intent_id,
+            json,
+            raw,
+            source,
+            line,
+            needs_check,
+            run_id,
+            now,
+            id
+        ])?;
+        Ok(())
+    };
+    match existing {
+        None => {
+            let fixed_invalid: Option<i64> = c
+                .prepare_cached(
+                    "SELECT id FROM jobs WHERE row_key = ?1 AND state = 'invalid' \
+                     ORDER BY id DESC LIMIT 1",
+                )?
+                .query_row(params![key], |r| r.get(0))
+                .optional()?;
+            if let Some(id) = fixed_invalid {
+                replace(id, false)?;
+                counts.fixed += 1;
+            } else {
+                c.prepare_cached(
+                    "INSERT INTO jobs (key, customer_id, order_id, payment_intent_id, payload, \
+                     raw, source, line, state, first_run_id, last_run_id, updated_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?9, ?10)",
+                )?
+                .execute(params![
+                    key,
+                    payload.customer_id,
+                    payload.order_id,
+                    payload.payment_intent_id,
+                    json,
+                    raw,
+                    source,
+                    line,
+                    run_id,
+                    now
+                ])?;
+                counts.queued += 1;
+            }
+        }
+        Some((_, _, Some(old), _)) if old == json => counts.duplicates += 1,
+        Some((id, state, _, creates)) if state == "failed" => {
+            // A fixed version of a failed row. If a create was ever sent, a group may
+            // exist after all: check before sending again.
+            replace(id, creates > 0)?;
+            counts.fixed += 1;
+        }
+        Some((_, state, _, _)) => {
+            counts.conflicts += 1;
+            let reason = format!(
+                "key {key} was already imported with different data (that job is {state}); \
+                 this row was not sent. Remove the row, or give it its own orderId"
+            );
+            c.prepare_cached(
+                "INSERT INTO import_issues (run_id, source, line, key, kind, reason) \
+                 VALUES (?1, ?2, ?3, ?4, 'conflict', ?5)",
+            )?
+            .execute(params![run_id, source, line, key, reason])?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds a batch's counts to the run's import totals.
+pub(super) fn add_import_counts(
+    c: &Connection,
+    run_id: i64,
+    add: ImportCounts,
+) -> rusqlite::Result<()> {
+    let current: Option<String> =
+        c.query_row("SELECT imported FROM runs WHERE id = ?1", params![run_id], |r| r.get(0))?;
+    let mut total: ImportCounts = current
+        .and_then(|s| serde_json::from_str::<ImportCounts>(&s).ok())
+        .unwrap_or_default();
+    total += add;
+    let text = serde_json::to_string(&total).unwrap_or_default();
+    c.execute("UPDATE runs SET imported = ?1 WHERE id = ?2", params![text, run_id])?;
+    Ok(())
+}
+
+pub(super) fn pending_jobs(c: &Connection, after_id: i64, limit: usize) -> rusqlite::Result<Vec<Job>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT id, key, payload, attempts, creates, needs_check, next_attempt_at, line \
+         FROM jobs WHERE state = 'pending' AND id > ?1 ORDER BY id LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![after_id, limit as i64], |r| {
+        let payload: String = r.get(2)?;
+        let payload: Payload = serde_json::from_str(&payload).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+        })?;
+        Ok(Job {
+            id: r.get(0)?,
+            key: r.get(1)?,
+            payload,
+            attempts: r.get(3)?,
+            creates: r.get(4)?,
+            needs_check: r.get(5)?,
+            next_attempt_at: r.get(6)?,
+            line: r.get(7)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Records one attempt and the job's state change together.
+pub(super) fn record(
+    c: &Connection,
+    run_id: i64,
+    job_id: i64,
+    attempt: Option<&Attempt>,
+    transition: &Transition,
+) -> rusqlite::Result<()> {
+    let now = now_text();
+    let (bump, status) = match attempt {
+        Some(a) => {
+            c.prepare_cached(
+                "INSERT INTO attempts (job_id, run_id, kind, started_at, started_ms, latency_ms, \
+                 status, class, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                job_id,
+                run_id,
+                a.kind.as_str(),
+                a.started_at.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+                a.started_at.as_millisecond(),
+                a.latency.as_secs_f64() * 1000.0,
+                a.status,
+                a.class,
+                a.error
+            ])?;
+            (1, a.status)
+        }
+        None => (0, None),
+    };
+    let set_state = |sql: &str, extra: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<()> {
+        let full = format!(
+            "UPDATE jobs SET attempts = attempts + ?1, last_status = coalesce(?2, last_status), \
+             last_run_id = ?3, updated_at = ?4{sql} WHERE id = ?5"
+        );
+        let mut p: Vec<&dyn rusqlite::ToSql> = vec![&bump, &status, &run_id, &now, &job_id];
+        p.extend_from_slice(extra);
+        c.prepare_cached(&full)?.execute(p.as_slice())?;
+        Ok(())
+    };
+    match transition {
+        Transition::Keep => set_state("", &[]),
+        Transition::InFlight { check_after } => set_state(
+            ", state = 'in_flight', creates = creates + 1, next_attempt_at = ?6",
+            &[check_after],
+        ),
+        Transition::Succeeded { obtained, group } => {
+            c.prepare_cached(
+                "INSERT INTO groups (id, job_id, share_id, status, customer_id, order_id, \
+                 expires_at, created_at, obtained, raw, recorded_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+                 ON CONFLICT (id) DO UPDATE SET share_id = excluded.share_id, \
+                 status = excluded.status, raw = excluded.raw, recorded_at = excluded.recorded_at",
+            )?
+            .execute(params![
+                group.id,
+                job_id,
+                group.share_id,
+                group.status,
+                group.customer_id,
+                group.order_id,
+                group.expires_at,
+                group.created_at,
+                obtained.as_str(),
+                group.raw,
+                now
+            ])?;
+            set_state(
+                ", state = 'succeeded', obtained = ?6, group_id = ?7, needs_check = 0, \
+                 next_attempt_at = NULL, error = NULL, error_class = NULL",
+                &[&obtained.as_str(), &group.id],
+            )
+        }
+        Transition::Failed {
+            reason,
+            class,
+            status: _,
+        } => set_state(
+            ", state = 'failed', error = ?6, error_class = ?7, next_attempt_at = NULL",
+            &[reason, class],
+        ),
+        Transition::Unknown { reason } => set_state(
+            ", state = 'unknown', error = ?6, error_class = 'ambiguous', needs_check = 1",
+            &[reason],
+        ),
+        Transition::Pending {
+            next_attempt_at,
+            needs_check,
+            reason,
+        } => set_state(
+            ", state = 'pending', next_attempt_at = ?6, needs_check = ?7, error = ?8",
+            &[next_attempt_at, needs_check, reason],
+        ),
+    }
+}

@@ -1,0 +1,240 @@
+//! The reads: what the report, the exports and the tests need to know.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use super::types::ImportCounts;
+
+/// A failed, unknown or invalid row of a run (for the report's reasons).
+#[derive(Debug, Clone, Serialize)]
+pub struct FailureReason {
+    pub state: String,
+    pub key: Option<String>,
+    pub source: String,
+    pub line: Option<i64>,
+    pub reason: String,
+}
+
+/// The raw facts of one run, from which the report is built.
+#[derive(Debug, Clone, Default)]
+pub struct RunFacts {
+    pub run_id: i64,
+    pub command: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub exit_code: Option<i64>,
+    pub stopped: Option<String>,
+    pub imported: Option<ImportCounts>,
+    /// Final states of the jobs this run touched.
+    pub states: Vec<(String, i64)>,
+    /// How the succeeded jobs got their groups.
+    pub obtained: Vec<(String, i64)>,
+    /// Attempts by request kind.
+    pub attempts_by_kind: Vec<(String, i64)>,
+    /// Attempts by outcome class.
+    pub attempts_by_class: Vec<(String, i64)>,
+    /// Latency of every attempt, in milliseconds.
+    pub latencies_ms: Vec<f64>,
+    /// First request start and last request end, unix ms.
+    pub send_window_ms: Option<(i64, i64)>,
+    pub failures: Vec<FailureReason>,
+    /// Rows not imported because their key was taken by different data.
+    pub conflicts: Vec<FailureReason>,
+}
+
+fn counts(c: &Connection, sql: &str, run_id: i64) -> rusqlite::Result<Vec<(String, i64)>> {
+    let mut stmt = c.prepare(sql)?;
+    let rows = stmt.query_map(params![run_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<RunFacts> {
+    let mut facts = c.query_row(
+        "SELECT id, command, started_at, finished_at, exit_code, stopped, imported \
+         FROM runs WHERE id = ?1",
+        params![run_id],
+        |r| {
+            let imported: Option<String> = r.get(6)?;
+            Ok(RunFacts {
+                run_id: r.get(0)?,
+                command: r.get(1)?,
+                started_at: r.get(2)?,
+                finished_at: r.get(3)?,
+                exit_code: r.get(4)?,
+                stopped: r.get(5)?,
+                imported: imported.and_then(|s| serde_json::from_str(&s).ok()),
+                ..RunFacts::default()
+            })
+        },
+    )?;
+    facts.states = counts(
+        c,
+        "SELECT state, count(*) FROM jobs WHERE last_run_id = ?1 GROUP BY state",
+        run_id,
+    )?;
+    facts.obtained = counts(
+        c,
+        "SELECT obtained, count(*) FROM jobs WHERE last_run_id = ?1 AND state = 'succeeded' \
+         GROUP BY obtained ORDER BY obtained",
+        run_id,
+    )?;
+    facts.attempts_by_kind = counts(
+        c,
+        "SELECT kind, count(*) FROM attempts WHERE run_id = ?1 GROUP BY kind ORDER BY kind",
+        run_id,
+    )?;
+    facts.attempts_by_class = counts(
+        c,
+        "SELECT class, count(*) FROM attempts WHERE run_id = ?1 GROUP BY class \
+         ORDER BY count(*) DESC, class",
+        run_id,
+    )?;
+    {
+        let mut stmt = c.prepare("SELECT latency_ms FROM attempts WHERE run_id = ?1")?;
+        let rows = stmt.query_map(params![run_id], |r| r.get::<_, f64>(0))?;
+        facts.latencies_ms = rows.collect::<rusqlite::Result<_>>()?;
+    }
+    facts.send_window_ms = c
+        .query_row(
+            "SELECT min(started_ms), max(started_ms + CAST(latency_ms AS INTEGER)) \
+             FROM attempts WHERE run_id = ?1",
+            params![run_id],
+            |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?)),
+        )
+        .map(|(a, b)| a.zip(b))?;
+    {
+        let mut stmt = c.prepare(
+            "SELECT state, coalesce(key, row_key), source, line, coalesce(error, '') FROM jobs \
+             WHERE last_run_id = ?1 AND state IN ('failed', 'unknown', 'invalid') ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![run_id], |r| {
+            Ok(FailureReason {
+                state: r.get(0)?,
+                key: r.get(1)?,
+                source: r.get(2)?,
+                line: r.get(3)?,
+                reason: r.get(4)?,
+            })
+        })?;
+        facts.failures = rows.collect::<rusqlite::Result<_>>()?;
+    }
+    {
+        let mut stmt = c.prepare(
+            "SELECT 'conflict', key, source, line, reason FROM import_issues \
+             WHERE run_id = ?1 AND kind = 'conflict' ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![run_id], |r| {
+            Ok(FailureReason {
+                state: r.get(0)?,
+                key: r.get(1)?,
+                source: r.get(2)?,
+                line: r.get(3)?,
+                reason: r.get(4)?,
+            })
+        })?;
+        facts.conflicts = rows.collect::<rusqlite::Result<_>>()?;
+    }
+    Ok(facts)
+}
+
+pub(super) fn last_run_id(c: &Connection) -> rusqlite::Result<Option<i64>> {
+    c.query_row("SELECT max(id) FROM runs", [], |r| r.get(0))
+        .optional()
+        .map(Option::flatten)
+}
+
+/// One line of `report` without a run named.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunListEntry {
+    pub run_id: i64,
+    pub command: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub exit_code: Option<i64>,
+    pub jobs: i64,
+    pub succeeded: i64,
+}
+
+pub(super) fn list_runs(c: &Connection, limit: usize) -> rusqlite::Result<Vec<RunListEntry>> {
+    let mut stmt = c.prepare(
+        "SELECT r.id, r.command, r.started_at, r.finished_at, r.exit_code, \
+         (SELECT count(*) FROM jobs j WHERE j.last_run_id = r.id), \
+         (SELECT count(*) FROM jobs j WHERE j.last_run_id = r.id AND j.state = 'succeeded') \
+         FROM runs r ORDER BY r.id DESC LIMIT ?1",
+    )?;
+    let rows = stmt.query_map(params![limit as i64], |r| {
+        Ok(RunListEntry {
+            run_id: r.get(0)?,
+            command: r.get(1)?,
+            started_at: r.get(2)?,
+            finished_at: r.get(3)?,
+            exit_code: r.get(4)?,
+            jobs: r.get(5)?,
+            succeeded: r.get(6)?,
+        })
+    })?;
+    rows.collect()
+}
+
+pub(super) fn state_counts(c: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {
+    let mut stmt = c.prepare("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// A job with its group, flattened (exports, tests).
+#[derive(Debug, Clone, Serialize)]
+pub struct JobExport {
+    pub id: i64,
+    pub key: Option<String>,
+    pub row_key: Option<String>,
+    pub state: String,
+    pub obtained: Option<String>,
+    pub customer_id: Option<String>,
+    pub order_id: Option<String>,
+    pub payment_intent_id: Option<String>,
+    pub group_id: Option<String>,
+    pub share_id: Option<String>,
+    pub group_status: Option<String>,
+    pub expires_at: Option<String>,
+    pub created_at: Option<String>,
+    pub error: Option<String>,
+    pub source: String,
+    pub line: Option<i64>,
+    pub raw: String,
+    pub attempts: i64,
+    pub creates: i64,
+}
+
+pub(super) fn jobs(c: &Connection) -> rusqlite::Result<Vec<JobExport>> {
+    let mut stmt = c.prepare(
+        "SELECT j.id, j.key, j.row_key, j.state, j.obtained, j.customer_id, j.order_id, \
+         j.payment_intent_id, j.group_id, g.share_id, g.status, g.expires_at, g.created_at, \
+         j.error, j.source, j.line, j.raw, j.attempts, j.creates \
+         FROM jobs j LEFT JOIN groups g ON g.id = j.group_id ORDER BY j.id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(JobExport {
+            id: r.get(0)?,
+            key: r.get(1)?,
+            row_key: r.get(2)?,
+            state: r.get(3)?,
+            obtained: r.get(4)?,
+            customer_id: r.get(5)?,
+            order_id: r.get(6)?,
+            payment_intent_id: r.get(7)?,
+            group_id: r.get(8)?,
+            share_id: r.get(9)?,
+            group_status: r.get(10)?,
+            expires_at: r.get(11)?,
+            created_at: r.get(12)?,
+            error: r.get(13)?,
+            source: r.get(14)?,
+            line: r.get(15)?,
+            raw: r.get(16)?,
+            attempts: r.get(17)?,
+            creates: r.get(18)?,
+        })
+    })?;
+    rows.collect()
+}

@@ -1,0 +1,165 @@
+//! The values that cross the store boundary: jobs, attempts, groups and state changes.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::Serialize;
+
+pub use crate::job::Group as GroupRec;
+use crate::job::Payload;
+
+/// A job's state, as in the design's state diagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Pending,
+    InFlight,
+    Succeeded,
+    Failed,
+    Unknown,
+    Invalid,
+}
+
+impl JobState {
+    /// Every state, in report order.
+    pub const ALL: [JobState; 6] = [
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Unknown,
+        JobState::Invalid,
+        JobState::Pending,
+        JobState::InFlight,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::InFlight => "in_flight",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Unknown => "unknown",
+            JobState::Invalid => "invalid",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// How a succeeded job got its group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Obtained {
+    /// This worker's `POST /groups` created it.
+    Created,
+    /// The order already had a group before anything was sent.
+    Existing,
+    /// An ambiguous create (timeout, 5xx, crash) had in fact created it.
+    Recovered,
+}
+
+impl Obtained {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Obtained::Created => "created",
+            Obtained::Existing => "existing",
+            Obtained::Recovered => "recovered",
+        }
+    }
+}
+
+/// Which request an attempt was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Create,
+    CheckOrder,
+    FetchGroup,
+}
+
+impl RequestKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::Create => "create",
+            RequestKind::CheckOrder => "check_order",
+            RequestKind::FetchGroup => "fetch_group",
+        }
+    }
+}
+
+/// A job as the engine sees it.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: i64,
+    pub key: String,
+    pub payload: Payload,
+    /// HTTP exchanges over all runs.
+    pub attempts: u32,
+    /// `POST /groups` requests sent over all runs.
+    pub creates: u32,
+    /// A group may exist: check before any create.
+    pub needs_check: bool,
+    /// Unix milliseconds before which nothing may be sent for this job.
+    pub next_attempt_at: Option<i64>,
+    pub line: Option<i64>,
+}
+
+/// One HTTP exchange.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub kind: RequestKind,
+    pub started_at: Timestamp,
+    pub latency: Duration,
+    pub status: Option<u16>,
+    /// The outcome class name (see `api::Class::as_str`).
+    pub class: &'static str,
+    pub error: Option<String>,
+}
+
+/// A job's state change, written in the same transaction as its attempt.
+#[derive(Debug, Clone)]
+pub enum Transition {
+    /// The attempt changes nothing (e.g. a check that found no group yet).
+    Keep,
+    /// A create is about to leave: written and committed before it does. If the job
+    /// is later found still in flight, it is checked no earlier than `check_after`
+    /// (unix ms): the server may still be working on the request.
+    InFlight { check_after: i64 },
+    Succeeded { obtained: Obtained, group: GroupRec },
+    Failed { reason: String, class: String, status: Option<u16> },
+    Unknown { reason: String },
+    /// Back to pending: retry at `next_attempt_at`; `needs_check` if a group may exist.
+    Pending {
+        next_attempt_at: Option<i64>,
+        needs_check: bool,
+        reason: Option<String>,
+    },
+}
+
+/// What one import batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ImportCounts {
+    /// Data rows read.
+    pub rows: u64,
+    /// New jobs queued to send.
+    pub queued: u64,
+    /// Rows that replaced an earlier invalid or failed version of the same key.
+    pub fixed: u64,
+    /// Rows identical to a job already in the database (not sent again).
+    pub duplicates: u64,
+    /// Rows whose key is already used by a different payload (not sent).
+    pub conflicts: u64,
+    /// Rows that failed validation.
+    pub invalid: u64,
+}
+
+impl std::ops::AddAssign for ImportCounts {
+    fn add_assign(&mut self, o: Self) {
+        self.rows += o.rows;
+        self.queued += o.queued;
+        self.fixed += o.fixed;
+        self.duplicates += o.duplicates;
+        self.conflicts += o.conflicts;
+        self.invalid += o.invalid;
+    }
+}

@@ -14,7 +14,12 @@ pub struct Cli {
     pub command: Command,
 
     /// The SQLite database holding jobs, attempts, groups and runs.
-    #[arg(long, global = true, env = "KOHORT_BATCH_DB", default_value = "kohort-batch.db")]
+    #[arg(
+        long,
+        global = true,
+        env = "KOHORT_BATCH_DB",
+        default_value = "kohort-batch.db"
+    )]
     pub db: PathBuf,
 
     /// Log format on stderr.
@@ -52,7 +57,11 @@ pub struct RunArgs {
 #[derive(Debug, Args, Clone)]
 pub struct SendArgs {
     /// API base URL (plain http only for loopback).
-    #[arg(long, env = "KOHORTPAY_API_BASE", default_value = "https://api.kohortpay.com")]
+    #[arg(
+        long,
+        env = "KOHORTPAY_API_BASE",
+        default_value = "https://api.kohortpay.com"
+    )]
     pub api_base: String,
 
     /// Read the API key from this file (else from the KOHORTPAY_API_KEY environment variable).

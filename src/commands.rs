@@ -66,9 +66,10 @@ pub async fn dispatch(cli: Cli) -> Exit {
 fn listen_for_signals(control: Arc<Control>) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut int), Ok(mut term)) =
-            (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-        else {
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
             tracing::warn!("cannot listen for signals; ctrl-c will end the process at once");
             return;
         };
@@ -117,22 +118,25 @@ async fn finish(
         Err(e) => (e.exit(), Some(e.to_string()), Some(e)),
         Ok(d) => match d.stopped {
             Some(StopReason::Api(why)) => (Exit::StoppedByApi, Some(why), None),
-            Some(StopReason::Signal) => (Exit::Interrupted, Some("interrupted by a signal".to_owned()), None),
+            Some(StopReason::Signal) => (
+                Exit::Interrupted,
+                Some("interrupted by a signal".to_owned()),
+                None,
+            ),
             None => (Exit::Success, None, None),
         },
     };
     let mut facts = store.run_facts(run_id).await?;
     let exit = if exit == Exit::Success {
-        let bad = facts
-            .states
-            .iter()
-            .any(|(s, n)| *n > 0 && s != "succeeded")
+        let bad = facts.states.iter().any(|(s, n)| *n > 0 && s != "succeeded")
             || !facts.conflicts.is_empty();
         if bad { Exit::RowsFailed } else { Exit::Success }
     } else {
         exit
     };
-    store.finish_run(run_id, exit.code(), stopped.clone()).await?;
+    store
+        .finish_run(run_id, exit.code(), stopped.clone())
+        .await?;
     facts.finished_at = Some(crate::store::now_text());
     facts.exit_code = Some(i64::from(exit.code()));
     facts.stopped = stopped;
@@ -210,17 +214,23 @@ pub async fn import_csv(store: &Store, run_id: i64, path: &Path) -> Result<Impor
 /// `sandbox`: serve until SIGINT/SIGTERM.
 async fn sandbox(cfg: SandboxConfig, listen: std::net::SocketAddr) -> Result<Exit> {
     let sb = Sandbox::start(cfg, listen).await.map_err(|e| {
-        Error::usage(format!("cannot listen on {listen}: {e} (is the port taken? try --listen 127.0.0.1:0)"))
+        Error::usage(format!(
+            "cannot listen on {listen}: {e} (is the port taken? try --listen 127.0.0.1:0)"
+        ))
     })?;
     println!("kohort-batch sandbox listening on {}", sb.url());
-    println!("  stats: {}/_sandbox/stats   keys: any sk_test_… or sk_live_…", sb.url());
+    println!(
+        "  stats: {}/_sandbox/stats   keys: any sk_test_… or sk_live_…",
+        sb.url()
+    );
     let stop = tokio_util::sync::CancellationToken::new();
     let trigger = stop.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        if let (Ok(mut int), Ok(mut term)) =
-            (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-        {
+        if let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
             tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
         }
         trigger.cancel();
@@ -236,7 +246,10 @@ const SAMPLE_CSV: &str = include_str!("../samples/orders.csv");
 /// the sandbox's own count proving one group per valid order.
 async fn demo() -> Result<Exit> {
     let faults = SandboxConfig {
-        latency: (std::time::Duration::from_millis(5), std::time::Duration::from_millis(40)),
+        latency: (
+            std::time::Duration::from_millis(5),
+            std::time::Duration::from_millis(40),
+        ),
         error_503: 0.02,
         retry_after_secs: 1,
         seed: 2026,
@@ -245,7 +258,8 @@ async fn demo() -> Result<Exit> {
     let sb = Sandbox::start(faults, ([127, 0, 0, 1], 0).into())
         .await
         .map_err(|e| Error::Internal(format!("cannot start the sandbox on loopback: {e}")))?;
-    let dir = tempfile::tempdir().map_err(|e| Error::Internal(format!("cannot make a temporary directory: {e}")))?;
+    let dir = tempfile::tempdir()
+        .map_err(|e| Error::Internal(format!("cannot make a temporary directory: {e}")))?;
     let csv = dir.path().join("orders.csv");
     std::fs::write(&csv, SAMPLE_CSV).map_err(|source| Error::File {
         action: "write",
@@ -253,7 +267,10 @@ async fn demo() -> Result<Exit> {
         source,
     })?;
     let db = dir.path().join("demo.db");
-    println!("Demo: sandbox on {} (latency 5–40 ms, 2% 503 with Retry-After: 1)", sb.url());
+    println!(
+        "Demo: sandbox on {} (latency 5–40 ms, 2% 503 with Retry-After: 1)",
+        sb.url()
+    );
     println!("      importing samples/orders.csv into {}\n", db.display());
     let args = crate::cli::SendArgs {
         api_base: sb.url(),
@@ -288,7 +305,10 @@ async fn demo() -> Result<Exit> {
         let key = job.key.clone().unwrap_or_default();
         let groups = per_key.get(&key).copied().unwrap_or(0);
         if job.state != "succeeded" || groups != 1 {
-            problems.push(format!("{key}: state {}, {groups} groups in the sandbox", job.state));
+            problems.push(format!(
+                "{key}: state {}, {groups} groups in the sandbox",
+                job.state
+            ));
         }
     }
     sb.shutdown().await;
@@ -297,7 +317,9 @@ async fn demo() -> Result<Exit> {
         stats.groups_total, valid, stats.duplicate_keys
     );
     if problems.is_empty() && stats.duplicate_keys == 0 && exit != Exit::Internal {
-        println!("Every valid row got exactly one group. (Invalid sample rows are explained in samples/README.md.)");
+        println!(
+            "Every valid row got exactly one group. (Invalid sample rows are explained in samples/README.md.)"
+        );
         Ok(Exit::Success)
     } else {
         for p in &problems {

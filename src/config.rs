@@ -69,7 +69,9 @@ fn probability(flag: &str, p: f64) -> Result<f64> {
     if (0.0..=1.0).contains(&p) {
         Ok(p)
     } else {
-        Err(Error::usage(format!("--{flag} {p} is not a probability between 0 and 1")))
+        Err(Error::usage(format!(
+            "--{flag} {p} is not a probability between 0 and 1"
+        )))
     }
 }
 
@@ -77,7 +79,9 @@ fn probability(flag: &str, p: f64) -> Result<f64> {
 pub fn check_api_base(base: &str) -> Result<String> {
     let base = base.trim().trim_end_matches('/');
     let (scheme, rest) = base.split_once("://").ok_or_else(|| {
-        Error::usage(format!("--api-base {base:?} is not a URL like https://api.kohortpay.com"))
+        Error::usage(format!(
+            "--api-base {base:?} is not a URL like https://api.kohortpay.com"
+        ))
     })?;
     let authority = rest.split('/').next().unwrap_or_default();
     let host = if let Some(v6) = authority.strip_prefix('[') {
@@ -89,14 +93,18 @@ pub fn check_api_base(base: &str) -> Result<String> {
         return Err(Error::usage(format!("--api-base {base:?} has no host")));
     }
     let loopback = host == "localhost"
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
     match scheme {
         "https" => Ok(base.to_owned()),
         "http" if loopback => Ok(base.to_owned()),
         "http" => Err(Error::usage(format!(
             "--api-base {base}: plain http is allowed only for loopback (the sandbox); use https"
         ))),
-        _ => Err(Error::usage(format!("--api-base {base}: the scheme must be https"))),
+        _ => Err(Error::usage(format!(
+            "--api-base {base}: the scheme must be https"
+        ))),
     }
 }
 
@@ -205,7 +213,9 @@ pub fn resolve_sandbox(args: &SandboxArgs) -> Result<SandboxConfig> {
     if let Some(r) = args.rate_limit
         && !(r.is_finite() && r > 0.0)
     {
-        return Err(Error::usage("--rate-limit must be a positive number of requests per second"));
+        return Err(Error::usage(
+            "--rate-limit must be a positive number of requests per second",
+        ));
     }
     Ok(SandboxConfig {
         latency: parse_latency(&args.latency)?,
@@ -242,7 +252,9 @@ mod tests {
             ("", None),
         ];
         for (text, want) in table {
-            let got = parse_duration("timeout", text).ok().map(|d| d.as_millis() as u64);
+            let got = parse_duration("timeout", text)
+                .ok()
+                .map(|d| d.as_millis() as u64);
             assert_eq!(got, want, "{text:?}");
         }
         let err = parse_duration("timeout", "soon").unwrap_err().to_string();
@@ -268,8 +280,15 @@ mod tests {
 
     #[test]
     fn keys() {
-        assert!(load_key(None, None, false).unwrap_err().to_string().contains("KOHORTPAY_API_KEY"));
-        let live = load_key(None, Some("sk_live_abc".into()), false).unwrap_err().to_string();
+        assert!(
+            load_key(None, None, false)
+                .unwrap_err()
+                .to_string()
+                .contains("KOHORTPAY_API_KEY")
+        );
+        let live = load_key(None, Some("sk_live_abc".into()), false)
+            .unwrap_err()
+            .to_string();
         assert!(live.contains("--live") && !live.contains("abc"), "{live}");
         assert!(load_key(None, Some("sk_live_abc".into()), true).is_ok());
         assert!(load_key(None, Some(" sk_test_x \n".into()), false).is_ok());

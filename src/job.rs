@@ -303,7 +303,12 @@ mod tests {
     #[test]
     fn expiry_window_edges() {
         let mut r = row("cus_1", "ord_1");
-        for (offset, ok) in [(60, false), (120, true), (89 * 86_400, true), (89 * 86_400 + 1, false)] {
+        for (offset, ok) in [
+            (60, false),
+            (120, true),
+            (89 * 86_400, true),
+            (89 * 86_400 + 1, false),
+        ] {
             r.expires_at = Some(format_ts(now() + SignedDuration::from_secs(offset)));
             assert_eq!(validate(&r, now()).is_ok(), ok, "offset {offset}s");
         }
@@ -323,6 +328,9 @@ mod tests {
         let mut r = row("cus_1", "ord_1");
         r.metadata = Some("{oops".into());
         let problems = validate(&r, now()).unwrap_err();
-        assert!(problems[0].starts_with("metadata is not valid JSON"), "{problems:?}");
+        assert!(
+            problems[0].starts_with("metadata is not valid JSON"),
+            "{problems:?}"
+        );
     }
 }

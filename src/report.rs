@@ -73,12 +73,26 @@ impl Report {
         let jobs: BTreeMap<String, i64> = JobState::ALL
             .iter()
             .map(|s| {
-                let n = f.states.iter().find(|(k, _)| k == s.as_str()).map_or(0, |(_, n)| *n);
+                let n = f
+                    .states
+                    .iter()
+                    .find(|(k, _)| k == s.as_str())
+                    .map_or(0, |(_, n)| *n);
                 (s.as_str().to_owned(), n)
             })
             .collect();
-        let kind = |k: &str| f.attempts_by_kind.iter().find(|(n, _)| n == k).map_or(0, |(_, c)| *c);
-        let class = |k: &str| f.attempts_by_class.iter().find(|(n, _)| n == k).map_or(0, |(_, c)| *c);
+        let kind = |k: &str| {
+            f.attempts_by_kind
+                .iter()
+                .find(|(n, _)| n == k)
+                .map_or(0, |(_, c)| *c)
+        };
+        let class = |k: &str| {
+            f.attempts_by_class
+                .iter()
+                .find(|(n, _)| n == k)
+                .map_or(0, |(_, c)| *c)
+        };
         let total: i64 = f.attempts_by_kind.iter().map(|(_, c)| c).sum();
         let rate_per_sec = match f.send_window_ms {
             Some((a, b)) if b > a => total as f64 / ((b - a) as f64 / 1000.0),
@@ -127,9 +141,19 @@ impl Report {
             Some(c) => format!("exit {c}"),
             None => "not finished".to_owned(),
         };
-        let took = self.duration_secs.map(|d| format!(" in {d:.1} s")).unwrap_or_default();
-        let code = self.exit_code.map(|c| format!(", exit {c}")).unwrap_or_default();
-        let _ = writeln!(out, "kohort-batch {} #{}: {verdict}{took}{code}", self.command, self.run_id);
+        let took = self
+            .duration_secs
+            .map(|d| format!(" in {d:.1} s"))
+            .unwrap_or_default();
+        let code = self
+            .exit_code
+            .map(|c| format!(", exit {c}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "kohort-batch {} #{}: {verdict}{took}{code}",
+            self.command, self.run_id
+        );
         if let Some(why) = &self.stopped {
             let _ = writeln!(out, "  Stopped    {why}");
         }
@@ -141,8 +165,16 @@ impl Report {
             );
         }
         let n = |s: &str| self.jobs.get(s).copied().unwrap_or(0);
-        let how: Vec<String> = self.obtained.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        let how = if how.is_empty() { String::new() } else { format!(" ({})", how.join(", ")) };
+        let how: Vec<String> = self
+            .obtained
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let how = if how.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", how.join(", "))
+        };
         let _ = writeln!(
             out,
             "  Jobs       succeeded {}{how} · failed {} · unknown {} · invalid {} · pending {} · in flight {}",
@@ -225,11 +257,16 @@ pub fn reason_template(reason: &str) -> String {
             in_quote = !ends;
             continue;
         }
-        let is_status = word.len() == 3 && word.bytes().all(|b| b.is_ascii_digit());
+        let bare = word.trim_end_matches(|c| ".,;:)".contains(c));
+        let is_status = bare.len() == 3 && bare.bytes().all(|b| b.is_ascii_digit());
         let has_digit = word.bytes().any(|b| b.is_ascii_digit());
         let is_id = word.contains('_') && word.bytes().any(|b| b.is_ascii_alphanumeric());
         if (has_digit || is_id) && !is_status {
-            let trail: String = word.chars().rev().take_while(|c| ".,;:)".contains(*c)).collect();
+            let trail: String = word
+                .chars()
+                .rev()
+                .take_while(|c| ".,;:)".contains(*c))
+                .collect();
             out.push(format!("…{}", trail.chars().rev().collect::<String>()));
         } else {
             out.push(word.to_owned());
@@ -243,15 +280,17 @@ fn group_failures(rows: &[FailureReason]) -> Vec<FailureGroup> {
     let mut index: BTreeMap<(String, String), usize> = BTreeMap::new();
     for row in rows {
         let template = reason_template(&row.reason);
-        let at = *index.entry((row.state.clone(), template)).or_insert_with(|| {
-            groups.push(FailureGroup {
-                state: row.state.clone(),
-                reason: row.reason.clone(),
-                count: 0,
-                examples: Vec::new(),
+        let at = *index
+            .entry((row.state.clone(), template))
+            .or_insert_with(|| {
+                groups.push(FailureGroup {
+                    state: row.state.clone(),
+                    reason: row.reason.clone(),
+                    count: 0,
+                    examples: Vec::new(),
+                });
+                groups.len() - 1
             });
-            groups.len() - 1
-        });
         let g = &mut groups[at];
         g.count += 1;
         if g.examples.len() < EXAMPLES {
@@ -263,7 +302,7 @@ fn group_failures(rows: &[FailureReason]) -> Vec<FailureGroup> {
             });
         }
     }
-    groups.sort_by(|a, b| b.count.cmp(&a.count));
+    groups.sort_by_key(|g| std::cmp::Reverse(g.count));
     groups.truncate(TOP_REASONS);
     groups
 }
@@ -295,19 +334,52 @@ mod tests {
                 conflicts: 1,
                 invalid: 5,
             }),
-            states: vec![("succeeded".into(), 200), ("failed".into(), 3), ("invalid".into(), 5)],
+            states: vec![
+                ("succeeded".into(), 200),
+                ("failed".into(), 3),
+                ("invalid".into(), 5),
+            ],
             obtained: vec![("created".into(), 197), ("existing".into(), 3)],
             attempts_by_kind: vec![("check_order".into(), 203), ("create".into(), 205)],
-            attempts_by_class: vec![("ok".into(), 400), ("ambiguous".into(), 5), ("definitive".into(), 3)],
+            attempts_by_class: vec![
+                ("ok".into(), 400),
+                ("ambiguous".into(), 5),
+                ("definitive".into(), 3),
+            ],
             latencies_ms: (1..=100).map(f64::from).collect(),
             send_window_ms: Some((0, 10_000)),
             failures: vec![
-                fail("failed", Some("ord_9"), 10, "HTTP 404: Customer cus_unknown_9 not found."),
-                fail("failed", Some("ord_12"), 13, "HTTP 404: Customer cus_unknown_12 not found."),
-                fail("failed", Some("ord_40"), 41, "HTTP 400: customerId must be a string"),
-                fail("invalid", None, 20, "customerId is empty: every row needs the KohortPay customer id"),
+                fail(
+                    "failed",
+                    Some("ord_9"),
+                    10,
+                    "HTTP 404: Customer cus_unknown_9 not found.",
+                ),
+                fail(
+                    "failed",
+                    Some("ord_12"),
+                    13,
+                    "HTTP 404: Customer cus_unknown_12 not found.",
+                ),
+                fail(
+                    "failed",
+                    Some("ord_40"),
+                    41,
+                    "HTTP 400: customerId must be a string",
+                ),
+                fail(
+                    "invalid",
+                    None,
+                    20,
+                    "customerId is empty: every row needs the KohortPay customer id",
+                ),
             ],
-            conflicts: vec![fail("conflict", Some("ord_3"), 30, "key ord_3 was already imported")],
+            conflicts: vec![fail(
+                "conflict",
+                Some("ord_3"),
+                30,
+                "key ord_3 was already imported",
+            )],
         }
     }
 
@@ -331,6 +403,9 @@ mod tests {
             reason_template("HTTP 404: Customer cus_1 not found."),
             reason_template("HTTP 400: Customer cus_1 not found.")
         );
-        assert_eq!(reason_template("metadata \"a b c\" bad"), "metadata \"…\" bad");
+        assert_eq!(
+            reason_template("metadata \"a b c\" bad"),
+            "metadata \"…\" bad"
+        );
     }
 }

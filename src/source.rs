@@ -5,9 +5,10 @@
 //! Memory does not grow with the file: one record buffer is reused, and rows go
 //! to the store in batches as they are read.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufReader, Read};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
 
@@ -67,9 +68,45 @@ fn column_for(header: &str) -> Column {
     }
 }
 
+/// Notes where each line with content starts as the bytes stream past, so a
+/// record's line number is right whatever the line endings and blank lines (the
+/// csv crate counts a CRLF file's lines one short). Holds only the starts still
+/// ahead of the parser: memory stays flat.
+struct LineTap<R> {
+    inner: R,
+    offset: u64,
+    line: u64,
+    at_line_start: bool,
+    starts: Arc<Mutex<VecDeque<(u64, u64)>>>,
+}
+
+impl<R: Read> Read for LineTap<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut q = self.starts.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, &b) in buf[..n].iter().enumerate() {
+            match b {
+                b'\n' => {
+                    self.line += 1;
+                    self.at_line_start = true;
+                }
+                b'\r' => {}
+                _ if self.at_line_start => {
+                    q.push_back((self.offset + i as u64, self.line));
+                    self.at_line_start = false;
+                }
+                _ => {}
+            }
+        }
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
 /// A streaming CSV input.
 pub struct CsvSource {
     name: String,
+    starts: Arc<Mutex<VecDeque<(u64, u64)>>>,
     reader: csv::Reader<Box<dyn Read + Send>>,
     headers: Vec<String>,
     columns: Vec<Column>,
@@ -80,7 +117,9 @@ pub struct CsvSource {
 
 impl std::fmt::Debug for CsvSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CsvSource").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("CsvSource")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -100,7 +139,15 @@ impl CsvSource {
 
     /// Reads the header of any byte stream; fails if the columns cannot make a request.
     pub fn from_reader(name: String, input: Box<dyn Read + Send>) -> Result<Self> {
-        let input: Box<dyn Read + Send> = Box::new(BufReader::with_capacity(256 * 1024, input));
+        let starts = Arc::new(Mutex::new(VecDeque::new()));
+        let tap = LineTap {
+            inner: input,
+            offset: 0,
+            line: 1,
+            at_line_start: true,
+            starts: starts.clone(),
+        };
+        let input: Box<dyn Read + Send> = Box::new(BufReader::with_capacity(256 * 1024, tap));
         let mut reader = csv::ReaderBuilder::new()
             .flexible(true)
             .has_headers(true)
@@ -110,7 +157,9 @@ impl CsvSource {
             line: 1,
             message,
         };
-        let raw_headers = reader.byte_headers().map_err(|e| header_err(csv_error_text(&e)))?;
+        let raw_headers = reader
+            .byte_headers()
+            .map_err(|e| header_err(csv_error_text(&e)))?;
         if raw_headers.is_empty() || (raw_headers.len() == 1 && raw_headers[0].is_empty()) {
             return Err(header_err(
                 "the file is empty: expected a header line such as customerId,orderId".into(),
@@ -119,7 +168,10 @@ impl CsvSource {
         let mut headers = Vec::with_capacity(raw_headers.len());
         for (i, h) in raw_headers.iter().enumerate() {
             let text = std::str::from_utf8(h).map_err(|_| {
-                header_err(format!("header column {} is not valid UTF-8: save the file as UTF-8", i + 1))
+                header_err(format!(
+                    "header column {} is not valid UTF-8: save the file as UTF-8",
+                    i + 1
+                ))
             })?;
             headers.push(text.trim_start_matches('\u{feff}').to_owned());
         }
@@ -127,14 +179,14 @@ impl CsvSource {
         let has = |c: Column| columns.contains(&c);
         let mut missing = Vec::new();
         if !has(Column::CustomerId) {
-            missing.push("customerId");
+            missing.push("customerId column");
         }
         if !has(Column::OrderId) && !has(Column::PaymentIntentId) {
-            missing.push("orderId (or paymentIntentId)");
+            missing.push("orderId (or paymentIntentId) column");
         }
         if !missing.is_empty() {
             return Err(header_err(format!(
-                "the header has no {} column (found: {}); the columns are customerId, orderId, \
+                "the header has no {} (found: {}); the columns are customerId, orderId, \
                  paymentIntentId, expiresAt, midExpireAt, metadata, metadata.KEY",
                 missing.join(" and no "),
                 headers.join(", ")
@@ -148,6 +200,7 @@ impl CsvSource {
             .collect();
         Ok(CsvSource {
             name,
+            starts,
             reader,
             headers,
             columns,
@@ -167,7 +220,7 @@ impl CsvSource {
         let more = match self.reader.read_byte_record(&mut self.record) {
             Ok(more) => more,
             Err(e) => {
-                let line = e.position().map_or(0, |p| p.line());
+                let line = e.position().map_or(0, |p| self.line_at(p.byte()));
                 return match e.kind() {
                     csv::ErrorKind::Io(_) => Err(Error::Input {
                         source_name: self.name.clone(),
@@ -186,8 +239,19 @@ impl CsvSource {
         if !more {
             return Ok(None);
         }
-        let line = self.record.position().map_or(0, |p| p.line());
+        let line = self.record.position().map_or(0, |p| p.byte());
+        let line = self.line_at(line);
         Ok(Some(self.convert(line, now)))
+    }
+
+    /// The line of the first content at or after `byte`, where the parser says a record
+    /// starts (it may point at terminators before the record).
+    fn line_at(&mut self, byte: u64) -> u64 {
+        let mut q = self.starts.lock().unwrap_or_else(|e| e.into_inner());
+        while q.front().is_some_and(|&(at, _)| at < byte) {
+            q.pop_front();
+        }
+        q.front().map_or(0, |&(_, line)| line)
     }
 
     fn convert(&self, line: u64, now: Timestamp) -> ImportRow {
@@ -203,7 +267,9 @@ impl CsvSource {
             ));
         }
         for (i, cell) in self.record.iter().enumerate() {
-            let Some(header) = self.headers.get(i) else { break };
+            let Some(header) = self.headers.get(i) else {
+                break;
+            };
             let text = match std::str::from_utf8(cell) {
                 Ok(t) => t.to_owned(),
                 Err(e) => {
@@ -254,7 +320,10 @@ fn csv_error_text(e: &csv::Error) -> String {
     match e.kind() {
         csv::ErrorKind::Io(io) => format!("read error: {io}"),
         csv::ErrorKind::Utf8 { err, .. } => {
-            format!("not valid UTF-8 (field {}): save the file as UTF-8", err.field() + 1)
+            format!(
+                "not valid UTF-8 (field {}): save the file as UTF-8",
+                err.field() + 1
+            )
         }
         _ => format!("malformed CSV: {e}"),
     }
@@ -269,7 +338,10 @@ mod tests {
     }
 
     fn source(text: &[u8]) -> Result<CsvSource> {
-        CsvSource::from_reader("t.csv".into(), Box::new(std::io::Cursor::new(text.to_vec())))
+        CsvSource::from_reader(
+            "t.csv".into(),
+            Box::new(std::io::Cursor::new(text.to_vec())),
+        )
     }
 
     fn rows(text: &[u8]) -> Vec<ImportRow> {
@@ -283,7 +355,8 @@ mod tests {
 
     #[test]
     fn headers_in_either_case_style_and_bom() {
-        let out = rows(b"\xEF\xBB\xBFcustomer_id,OrderId,metadata.campaign\r\ncus_1,ord_1,spring\r\n");
+        let out =
+            rows(b"\xEF\xBB\xBFcustomer_id,OrderId,metadata.campaign\r\ncus_1,ord_1,spring\r\n");
         assert_eq!(out.len(), 1);
         let p = out[0].outcome.as_ref().unwrap();
         assert_eq!(
@@ -294,11 +367,36 @@ mod tests {
     }
 
     #[test]
+    fn line_numbers_are_right_for_lf_crlf_and_cr_endings() {
+        for ending in ["\n", "\r\n"] {
+            let text = [
+                "customerId,orderId",
+                "cus_1,ord_1",
+                "cus_2,ord_2",
+                "",
+                "cus_3,ord_3",
+                "",
+            ]
+            .join(ending);
+            let lines: Vec<u64> = rows(text.as_bytes()).iter().map(|r| r.line).collect();
+            assert_eq!(lines, [2, 3, 5], "ending {ending:?}");
+        }
+    }
+
+    #[test]
     fn quoted_newlines_keep_line_numbers_right() {
-        let out = rows(b"customerId,orderId,metadata\ncus_1,ord_1,\"{\n\"\"a\"\":\"\"b\"\"}\"\ncus_2,,\n");
+        let out = rows(
+            b"customerId,orderId,metadata\ncus_1,ord_1,\"{\n\"\"a\"\":\"\"b\"\"}\"\ncus_2,,\n",
+        );
         assert!(out[0].outcome.is_ok(), "{:?}", out[0].outcome);
         assert_eq!(out[1].line, 4);
-        assert!(out[1].outcome.as_ref().unwrap_err().contains("orderId and paymentIntentId"));
+        assert!(
+            out[1]
+                .outcome
+                .as_ref()
+                .unwrap_err()
+                .contains("orderId and paymentIntentId")
+        );
     }
 
     #[test]
@@ -314,8 +412,20 @@ mod tests {
     fn bad_rows_do_not_stop_good_ones() {
         let out = rows(b"customerId,orderId\ncus_1,ord_1,extra\ncus_\xff,ord_2\ncus_3,ord_3\n");
         assert_eq!(out.len(), 3);
-        assert!(out[0].outcome.as_ref().unwrap_err().contains("3 fields but the header has 2"));
-        assert!(out[1].outcome.as_ref().unwrap_err().contains("not valid UTF-8"));
+        assert!(
+            out[0]
+                .outcome
+                .as_ref()
+                .unwrap_err()
+                .contains("3 fields but the header has 2")
+        );
+        assert!(
+            out[1]
+                .outcome
+                .as_ref()
+                .unwrap_err()
+                .contains("not valid UTF-8")
+        );
         assert_eq!(out[1].key.as_deref(), Some("ord_2"));
         assert!(out[2].outcome.is_ok());
     }

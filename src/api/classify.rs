@@ -111,7 +111,14 @@ mod tests {
         let table: &[(Exchange, Class, &str)] = &[
             (http(200), Ok, "200 with a group"),
             (http(201), Ok, "201 created"),
-            (Exchange::Http { status: 201, body_ok: false }, Ambiguous, "201, unreadable body"),
+            (
+                Exchange::Http {
+                    status: 201,
+                    body_ok: false,
+                },
+                Ambiguous,
+                "201, unreadable body",
+            ),
             (http(301), Stop, "redirect: wrong --api-base"),
             (http(400), Definitive, "validation error"),
             (http(401), Stop, "bad or expired key"),
@@ -128,10 +135,26 @@ mod tests {
             (http(503), Ambiguous, "router: unavailable"),
             (http(504), Ambiguous, "router: gateway timeout"),
             (http(102), Ambiguous, "1xx as final status"),
-            (Exchange::Transport(Transport::Connect), Retry, "connection refused / DNS"),
-            (Exchange::Transport(Transport::Timeout), Ambiguous, "timeout after sending"),
-            (Exchange::Transport(Transport::Reset), Ambiguous, "connection reset"),
-            (Exchange::Transport(Transport::Body), Ambiguous, "body cut short"),
+            (
+                Exchange::Transport(Transport::Connect),
+                Retry,
+                "connection refused / DNS",
+            ),
+            (
+                Exchange::Transport(Transport::Timeout),
+                Ambiguous,
+                "timeout after sending",
+            ),
+            (
+                Exchange::Transport(Transport::Reset),
+                Ambiguous,
+                "connection reset",
+            ),
+            (
+                Exchange::Transport(Transport::Body),
+                Ambiguous,
+                "body cut short",
+            ),
         ];
         for (exchange, want, why) in table {
             assert_eq!(classify(*exchange), *want, "{why}: {exchange:?}");
@@ -143,12 +166,18 @@ mod tests {
         let now = httpdate::parse_http_date("Tue, 24 Nov 2026 08:00:00 GMT").unwrap();
         assert_eq!(parse_retry_after("2", now), Some(Duration::from_secs(2)));
         assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after("1.5", now), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            parse_retry_after("1.5", now),
+            Some(Duration::from_millis(1500))
+        );
         assert_eq!(
             parse_retry_after("Tue, 24 Nov 2026 08:00:30 GMT", now),
             Some(Duration::from_secs(30))
         );
-        assert_eq!(parse_retry_after("Tue, 24 Nov 2026 07:00:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Tue, 24 Nov 2026 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-3", now), None);
     }

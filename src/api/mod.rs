@@ -66,12 +66,18 @@ pub struct ApiClient {
 
 impl ApiClient {
     /// Builds a client. `ca_cert` adds a private root certificate (PEM).
-    pub fn new(base: &str, key: &ApiKey, timeout: Duration, ca_cert: Option<&Path>) -> Result<Self> {
+    pub fn new(
+        base: &str,
+        key: &ApiKey,
+        timeout: Duration,
+        ca_cert: Option<&Path>,
+    ) -> Result<Self> {
         // Installing the provider twice is harmless; the first one wins.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut auth = HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
-            Error::usage("the API key contains characters that cannot be sent in a header")
-        })?;
+        let mut auth =
+            HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
+                Error::usage("the API key contains characters that cannot be sent in a header")
+            })?;
         auth.set_sensitive(true);
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
@@ -108,13 +114,17 @@ impl ApiClient {
 
     /// `GET /orders/{id}`: the order's group id, if it has one.
     pub async fn order_group(&self, order_id: &str) -> Reply<Option<String>> {
-        let req = self.http.get(format!("{}/orders/{}", self.base, path_segment(order_id)));
+        let req = self
+            .http
+            .get(format!("{}/orders/{}", self.base, path_segment(order_id)));
         self.exchange(req, wire::parse_order_group).await
     }
 
     /// `GET /groups/{id}`: the group, or `None` (the API's empty 200).
     pub async fn group(&self, group_id: &str) -> Reply<Option<Group>> {
-        let req = self.http.get(format!("{}/groups/{}", self.base, path_segment(group_id)));
+        let req = self
+            .http
+            .get(format!("{}/groups/{}", self.base, path_segment(group_id)));
         self.exchange(req, wire::parse_group_lookup).await
     }
 
@@ -139,7 +149,13 @@ impl ApiClient {
             Ok(r) => r,
             Err(e) => {
                 let transport = transport_kind(&e);
-                return reply(classify(Exchange::Transport(transport)), None, None, Some(describe_transport(transport, &e)), None);
+                return reply(
+                    classify(Exchange::Transport(transport)),
+                    None,
+                    None,
+                    Some(describe_transport(transport, &e)),
+                    None,
+                );
             }
         };
         let status = resp.status().as_u16();
@@ -154,9 +170,15 @@ impl ApiClient {
                 let class = if (200..300).contains(&status) {
                     classify(Exchange::Transport(Transport::Body))
                 } else {
-                    classify(Exchange::Http { status, body_ok: true })
+                    classify(Exchange::Http {
+                        status,
+                        body_ok: true,
+                    })
                 };
-                let error = format!("HTTP {status}, but the body was cut short: {}", error_chain(&e));
+                let error = format!(
+                    "HTTP {status}, but the body was cut short: {}",
+                    error_chain(&e)
+                );
                 return reply(class, Some(status), retry_after, Some(error), None);
             }
         };
@@ -164,14 +186,26 @@ impl ApiClient {
             return match parse(&body) {
                 Ok(v) => reply(Class::Ok, Some(status), retry_after, None, Some(v)),
                 Err(why) => {
-                    let class = classify(Exchange::Http { status, body_ok: false });
+                    let class = classify(Exchange::Http {
+                        status,
+                        body_ok: false,
+                    });
                     let error = format!("HTTP {status}, but the response could not be read: {why}");
                     reply(class, Some(status), retry_after, Some(error), None)
                 }
             };
         }
-        let class = classify(Exchange::Http { status, body_ok: true });
-        reply(class, Some(status), retry_after, Some(wire::describe_error(status, &body)), None)
+        let class = classify(Exchange::Http {
+            status,
+            body_ok: true,
+        });
+        reply(
+            class,
+            Some(status),
+            retry_after,
+            Some(wire::describe_error(status, &body)),
+            None,
+        )
     }
 }
 

@@ -9,7 +9,9 @@ use serde_json::{Map, Value};
 use crate::job::Group;
 
 fn field<'a>(obj: &'a Map<String, Value>, snake: &str, camel: &str) -> Option<&'a Value> {
-    obj.get(snake).or_else(|| obj.get(camel)).filter(|v| !v.is_null())
+    obj.get(snake)
+        .or_else(|| obj.get(camel))
+        .filter(|v| !v.is_null())
 }
 
 /// A scalar as text (strings as they are, numbers and booleans printed); `None` for
@@ -107,7 +109,9 @@ pub fn describe_error(status: u16, body: &[u8]) -> String {
             .find("<title>")
             .and_then(|start| {
                 let rest = &body_text[start + 7..];
-                rest.to_ascii_lowercase().find("</title>").map(|end| rest[..end].trim().to_owned())
+                rest.to_ascii_lowercase()
+                    .find("</title>")
+                    .map(|end| rest[..end].trim().to_owned())
             })
             .filter(|t| !t.is_empty());
         return match title {
@@ -144,7 +148,8 @@ mod tests {
         assert_eq!(g.id, "pg_0123456789abcd");
         assert_eq!(g.share_id.as_deref(), Some("KHT-test-ABCDEFGH"));
         assert_eq!(g.created_at, None);
-        let camel = br#"{"id":"pg_1","shareId":"KHT-X","status":"SOMETHING_NEW","reminderEmailSent":true}"#;
+        let camel =
+            br#"{"id":"pg_1","shareId":"KHT-X","status":"SOMETHING_NEW","reminderEmailSent":true}"#;
         let g = parse_group(camel).unwrap();
         assert_eq!(g.share_id.as_deref(), Some("KHT-X"));
         assert_eq!(g.status.as_deref(), Some("SOMETHING_NEW"));
@@ -157,10 +162,18 @@ mod tests {
         assert_eq!(parse_group_lookup(b"").unwrap(), None);
         assert_eq!(parse_group_lookup(b"  \n").unwrap(), None);
         assert_eq!(parse_group_lookup(b"{}").unwrap(), None);
-        assert_eq!(parse_group_lookup(br#"{"id":"pg_1"}"#).unwrap().unwrap().id, "pg_1");
-        assert_eq!(parse_order_group(br#"{"id":"o","payment_group_id":null}"#).unwrap(), None);
         assert_eq!(
-            parse_order_group(br#"{"paymentGroupId":"pg_2"}"#).unwrap().as_deref(),
+            parse_group_lookup(br#"{"id":"pg_1"}"#).unwrap().unwrap().id,
+            "pg_1"
+        );
+        assert_eq!(
+            parse_order_group(br#"{"id":"o","payment_group_id":null}"#).unwrap(),
+            None
+        );
+        assert_eq!(
+            parse_order_group(br#"{"paymentGroupId":"pg_2"}"#)
+                .unwrap()
+                .as_deref(),
             Some("pg_2")
         );
     }
@@ -172,13 +185,17 @@ mod tests {
             describe_error(400, arr),
             "HTTP 400: customerId should not be empty; expiresAt must be a date (parameter_invalid)"
         );
-        let s = br#"{"error":{"type":"invalid_request_error","message":"Customer cus_9 not found."}}"#;
+        let s =
+            br#"{"error":{"type":"invalid_request_error","message":"Customer cus_9 not found."}}"#;
         assert_eq!(
             describe_error(404, s),
             "HTTP 404: Customer cus_9 not found. (invalid_request_error)"
         );
         let html = b"<!DOCTYPE html><html><head><title>Application Error</title></head></html>";
-        assert_eq!(describe_error(502, html), "HTTP 502: HTML error page \"Application Error\"");
+        assert_eq!(
+            describe_error(502, html),
+            "HTTP 502: HTML error page \"Application Error\""
+        );
         assert_eq!(describe_error(503, b""), "HTTP 503");
         assert_eq!(describe_error(500, b"oops"), "HTTP 500: oops");
     }

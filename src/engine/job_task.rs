@@ -65,10 +65,17 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                  (or also a paymentIntentId), so the API cannot be asked whether its group \
                  exists; check in the KohortPay dashboard, then `retry-failed --include-unknown` \
                  to send it again",
-                if last_error.is_empty() { "interrupted mid-request" } else { &last_error }
+                if last_error.is_empty() {
+                    "interrupted mid-request"
+                } else {
+                    &last_error
+                }
             );
             tracing::warn!(key = %job.key, line = ?job.line, %reason, "row outcome unknown");
-            return ctx.store.record(ctx.run_id, job.id, None, Transition::Unknown { reason }).await;
+            return ctx
+                .store
+                .record(ctx.run_id, job.id, None, Transition::Unknown { reason })
+                .await;
         }
         let check_due = order.is_some()
             && (needs_check
@@ -76,7 +83,11 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
         if let (true, Some(order_id)) = (check_due, order) {
             match check(&ctx, &job, order_id).await? {
                 Check::Found(group, attempt) => {
-                    let obtained = if needs_check { Obtained::Recovered } else { Obtained::Existing };
+                    let obtained = if needs_check {
+                        Obtained::Recovered
+                    } else {
+                        Obtained::Existing
+                    };
                     let t = Transition::Succeeded { obtained, group };
                     return ctx.store.record(ctx.run_id, job.id, Some(attempt), t).await;
                 }
@@ -114,7 +125,9 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
         let in_flight = Transition::InFlight {
             check_after: unix_ms_in(ctx.cfg.settle),
         };
-        ctx.store.record(ctx.run_id, job.id, None, in_flight).await?;
+        ctx.store
+            .record(ctx.run_id, job.id, None, in_flight)
+            .await?;
         let reply = ctx.api.create_group(&job.payload).await;
         drop(permit);
         ctx.observe(&reply);
@@ -145,7 +158,9 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                     needs_check: false,
                     reason: Some(reason.clone()),
                 };
-                ctx.store.record(ctx.run_id, job.id, Some(attempt), t).await?;
+                ctx.store
+                    .record(ctx.run_id, job.id, Some(attempt), t)
+                    .await?;
                 ctx.control.stop(StopReason::Api(stop_message(&reason)));
                 return Ok(());
             }
@@ -173,7 +188,9 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                     needs_check,
                     reason: reply.error.clone(),
                 };
-                ctx.store.record(ctx.run_id, job.id, Some(attempt), t).await?;
+                ctx.store
+                    .record(ctx.run_id, job.id, Some(attempt), t)
+                    .await?;
                 not_before = Some(next);
             }
         }
@@ -227,16 +244,25 @@ async fn check(ctx: &Ctx, job: &Job, order_id: &str) -> Result<Check> {
         }
         Class::Stop => {
             let reason = reply.error.clone().unwrap_or_default();
-            ctx.store.record(ctx.run_id, job.id, Some(attempt), Transition::Keep).await?;
+            ctx.store
+                .record(ctx.run_id, job.id, Some(attempt), Transition::Keep)
+                .await?;
             ctx.control.stop(StopReason::Api(stop_message(&reason)));
             return Ok(Check::Stopped);
         }
         Class::Retry | Class::Ambiguous => {
-            ctx.store.record(ctx.run_id, job.id, Some(attempt), Transition::Keep).await?;
-            return Ok(Check::Retry(reply.retry_after, reply.error.unwrap_or_default()));
+            ctx.store
+                .record(ctx.run_id, job.id, Some(attempt), Transition::Keep)
+                .await?;
+            return Ok(Check::Retry(
+                reply.retry_after,
+                reply.error.unwrap_or_default(),
+            ));
         }
     };
-    ctx.store.record(ctx.run_id, job.id, Some(attempt), Transition::Keep).await?;
+    ctx.store
+        .record(ctx.run_id, job.id, Some(attempt), Transition::Keep)
+        .await?;
     let Some(group_id) = group_id else {
         return Ok(Check::Absent);
     };
@@ -264,13 +290,20 @@ async fn check(ctx: &Ctx, job: &Job, order_id: &str) -> Result<Check> {
         }
         Class::Stop => {
             let reason = reply.error.clone().unwrap_or_default();
-            ctx.store.record(ctx.run_id, job.id, Some(attempt), Transition::Keep).await?;
+            ctx.store
+                .record(ctx.run_id, job.id, Some(attempt), Transition::Keep)
+                .await?;
             ctx.control.stop(StopReason::Api(stop_message(&reason)));
             Ok(Check::Stopped)
         }
         Class::Definitive | Class::Retry | Class::Ambiguous => {
-            ctx.store.record(ctx.run_id, job.id, Some(attempt), Transition::Keep).await?;
-            Ok(Check::Retry(reply.retry_after, reply.error.unwrap_or_default()))
+            ctx.store
+                .record(ctx.run_id, job.id, Some(attempt), Transition::Keep)
+                .await?;
+            Ok(Check::Retry(
+                reply.retry_after,
+                reply.error.unwrap_or_default(),
+            ))
         }
     }
 }

@@ -54,7 +54,10 @@ pub struct EngineConfig {
 }
 
 mod secs {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_f64(d.as_secs_f64())
     }
 }
@@ -97,7 +100,9 @@ impl Control {
     /// A signal arrived: the first stops the run, the second abandons in-flight requests.
     pub fn signal(&self) {
         if self.stop.is_cancelled() {
-            tracing::warn!("second signal: abandoning requests in flight (the next run checks them)");
+            tracing::warn!(
+                "second signal: abandoning requests in flight (the next run checks them)"
+            );
             self.abandon.cancel();
         } else {
             self.stop(StopReason::Signal);
@@ -105,7 +110,10 @@ impl Control {
     }
 
     pub fn reason(&self) -> Option<StopReason> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -188,7 +196,10 @@ pub async fn drain(
         }
     }
     if abandoned {
-        tracing::warn!(tasks = tasks.len(), "abandoning requests still in flight; their jobs stay in_flight and the next run checks them");
+        tracing::warn!(
+            tasks = tasks.len(),
+            "abandoning requests still in flight; their jobs stay in_flight and the next run checks them"
+        );
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }

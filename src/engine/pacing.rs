@@ -103,7 +103,8 @@ mod tests {
         let peak = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for _ in 0..20 {
-            let (pacer, stop, live, peak) = (pacer.clone(), stop.clone(), live.clone(), peak.clone());
+            let (pacer, stop, live, peak) =
+                (pacer.clone(), stop.clone(), live.clone(), peak.clone());
             tasks.push(tokio::spawn(async move {
                 let _permit = pacer.admit(&stop).await.unwrap();
                 let now = live.fetch_add(1, Ordering::SeqCst) + 1;
@@ -128,7 +129,11 @@ mod tests {
         for _ in 0..11 {
             drop(pacer.admit(&stop).await.unwrap());
         }
-        assert!(start.elapsed() >= Duration::from_millis(245), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(245),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]

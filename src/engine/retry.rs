@@ -72,7 +72,10 @@ mod tests {
             max_attempts: 10,
             ..RetryPolicy::default()
         };
-        let ceilings: Vec<u64> = policy.backoff(|| 1.0).map(|d| d.as_millis() as u64).collect();
+        let ceilings: Vec<u64> = policy
+            .backoff(|| 1.0)
+            .map(|d| d.as_millis() as u64)
+            .collect();
         assert_eq!(
             ceilings,
             [500, 1000, 2000, 4000, 8000, 16000, 32000, 60000, 60000]

@@ -113,7 +113,11 @@ impl App {
             .filter(|(_, n)| **n > 1)
             .map(|(k, n)| (k.clone(), *n))
             .collect();
-        let mut starts = self.starts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut starts = self
+            .starts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         starts.sort_unstable();
         let (mut best, mut lo) = (0usize, 0usize);
         for hi in 0..starts.len() {
@@ -130,8 +134,12 @@ impl App {
             duplicates: dup.into_iter().take(100).collect(),
             peak_concurrency: self.peak.load(Ordering::Relaxed),
             max_starts_in_one_second: best as u64,
-            groups_per_key: detail
-                .then(|| w.groups_per_key.iter().map(|(k, v)| (k.clone(), *v)).collect()),
+            groups_per_key: detail.then(|| {
+                w.groups_per_key
+                    .iter()
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect()
+            }),
         }
     }
 }
@@ -183,7 +191,10 @@ impl Sandbox {
             .layer(middleware::from_fn_with_state(app.clone(), track));
         let router = Router::new()
             .merge(api)
-            .route("/health", get(|| async { axum::Json(json!({"status": "ok"})) }))
+            .route(
+                "/health",
+                get(|| async { axum::Json(json!({"status": "ok"})) }),
+            )
             .route("/_sandbox/stats", get(stats))
             .with_state(app.clone());
         let shutdown = CancellationToken::new();
@@ -233,16 +244,27 @@ async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
     let now = app.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     app.peak.fetch_max(now, Ordering::SeqCst);
     let ms = app.clock.elapsed().as_millis() as u64;
-    app.starts.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
+    app.starts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(ms);
     let resp = next.run(req).await;
     app.in_flight.fetch_sub(1, Ordering::SeqCst);
     resp
 }
 
 fn envelope(status: u16, message: Value) -> Response {
-    let kind = if status >= 500 { "api_error" } else { "invalid_request_error" };
+    let kind = if status >= 500 {
+        "api_error"
+    } else {
+        "invalid_request_error"
+    };
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (code, axum::Json(json!({"error": {"type": kind, "message": message}}))).into_response()
+    (
+        code,
+        axum::Json(json!({"error": {"type": kind, "message": message}})),
+    )
+        .into_response()
 }
 
 fn with_retry_after(mut resp: Response, secs: u64) -> Response {
@@ -256,8 +278,10 @@ fn html_502() -> Response {
     let page = "<!DOCTYPE html><html><head><title>Application Error</title></head>\
                 <body><h1>502 Bad Gateway</h1><p>The upstream application did not respond.</p></body></html>";
     let mut resp = (StatusCode::BAD_GATEWAY, page).into_response();
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     resp
 }
 
@@ -285,19 +309,34 @@ enum Fault {
 
 /// Common to every API request: rate limit, auth, latency, and the fault roll.
 /// `Ok(live)` lets the request through; `Err` is the response to send instead.
-async fn gate(app: &App, headers: &HeaderMap, route: &str, creates: bool) -> Result<(bool, Fault), Response> {
+async fn gate(
+    app: &App,
+    headers: &HeaderMap,
+    route: &str,
+    creates: bool,
+) -> Result<(bool, Fault), Response> {
     if let Some(l) = &app.limiter
         && l.check().is_err()
     {
         app.count(format!("{route} 429"));
-        return Err(with_retry_after(envelope(429, json!("Too many requests")), 1));
+        return Err(with_retry_after(
+            envelope(429, json!("Too many requests")),
+            1,
+        ));
     }
-    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let key = auth.strip_prefix("Bearer ").unwrap_or("");
     let live = key.starts_with("sk_live_");
     if !(live || key.starts_with("sk_test_")) {
         app.count(format!("{route} 401"));
-        let msg = if auth.is_empty() { "No API key provided." } else { "Invalid API key provided." };
+        let msg = if auth.is_empty() {
+            "No API key provided."
+        } else {
+            "Invalid API key provided."
+        };
         return Err(envelope(401, json!(msg)));
     }
     let (lo, hi) = app.cfg.latency;
@@ -332,10 +371,22 @@ async fn gate(app: &App, headers: &HeaderMap, route: &str, creates: bool) -> Res
         Fault::None
     };
     let early = match fault {
-        Fault::Status429 => Some((429, with_retry_after(envelope(429, json!("Too many requests")), c.retry_after_secs))),
+        Fault::Status429 => Some((
+            429,
+            with_retry_after(
+                envelope(429, json!("Too many requests")),
+                c.retry_after_secs,
+            ),
+        )),
         Fault::Status500 => Some((500, envelope(500, json!("Internal server error")))),
         Fault::Html502 => Some((502, html_502())),
-        Fault::Status503 => Some((503, with_retry_after(envelope(503, json!("Service unavailable")), c.retry_after_secs))),
+        Fault::Status503 => Some((
+            503,
+            with_retry_after(
+                envelope(503, json!("Service unavailable")),
+                c.retry_after_secs,
+            ),
+        )),
         Fault::Reset => {
             app.count(format!("{route} dropped"));
             return Err(dropped_connection());
@@ -398,7 +449,12 @@ async fn create_group(State(app): State<Arc<App>>, headers: HeaderMap, body: Byt
             let group = create(&app).to_string();
             app.count(format!("{route} 201 truncated"));
             let cut = group[..group.len() / 2].to_owned();
-            (StatusCode::CREATED, [(header::CONTENT_TYPE, "application/json")], cut).into_response()
+            (
+                StatusCode::CREATED,
+                [(header::CONTENT_TYPE, "application/json")],
+                cut,
+            )
+                .into_response()
         }
         _ => {
             let group = create(&app);
@@ -409,19 +465,28 @@ async fn create_group(State(app): State<Arc<App>>, headers: HeaderMap, body: Byt
 }
 
 fn html_503() -> Response {
-    let page = "<html><head><title>Service Unavailable</title></head><body>Request timeout</body></html>";
+    let page =
+        "<html><head><title>Service Unavailable</title></head><body>Request timeout</body></html>";
     let mut resp = (StatusCode::SERVICE_UNAVAILABLE, page).into_response();
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
     resp
 }
 
-async fn get_group(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn get_group(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     let route = "GET /groups/{id}";
     if let Err(resp) = gate(&app, &headers, route, false).await {
         return resp;
     }
-    let found = app.world.lock().unwrap_or_else(|e| e.into_inner()).group(&id);
+    let found = app
+        .world
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .group(&id);
     app.count(format!("{route} 200"));
     match found {
         Some(g) => axum::Json(g).into_response(),
@@ -430,7 +495,11 @@ async fn get_group(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Pa
     }
 }
 
-async fn get_order(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn get_order(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     let route = "GET /orders/{id}";
     if let Err(resp) = gate(&app, &headers, route, false).await {
         return resp;

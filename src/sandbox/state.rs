@@ -70,7 +70,9 @@ fn reject(status: u16, message: Value) -> Rejection {
 }
 
 fn field<'a>(obj: &'a Map<String, Value>, camel: &str, snake: &str) -> Option<&'a Value> {
-    obj.get(camel).or_else(|| obj.get(snake)).filter(|v| !v.is_null())
+    obj.get(camel)
+        .or_else(|| obj.get(snake))
+        .filter(|v| !v.is_null())
 }
 
 fn ts(t: Timestamp) -> String {
@@ -79,12 +81,16 @@ fn ts(t: Timestamp) -> String {
 
 impl World {
     fn hex(rng: &mut fastrand::Rng, n: usize) -> String {
-        (0..n).map(|_| char::from_digit(rng.u32(0..16), 16).unwrap_or('0')).collect()
+        (0..n)
+            .map(|_| char::from_digit(rng.u32(0..16), 16).unwrap_or('0'))
+            .collect()
     }
 
     fn share_code(rng: &mut fastrand::Rng) -> String {
         const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
-        (0..8).map(|_| ALPHABET[rng.usize(..ALPHABET.len())] as char).collect()
+        (0..8)
+            .map(|_| ALPHABET[rng.usize(..ALPHABET.len())] as char)
+            .collect()
     }
 
     /// Makes an order known; checkout orders arrive with a group already.
@@ -96,13 +102,19 @@ impl World {
         if order_id.starts_with(CHECKOUT_ORDER) {
             let body = json!({"customerId": "cus_checkout", "orderId": order_id});
             if let Some(obj) = body.as_object() {
-                let _ = self.insert_group(rng, obj, false, now, now + SignedDuration::from_hours(240));
+                let _ =
+                    self.insert_group(rng, obj, false, now, now + SignedDuration::from_hours(240));
             }
         }
     }
 
     /// `GET /orders/{id}`.
-    pub fn order(&mut self, rng: &mut fastrand::Rng, id: &str, now: Timestamp) -> Result<Value, Rejection> {
+    pub fn order(
+        &mut self,
+        rng: &mut fastrand::Rng,
+        id: &str,
+        now: Timestamp,
+    ) -> Result<Value, Rejection> {
         if id.starts_with(UNKNOWN_ORDER) {
             return Err(reject(404, json!("Object not found")));
         }
@@ -125,7 +137,10 @@ impl World {
         booted: Timestamp,
     ) -> Result<(), Rejection> {
         let Some(obj) = body.as_object() else {
-            return Err(reject(400, json!(["the request body must be a JSON object"])));
+            return Err(reject(
+                400,
+                json!(["the request body must be a JSON object"]),
+            ));
         };
         match field(obj, "customerId", "customer_id") {
             Some(Value::String(s)) if !s.is_empty() => {
@@ -142,14 +157,20 @@ impl World {
             _ => {
                 return Err(reject(
                     400,
-                    json!(["customerId should not be empty", "customerId must be a string"]),
+                    json!([
+                        "customerId should not be empty",
+                        "customerId must be a string"
+                    ]),
                 ));
             }
         }
         let order = field(obj, "orderId", "order_id");
         let pi = field(obj, "paymentIntentId", "payment_intent_id");
         if order.is_none() && pi.is_none() {
-            return Err(reject(400, json!("Either orderId or paymentIntentId is required.")));
+            return Err(reject(
+                400,
+                json!("Either orderId or paymentIntentId is required."),
+            ));
         }
         if let Some(m) = field(obj, "metadata", "metadata")
             && !m.is_object()
@@ -159,19 +180,34 @@ impl World {
         if let Some(e) = field(obj, "expiresAt", "expires_at") {
             let parsed = e.as_str().and_then(|s| s.parse::<Timestamp>().ok());
             let Some(t) = parsed else {
-                return Err(reject(400, json!(["expiresAt must be a valid ISO 8601 date string"])));
+                return Err(reject(
+                    400,
+                    json!(["expiresAt must be a valid ISO 8601 date string"]),
+                ));
             };
-            let (lo, hi) = (now + SignedDuration::from_mins(1), booted + SignedDuration::from_hours(90 * 24));
+            let (lo, hi) = (
+                now + SignedDuration::from_mins(1),
+                booted + SignedDuration::from_hours(90 * 24),
+            );
             if t < lo || t > hi {
                 return Err(reject(
                     400,
-                    json!([format!("expiresAt must be between {} and {}", ts(lo), ts(hi))]),
+                    json!([format!(
+                        "expiresAt must be between {} and {}",
+                        ts(lo),
+                        ts(hi)
+                    )]),
                 ));
             }
         }
-        let customer = field(obj, "customerId", "customer_id").and_then(Value::as_str).unwrap_or("");
+        let customer = field(obj, "customerId", "customer_id")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if customer.starts_with(UNKNOWN_CUSTOMER) {
-            return Err(reject(404, json!(format!("Customer {customer} not found."))));
+            return Err(reject(
+                404,
+                json!(format!("Customer {customer} not found.")),
+            ));
         }
         if let Some(Value::String(o)) = order
             && o.starts_with(UNKNOWN_ORDER)
@@ -189,7 +225,12 @@ impl World {
         live: bool,
         now: Timestamp,
     ) -> Value {
-        let default_end = now + if live { SignedDuration::from_hours(7 * 24) } else { SignedDuration::from_mins(10) };
+        let default_end = now
+            + if live {
+                SignedDuration::from_hours(7 * 24)
+            } else {
+                SignedDuration::from_mins(10)
+            };
         let obj = body.as_object().cloned().unwrap_or_default();
         let end = field(&obj, "expiresAt", "expires_at")
             .and_then(Value::as_str)
@@ -216,7 +257,11 @@ impl World {
         } else {
             format!("KHT-test-{}", Self::share_code(rng))
         };
-        let text = |camel, snake| field(obj, camel, snake).and_then(Value::as_str).map(str::to_owned);
+        let text = |camel, snake| {
+            field(obj, camel, snake)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
         let order = text("orderId", "order_id");
         let pi = text("paymentIntentId", "payment_intent_id");
         let mid = now + SignedDuration::from_secs(end.duration_since(now).as_secs() / 2);
@@ -297,7 +342,10 @@ mod tests {
     #[test]
     fn server_validation_rules() {
         let w = World::default();
-        let check = |body: Value| w.validate_create(&body, now(), now()).map_err(|r| (r.status, r.message));
+        let check = |body: Value| {
+            w.validate_create(&body, now(), now())
+                .map_err(|r| (r.status, r.message))
+        };
         assert!(check(json!({"customer_id": "cus_1", "order_id": "o"})).is_ok());
         assert_eq!(check(json!({"orderId": "o"})).unwrap_err().0, 400);
         assert_eq!(
@@ -305,10 +353,28 @@ mod tests {
             json!("Either orderId or paymentIntentId is required.")
         );
         assert!(check(json!({"customerId": "c", "orderId": "o", "metadata": [1]})).is_err());
-        assert!(check(json!({"customerId": "c", "orderId": "o", "expiresAt": "2026-11-24T12:00:30Z"})).is_err());
-        assert_eq!(check(json!({"customerId": "cus_unknown_1", "orderId": "o"})).unwrap_err().0, 404);
-        assert_eq!(check(json!({"customerId": "c", "orderId": "ord_unknown_1"})).unwrap_err().0, 404);
-        assert!(check(json!({"customerId": "cus_reject_1", "orderId": "o"})).unwrap_err().1.is_array());
+        assert!(
+            check(json!({"customerId": "c", "orderId": "o", "expiresAt": "2026-11-24T12:00:30Z"}))
+                .is_err()
+        );
+        assert_eq!(
+            check(json!({"customerId": "cus_unknown_1", "orderId": "o"}))
+                .unwrap_err()
+                .0,
+            404
+        );
+        assert_eq!(
+            check(json!({"customerId": "c", "orderId": "ord_unknown_1"}))
+                .unwrap_err()
+                .0,
+            404
+        );
+        assert!(
+            check(json!({"customerId": "cus_reject_1", "orderId": "o"}))
+                .unwrap_err()
+                .1
+                .is_array()
+        );
     }
 
     #[test]
@@ -317,7 +383,10 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(1);
         let order = w.order(&mut rng, "ord_checkout_1", now()).unwrap();
         assert!(order["payment_group_id"].is_string());
-        assert_eq!(w.order(&mut rng, "ord_plain", now()).unwrap()["payment_group_id"], Value::Null);
+        assert_eq!(
+            w.order(&mut rng, "ord_plain", now()).unwrap()["payment_group_id"],
+            Value::Null
+        );
         assert!(w.order(&mut rng, "ord_unknown_2", now()).is_err());
     }
 }

@@ -117,12 +117,23 @@ impl Store {
     }
 
     /// Records the end of a run and releases the lock.
-    pub async fn finish_run(&self, run_id: i64, exit_code: u8, stopped: Option<String>) -> Result<()> {
-        self.call(move |c| ops::finish_run(c, run_id, exit_code, stopped.as_deref())).await
+    pub async fn finish_run(
+        &self,
+        run_id: i64,
+        exit_code: u8,
+        stopped: Option<String>,
+    ) -> Result<()> {
+        self.call(move |c| ops::finish_run(c, run_id, exit_code, stopped.as_deref()))
+            .await
     }
 
     /// Imports a batch of rows in one transaction.
-    pub async fn import(&self, run_id: i64, source: String, rows: Vec<ImportRow>) -> Result<ImportCounts> {
+    pub async fn import(
+        &self,
+        run_id: i64,
+        source: String,
+        rows: Vec<ImportRow>,
+    ) -> Result<ImportCounts> {
         self.call(move |c| {
             let counts = ops::import(c, run_id, &source, &rows)?;
             ops::add_import_counts(c, run_id, counts)?;
@@ -133,7 +144,8 @@ impl Store {
 
     /// Up to `limit` pending jobs with an id above `after_id`, in id order.
     pub async fn pending_jobs(&self, after_id: i64, limit: usize) -> Result<Vec<Job>> {
-        self.call(move |c| ops::pending_jobs(c, after_id, limit)).await
+        self.call(move |c| ops::pending_jobs(c, after_id, limit))
+            .await
     }
 
     /// Records one HTTP exchange (if any) and the job's new state in one transaction.
@@ -144,7 +156,8 @@ impl Store {
         attempt: Option<Attempt>,
         transition: Transition,
     ) -> Result<()> {
-        self.call(move |c| ops::record(c, run_id, job_id, attempt.as_ref(), &transition)).await
+        self.call(move |c| ops::record(c, run_id, job_id, attempt.as_ref(), &transition))
+            .await
     }
 
     /// Everything the report needs about one run.

@@ -8,7 +8,9 @@ use crate::source::ImportRow;
 
 /// Now, in the fixed-width text form stored everywhere (sorts as time does).
 pub(crate) fn now_text() -> String {
-    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
 }
 
 fn process_alive(pid: i64) -> bool {
@@ -146,7 +148,9 @@ fn import_valid(
     let json = payload.to_json();
     let existing: Option<(i64, String, Option<String>, i64)> = c
         .prepare_cached("SELECT id, state, payload, creates FROM jobs WHERE key = ?1")?
-        .query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .query_row(params![key], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .optional()?;
     let replace = |id: i64, needs_check: bool| -> rusqlite::Result<()> {
         c.prepare_cached(
@@ -234,18 +238,28 @@ pub(super) fn add_import_counts(
     run_id: i64,
     add: ImportCounts,
 ) -> rusqlite::Result<()> {
-    let current: Option<String> =
-        c.query_row("SELECT imported FROM runs WHERE id = ?1", params![run_id], |r| r.get(0))?;
+    let current: Option<String> = c.query_row(
+        "SELECT imported FROM runs WHERE id = ?1",
+        params![run_id],
+        |r| r.get(0),
+    )?;
     let mut total: ImportCounts = current
         .and_then(|s| serde_json::from_str::<ImportCounts>(&s).ok())
         .unwrap_or_default();
     total += add;
     let text = serde_json::to_string(&total).unwrap_or_default();
-    c.execute("UPDATE runs SET imported = ?1 WHERE id = ?2", params![text, run_id])?;
+    c.execute(
+        "UPDATE runs SET imported = ?1 WHERE id = ?2",
+        params![text, run_id],
+    )?;
     Ok(())
 }
 
-pub(super) fn pending_jobs(c: &Connection, after_id: i64, limit: usize) -> rusqlite::Result<Vec<Job>> {
+pub(super) fn pending_jobs(
+    c: &Connection,
+    after_id: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<Job>> {
     let mut stmt = c.prepare_cached(
         "SELECT id, key, payload, attempts, creates, needs_check, next_attempt_at, line \
          FROM jobs WHERE state = 'pending' AND id > ?1 ORDER BY id LIMIT ?2",

@@ -124,10 +124,21 @@ pub enum Transition {
     /// A create is about to leave: written and committed before it does. If the job
     /// is later found still in flight, it is checked no earlier than `check_after`
     /// (unix ms): the server may still be working on the request.
-    InFlight { check_after: i64 },
-    Succeeded { obtained: Obtained, group: GroupRec },
-    Failed { reason: String, class: String, status: Option<u16> },
-    Unknown { reason: String },
+    InFlight {
+        check_after: i64,
+    },
+    Succeeded {
+        obtained: Obtained,
+        group: GroupRec,
+    },
+    Failed {
+        reason: String,
+        class: String,
+        status: Option<u16>,
+    },
+    Unknown {
+        reason: String,
+    },
     /// Back to pending: retry at `next_attempt_at`; `needs_check` if a group may exist.
     Pending {
         next_attempt_at: Option<i64>,

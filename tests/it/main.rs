@@ -1,0 +1,10 @@
+//! Integration tests: the real `run` and the real binary against the sandbox on
+//! loopback. One test binary; helpers in `util.rs`.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "in tests a panic is a failed test with its message"
+)]
+
+mod core_run;
+mod util;

@@ -1,0 +1,107 @@
+//! Shared helpers: a sandbox on loopback, configs, CSV files, and direct looks
+//! into the database the worker wrote.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kohort_batch::Exit;
+use kohort_batch::cli::{PrecheckArg, SendArgs};
+use kohort_batch::commands;
+use kohort_batch::config::{self, SendConfig};
+use kohort_batch::engine::Control;
+use kohort_batch::sandbox::{Sandbox, SandboxConfig};
+
+pub const KEY: &str = "sk_test_integration";
+
+pub async fn sandbox(cfg: SandboxConfig) -> Sandbox {
+    Sandbox::start(cfg, ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap()
+}
+
+/// Fast, test-friendly send options against `base`.
+pub fn args(base: &str) -> SendArgs {
+    SendArgs {
+        api_base: base.to_owned(),
+        api_key_file: None,
+        live: false,
+        concurrency: 4,
+        rate: 0.0,
+        max_attempts: 8,
+        timeout: "2s".into(),
+        settle: Some("100ms".into()),
+        precheck: PrecheckArg::Always,
+        breaker: 1000,
+        include_unknown: false,
+        report_json: None,
+        grace: "5s".into(),
+        seed: Some(1),
+    }
+}
+
+pub fn config(args: &SendArgs, db: &Path) -> SendConfig {
+    config::resolve_send(args, db.to_owned(), Some(KEY.into())).unwrap()
+}
+
+/// Runs `run` in-process.
+pub async fn run(args: &SendArgs, db: &Path, csv: &[PathBuf]) -> Exit {
+    commands::run(&config(args, db), csv, Arc::new(Control::default()))
+        .await
+        .unwrap()
+}
+
+/// A CSV with a header and `n` valid rows (ord_00001 …).
+pub fn csv_rows(n: usize) -> String {
+    let mut s = String::from("customerId,orderId,metadata.batch\n");
+    for i in 1..=n {
+        s.push_str(&format!("cus_{i:05},ord_{i:05},it\n"));
+    }
+    s
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// One column of every row a query returns, as text.
+pub fn column(db: &Path, sql: &str) -> Vec<String> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn.prepare(sql).unwrap();
+    stmt.query_map([], |r| {
+        let v: rusqlite::types::Value = r.get(0)?;
+        Ok(match v {
+            rusqlite::types::Value::Null => "NULL".to_owned(),
+            rusqlite::types::Value::Integer(i) => i.to_string(),
+            rusqlite::types::Value::Real(f) => f.to_string(),
+            rusqlite::types::Value::Text(t) => t,
+            rusqlite::types::Value::Blob(_) => "<blob>".to_owned(),
+        })
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+pub fn count(db: &Path, sql: &str) -> i64 {
+    column(db, sql)[0].parse().unwrap()
+}
+
+/// Asserts from the sandbox's own count that each of these orders has exactly one group.
+pub fn assert_one_group_each(sb: &Sandbox, orders: impl IntoIterator<Item = String>) {
+    let stats = sb.stats(true);
+    assert_eq!(
+        stats.duplicate_keys, 0,
+        "duplicates: {:?}",
+        stats.duplicates
+    );
+    let per = stats.groups_per_key.unwrap();
+    for o in orders {
+        assert_eq!(per.get(&o).copied(), Some(1), "order {o}");
+    }
+}
+
+pub fn orders(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("ord_{i:05}")).collect()
+}

@@ -97,6 +97,13 @@ pub async fn run(cfg: &SendConfig, csv: &[PathBuf], control: Arc<Control>) -> Re
         .await?;
     tracing::info!(run = run_id, db = %cfg.db.display(), "run started");
     let outcome = async {
+        if cfg.engine.resend_unknown {
+            let n = store.requeue_unknown(run_id).await?;
+            tracing::warn!(
+                jobs = n,
+                "re-sending rows whose earlier outcome is unknown (--include-unknown)"
+            );
+        }
         for path in csv {
             import_csv(&store, run_id, path).await?;
         }

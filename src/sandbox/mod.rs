@@ -428,6 +428,8 @@ async fn create_group(State(app): State<Arc<App>>, headers: HeaderMap, body: Byt
         Fault::Late => {
             // The router answers 503 after late_after; the app finishes later still.
             let delay = app.cfg.late_after;
+            // Counted now: the client may hang up before the 503 is sent.
+            app.count(format!("{route} late"));
             let late_app = app.clone();
             let late_body = body.clone();
             tokio::spawn(async move {
@@ -437,7 +439,6 @@ async fn create_group(State(app): State<Arc<App>>, headers: HeaderMap, body: Byt
                 w.create(&mut rng, &late_body, live, Timestamp::now());
             });
             tokio::time::sleep(delay).await;
-            app.count(format!("{route} 503 late"));
             html_503()
         }
         Fault::Lost => {

@@ -142,6 +142,18 @@ impl Store {
         .await
     }
 
+    /// Puts `unknown` jobs back to pending (a person decided to re-send them). Returns how many.
+    pub async fn requeue_unknown(&self, run_id: i64) -> Result<usize> {
+        self.call(move |c| {
+            c.execute(
+                "UPDATE jobs SET state = 'pending', last_run_id = ?1, next_attempt_at = NULL \
+                 WHERE state = 'unknown'",
+                [run_id],
+            )
+        })
+        .await
+    }
+
     /// Up to `limit` pending jobs with an id above `after_id`, in id order.
     pub async fn pending_jobs(&self, after_id: i64, limit: usize) -> Result<Vec<Job>> {
         self.call(move |c| ops::pending_jobs(c, after_id, limit))

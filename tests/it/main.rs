@@ -7,4 +7,5 @@
 )]
 
 mod core_run;
+mod exactly_once;
 mod util;

@@ -1,0 +1,282 @@
+//! Exactly once under faults (issue 3): the existence check, recovery of ambiguous
+//! outcomes, late creates, unknown rows, and the circuit breaker. Every duplicate
+//! assertion comes from the sandbox's own count of groups per order.
+
+use std::time::Duration;
+
+use kohort_batch::Exit;
+use kohort_batch::cli::PrecheckArg;
+use kohort_batch::sandbox::SandboxConfig;
+
+use crate::util::*;
+
+fn served(sb: &kohort_batch::sandbox::Sandbox, suffix: &str) -> u64 {
+    sb.stats(false)
+        .requests
+        .iter()
+        .filter(|(k, _)| k.ends_with(suffix))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orders_that_already_have_a_group_are_recorded_not_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("k.db");
+    let sb = sandbox(SandboxConfig::default()).await;
+    let csv = write(
+        dir.path(),
+        "o.csv",
+        "customerId,orderId\ncus_1,ord_checkout_1\ncus_2,ord_checkout_2\ncus_3,ord_3\ncus_4,ord_unknown_4\n",
+    );
+    assert_eq!(run(&args(&sb.url()), &db, &[csv]).await, Exit::RowsFailed);
+    assert_eq!(served(&sb, "POST /groups 201"), 1, "only ord_3 is created");
+    assert_eq!(
+        column(
+            &db,
+            "SELECT key || ' ' || state || ' ' || coalesce(obtained, '-') FROM jobs ORDER BY id"
+        ),
+        [
+            "ord_checkout_1 succeeded existing",
+            "ord_checkout_2 succeeded existing",
+            "ord_3 succeeded created",
+            "ord_unknown_4 failed -"
+        ]
+    );
+    let why = column(&db, "SELECT error FROM jobs WHERE key = 'ord_unknown_4'");
+    assert!(
+        why[0].starts_with("order ord_unknown_4 was not found in KohortPay (HTTP 404"),
+        "{why:?}"
+    );
+    assert_one_group_each(
+        &sb,
+        [
+            "ord_checkout_1".into(),
+            "ord_checkout_2".into(),
+            "ord_3".into(),
+        ],
+    );
+    // The existing group is recorded with its share id.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM groups WHERE obtained = 'existing' AND share_id LIKE 'KHT-%'"
+        ),
+        2
+    );
+}
+
+async fn survives(
+    fault: SandboxConfig,
+    precheck: PrecheckArg,
+    rows: usize,
+) -> (
+    kohort_batch::sandbox::Sandbox,
+    std::path::PathBuf,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("k.db");
+    let sb = sandbox(fault).await;
+    let csv = write(dir.path(), "o.csv", &csv_rows(rows));
+    let mut a = args(&sb.url());
+    a.precheck = precheck;
+    a.concurrency = 8;
+    assert_eq!(run(&a, &db, &[csv]).await, Exit::Success);
+    assert_one_group_each(&sb, orders(rows));
+    assert_eq!(sb.stats(false).groups_total, rows as u64);
+    (sb, db, dir)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_responses_are_recovered_without_duplicates() {
+    let fault = SandboxConfig {
+        lost_response: 0.3,
+        seed: 5,
+        ..SandboxConfig::default()
+    };
+    let (sb, db, _dir) = survives(fault, PrecheckArg::Ambiguous, 60).await;
+    let lost = served(&sb, "201 lost");
+    assert!(lost > 5, "{:?}", sb.stats(false).requests);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM jobs WHERE obtained = 'recovered'"
+        ) as u64,
+        lost
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn truncated_2xx_bodies_are_never_resent_blindly() {
+    let fault = SandboxConfig {
+        truncated: 0.3,
+        seed: 6,
+        ..SandboxConfig::default()
+    };
+    let (sb, db, _dir) = survives(fault, PrecheckArg::Ambiguous, 60).await;
+    let cut = served(&sb, "201 truncated");
+    assert!(cut > 5);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM jobs WHERE obtained = 'recovered'"
+        ) as u64,
+        cut
+    );
+    assert!(
+        count(
+            &db,
+            "SELECT count(*) FROM attempts WHERE status = 201 AND class = 'ambiguous' AND error LIKE '%could not be read%'"
+        ) as u64
+            == cut
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resets_and_html_502s_are_checked_then_resent_once() {
+    let fault = SandboxConfig {
+        reset: 0.1,
+        error_502_html: 0.1,
+        error_500: 0.05,
+        seed: 7,
+        ..SandboxConfig::default()
+    };
+    let (sb, db, _dir) = survives(fault, PrecheckArg::Always, 60).await;
+    assert!(served(&sb, "dropped") > 0);
+    assert!(served(&sb, " 502") > 0);
+    let html = column(
+        &db,
+        "SELECT DISTINCT error FROM attempts WHERE status = 502",
+    );
+    assert_eq!(html, ["HTTP 502: HTML error page \"Application Error\""]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn late_creates_are_found_after_the_default_settle_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("k.db");
+    // The client gives up at 300 ms; the router answers at 400 ms; the app creates the
+    // group at 800 ms. The default settle (2 × timeout) checks at ~900 ms.
+    let sb = sandbox(SandboxConfig {
+        late_create: 0.4,
+        late_after: Duration::from_millis(400),
+        seed: 8,
+        ..SandboxConfig::default()
+    })
+    .await;
+    let csv = write(dir.path(), "o.csv", &csv_rows(30));
+    let mut a = args(&sb.url());
+    a.timeout = "300ms".into();
+    a.settle = None;
+    a.concurrency = 8;
+    a.precheck = PrecheckArg::Ambiguous;
+    assert_eq!(run(&a, &db, &[csv]).await, Exit::Success);
+    assert!(
+        served(&sb, "POST /groups late") > 3,
+        "{:?}",
+        sb.stats(false).requests
+    );
+    assert_one_group_each(&sb, orders(30));
+    assert!(
+        count(
+            &db,
+            "SELECT count(*) FROM jobs WHERE obtained = 'recovered'"
+        ) > 3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_that_cannot_be_checked_become_unknown_until_a_person_decides() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("k.db");
+    let sb = sandbox(SandboxConfig {
+        lost_response: 0.5,
+        seed: 9,
+        ..SandboxConfig::default()
+    })
+    .await;
+    let mut text = String::from("customerId,paymentIntentId\n");
+    for i in 1..=20 {
+        text.push_str(&format!("cus_{i},pi_{i:03}\n"));
+    }
+    let csv = write(dir.path(), "o.csv", &text);
+    let a = args(&sb.url());
+    assert_eq!(run(&a, &db, &[csv]).await, Exit::RowsFailed);
+    let unknown = count(&db, "SELECT count(*) FROM jobs WHERE state = 'unknown'");
+    assert!(unknown > 0);
+    assert_eq!(unknown as u64, served(&sb, "201 lost"));
+    let why = column(
+        &db,
+        "SELECT error FROM jobs WHERE state = 'unknown' LIMIT 1",
+    );
+    assert!(why[0].contains("retry-failed --include-unknown"), "{why:?}");
+    // A plain rerun does not touch them.
+    let before = sb.stats(false).groups_total;
+    assert_eq!(run(&a, &db, &[]).await, Exit::Success);
+    assert_eq!(sb.stats(false).groups_total, before);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM jobs WHERE state = 'unknown'"),
+        unknown
+    );
+    // --include-unknown re-sends them (a person's decision: they may duplicate).
+    let mut resend = args(&sb.url());
+    resend.include_unknown = true;
+    let exit = run(&resend, &db, &[]).await;
+    assert!(
+        count(&db, "SELECT count(*) FROM jobs WHERE state = 'unknown'") < unknown,
+        "{exit:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_streak_of_5xx_opens_the_breaker_and_fails_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("k.db");
+    let sb = sandbox(SandboxConfig {
+        error_500: 1.0,
+        ..SandboxConfig::default()
+    })
+    .await;
+    let csv = write(dir.path(), "o.csv", &csv_rows(50));
+    let mut a = args(&sb.url());
+    a.breaker = 6;
+    a.precheck = PrecheckArg::Ambiguous;
+    assert_eq!(run(&a, &db, &[csv]).await, Exit::StoppedByApi);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM jobs WHERE state IN ('failed', 'unknown')"
+        ),
+        0
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM jobs WHERE state = 'pending'"),
+        50
+    );
+    let stopped = column(&db, "SELECT stopped FROM runs");
+    assert!(
+        stopped[0].contains("the API looks unavailable"),
+        "{stopped:?}"
+    );
+    assert!(count(&db, "SELECT count(*) FROM attempts") < 20);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_fault_at_once_still_gives_one_group_per_order() {
+    let fault = SandboxConfig {
+        latency: (Duration::ZERO, Duration::from_millis(10)),
+        error_500: 0.03,
+        error_502_html: 0.03,
+        error_503: 0.03,
+        error_429: 0.03,
+        retry_after_secs: 0,
+        reset: 0.03,
+        lost_response: 0.05,
+        truncated: 0.03,
+        seed: 10,
+        ..SandboxConfig::default()
+    };
+    let (_sb, db, _dir) = survives(fault, PrecheckArg::Always, 150).await;
+    assert_eq!(column(&db, "PRAGMA integrity_check"), ["ok"]);
+}

@@ -7,5 +7,6 @@
 )]
 
 mod core_run;
+mod crash;
 mod exactly_once;
 mod util;

@@ -1,0 +1,224 @@
+//! Crashes and signals against the real binary (issue 3): graceful shutdown on the
+//! first signal, abandonment on the second, and the SIGKILL campaign. Duplicates
+//! are counted by the sandbox, independently of the worker's database.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kohort_batch::sandbox::SandboxConfig;
+
+use crate::util::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kohort-batch");
+
+fn spawn_run(db: &std::path::Path, base: &str, csv: &std::path::Path, extra: &[&str]) -> Child {
+    Command::new(BIN)
+        .args(["run", "--db"])
+        .arg(db)
+        .args(["--csv"])
+        .arg(csv)
+        .args(["--api-base", base, "--rate", "0", "--log-format", "json"])
+        .args(extra)
+        .env("KOHORTPAY_API_KEY", KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+async fn wait(child: Child) -> std::process::Output {
+    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn first_signal_finishes_in_flight_requests_then_reports_and_exits_4() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("k.db");
+    let latency = Duration::from_millis(400);
+    let sb = sandbox(SandboxConfig {
+        latency: (latency, latency),
+        ..SandboxConfig::default()
+    })
+    .await;
+    let csv = write(dir.path(), "o.csv", &csv_rows(40));
+    let child = spawn_run(
+        &db,
+        &sb.url(),
+        &csv,
+        &["--concurrency", "4", "--precheck", "ambiguous"],
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    signal(&child, "-TERM");
+    let out = wait(child).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("interrupted"), "{stdout}");
+    // Requests in flight were allowed to finish and were recorded.
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM jobs WHERE state = 'in_flight'"),
+        0
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM jobs WHERE state = 'failed'"),
+        0
+    );
+    let done = count(&db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'");
+    assert!(done > 0 && done < 40, "{done}");
+    assert_eq!(sb.stats(false).groups_total, done as u64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn second_signal_abandons_in_flight_requests_and_the_next_run_resolves_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("k.db");
+    let latency = Duration::from_millis(1500);
+    let sb = sandbox(SandboxConfig {
+        latency: (latency, latency),
+        ..SandboxConfig::default()
+    })
+    .await;
+    let csv = write(dir.path(), "o.csv", &csv_rows(12));
+    let started = Instant::now();
+    let child = spawn_run(
+        &db,
+        &sb.url(),
+        &csv,
+        &[
+            "--concurrency",
+            "4",
+            "--precheck",
+            "ambiguous",
+            "--timeout",
+            "5s",
+            "--settle",
+            "2s",
+        ],
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    signal(&child, "-INT");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    signal(&child, "-INT");
+    let out = wait(child).await;
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1400),
+        "did not abandon: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM jobs WHERE state = 'in_flight'"),
+        4
+    );
+
+    let rerun = spawn_run(
+        &db,
+        &sb.url(),
+        &csv,
+        &["--concurrency", "4", "--timeout", "5s", "--settle", "2s"],
+    );
+    let out = wait(rerun).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_one_group_each(&sb, orders(12));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_campaign_never_duplicates_and_never_loses_a_row() {
+    let rows: usize = std::env::var("KB_CAMPAIGN_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let kills: usize = std::env::var("KB_CAMPAIGN_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("k.db");
+    let sb = sandbox(SandboxConfig {
+        latency: (Duration::from_millis(1), Duration::from_millis(8)),
+        error_503: 0.02,
+        error_429: 0.02,
+        retry_after_secs: 0,
+        lost_response: 0.03,
+        reset: 0.02,
+        seed: 42,
+        ..SandboxConfig::default()
+    })
+    .await;
+    let csv = write(dir.path(), "o.csv", &csv_rows(rows));
+    let opts = [
+        "--concurrency",
+        "8",
+        "--timeout",
+        "1s",
+        "--settle",
+        "300ms",
+        "--breaker",
+        "1000",
+    ];
+    let mut rng = fastrand::Rng::with_seed(7);
+    for _ in 0..kills {
+        let mut child = spawn_run(&db, &sb.url(), &csv, &opts);
+        tokio::time::sleep(Duration::from_millis(rng.u64(100..600))).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    let mut finals = 0;
+    let code = loop {
+        finals += 1;
+        let out = wait(spawn_run(&db, &sb.url(), &csv, &opts)).await;
+        match out.status.code() {
+            Some(0) => break 0,
+            other if finals >= 3 => panic!(
+                "final run exit {other:?}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            ),
+            _ => continue,
+        }
+    };
+    let stats = sb.stats(true);
+    let per = stats.groups_per_key.clone().unwrap();
+    let lost = orders(rows)
+        .iter()
+        .filter(|o| per.get(*o).copied().unwrap_or(0) == 0)
+        .count();
+    let succeeded = count(&db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'");
+    let recovered = count(
+        &db,
+        "SELECT count(*) FROM jobs WHERE obtained = 'recovered'",
+    );
+    println!(
+        "crash campaign: kills={kills} rows={rows} duplicates={} lost={lost} recovered={recovered} \
+         groups={} final_exit={code}",
+        stats.duplicate_keys, stats.groups_total
+    );
+    assert_eq!(stats.duplicate_keys, 0, "{:?}", stats.duplicates);
+    assert_eq!(lost, 0);
+    assert_eq!(succeeded as usize, rows);
+    assert_eq!(stats.groups_total as usize, rows);
+    assert_eq!(column(&db, "PRAGMA integrity_check"), ["ok"]);
+}

@@ -77,6 +77,7 @@ struct LineTap<R> {
     offset: u64,
     line: u64,
     at_line_start: bool,
+    prev_cr: bool,
     starts: Arc<Mutex<VecDeque<(u64, u64)>>>,
 }
 
@@ -85,18 +86,25 @@ impl<R: Read> Read for LineTap<R> {
         let n = self.inner.read(buf)?;
         let mut q = self.starts.lock().unwrap_or_else(|e| e.into_inner());
         for (i, &b) in buf[..n].iter().enumerate() {
+            // CR, LF and CRLF each end one line.
             match b {
                 b'\n' => {
+                    if !self.prev_cr {
+                        self.line += 1;
+                    }
+                    self.at_line_start = true;
+                }
+                b'\r' => {
                     self.line += 1;
                     self.at_line_start = true;
                 }
-                b'\r' => {}
                 _ if self.at_line_start => {
                     q.push_back((self.offset + i as u64, self.line));
                     self.at_line_start = false;
                 }
                 _ => {}
             }
+            self.prev_cr = b == b'\r';
         }
         self.offset += n as u64;
         Ok(n)
@@ -107,6 +115,7 @@ impl<R: Read> Read for LineTap<R> {
 pub struct CsvSource {
     name: String,
     starts: Arc<Mutex<VecDeque<(u64, u64)>>>,
+    last_line: u64,
     reader: csv::Reader<Box<dyn Read + Send>>,
     headers: Vec<String>,
     columns: Vec<Column>,
@@ -145,6 +154,7 @@ impl CsvSource {
             offset: 0,
             line: 1,
             at_line_start: true,
+            prev_cr: false,
             starts: starts.clone(),
         };
         let input: Box<dyn Read + Send> = Box::new(BufReader::with_capacity(256 * 1024, tap));
@@ -201,6 +211,7 @@ impl CsvSource {
         Ok(CsvSource {
             name,
             starts,
+            last_line: 1,
             reader,
             headers,
             columns,
@@ -251,7 +262,10 @@ impl CsvSource {
         while q.front().is_some_and(|&(at, _)| at < byte) {
             q.pop_front();
         }
-        q.front().map_or(0, |&(_, line)| line)
+        if let Some(&(_, line)) = q.front() {
+            self.last_line = line;
+        }
+        self.last_line
     }
 
     fn convert(&self, line: u64, now: Timestamp) -> ImportRow {
@@ -368,7 +382,7 @@ mod tests {
 
     #[test]
     fn line_numbers_are_right_for_lf_crlf_and_cr_endings() {
-        for ending in ["\n", "\r\n"] {
+        for ending in ["\n", "\r\n", "\r"] {
             let text = [
                 "customerId,orderId",
                 "cus_1,ord_1",

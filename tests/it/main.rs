@@ -9,4 +9,5 @@
 mod core_run;
 mod crash;
 mod exactly_once;
+mod robustness;
 mod util;

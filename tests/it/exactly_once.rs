@@ -280,3 +280,56 @@ async fn every_fault_at_once_still_gives_one_group_per_order() {
     let (_sb, db, _dir) = survives(fault, PrecheckArg::Always, 150).await;
     assert_eq!(column(&db, "PRAGMA integrity_check"), ["ok"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_after_pauses_every_sender_not_only_the_one_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("k.db");
+    let sb = sandbox(SandboxConfig {
+        latency: (Duration::from_millis(20), Duration::from_millis(20)),
+        error_429: 0.15,
+        error_503: 0.05,
+        retry_after_secs: 1,
+        seed: 12,
+        ..SandboxConfig::default()
+    })
+    .await;
+    let csv = write(dir.path(), "o.csv", &csv_rows(40));
+    let mut a = args(&sb.url());
+    a.concurrency = 6;
+    a.precheck = PrecheckArg::Ambiguous;
+    assert_eq!(run(&a, &db, &[csv]).await, Exit::Success);
+    assert_one_group_each(&sb, orders(40));
+    let rows = column(
+        &db,
+        "SELECT started_ms || ',' || CAST(latency_ms AS INTEGER) || ',' || coalesce(status, 0) FROM attempts ORDER BY started_ms",
+    );
+    let parsed: Vec<(i64, i64, &str)> = rows
+        .iter()
+        .map(|s| {
+            let mut p = s.split(',');
+            (
+                p.next().unwrap().parse().unwrap(),
+                p.next().unwrap().parse().unwrap(),
+                p.next().unwrap(),
+            )
+        })
+        .collect();
+    let pauses: Vec<i64> = parsed
+        .iter()
+        .filter(|(_, _, st)| *st == "429" || *st == "503")
+        .map(|(s, l, _)| s + l)
+        .collect();
+    assert!(pauses.len() >= 3, "{parsed:?}");
+    for end in pauses {
+        // No request of any job starts while the pause is on (10 ms slack for clocks).
+        let inside: Vec<_> = parsed
+            .iter()
+            .filter(|(s, _, _)| *s > end + 10 && *s < end + 990)
+            .collect();
+        assert!(
+            inside.is_empty(),
+            "requests started during the pause after {end}: {inside:?}"
+        );
+    }
+}

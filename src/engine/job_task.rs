@@ -242,22 +242,16 @@ async fn check(ctx: &Ctx, job: &Job, order_id: &str) -> Result<Check> {
             );
             return Ok(Check::OrderMissing(reason, attempt));
         }
-        Class::Stop => {
-            let reason = reply.error.clone().unwrap_or_default();
-            ctx.store
-                .record(ctx.run_id, job.id, Some(attempt), Transition::Keep)
-                .await?;
-            ctx.control.stop(StopReason::Api(stop_message(&reason)));
-            return Ok(Check::Stopped);
-        }
-        Class::Retry | Class::Ambiguous => {
-            ctx.store
-                .record(ctx.run_id, job.id, Some(attempt), Transition::Keep)
-                .await?;
-            return Ok(Check::Retry(
+        Class::Stop | Class::Retry | Class::Ambiguous => {
+            return check_failed(
+                ctx,
+                job,
+                attempt,
+                reply.class,
                 reply.retry_after,
-                reply.error.unwrap_or_default(),
-            ));
+                reply.error,
+            )
+            .await;
         }
     };
     ctx.store
@@ -288,24 +282,38 @@ async fn check(ctx: &Ctx, job: &Job, order_id: &str) -> Result<Check> {
             });
             Ok(Check::Found(group, attempt))
         }
-        Class::Stop => {
-            let reason = reply.error.clone().unwrap_or_default();
-            ctx.store
-                .record(ctx.run_id, job.id, Some(attempt), Transition::Keep)
-                .await?;
-            ctx.control.stop(StopReason::Api(stop_message(&reason)));
-            Ok(Check::Stopped)
-        }
-        Class::Definitive | Class::Retry | Class::Ambiguous => {
-            ctx.store
-                .record(ctx.run_id, job.id, Some(attempt), Transition::Keep)
-                .await?;
-            Ok(Check::Retry(
+        Class::Stop | Class::Definitive | Class::Retry | Class::Ambiguous => {
+            check_failed(
+                ctx,
+                job,
+                attempt,
+                reply.class,
                 reply.retry_after,
-                reply.error.unwrap_or_default(),
-            ))
+                reply.error,
+            )
+            .await
         }
     }
+}
+
+/// A check that got no usable answer: record it, then stop the run or retry later.
+async fn check_failed(
+    ctx: &Ctx,
+    job: &Job,
+    attempt: Attempt,
+    class: Class,
+    retry_after: Option<Duration>,
+    error: Option<String>,
+) -> Result<Check> {
+    ctx.store
+        .record(ctx.run_id, job.id, Some(attempt), Transition::Keep)
+        .await?;
+    let error = error.unwrap_or_default();
+    if class == Class::Stop {
+        ctx.control.stop(StopReason::Api(stop_message(&error)));
+        return Ok(Check::Stopped);
+    }
+    Ok(Check::Retry(retry_after, error))
 }
 
 impl Ctx {
@@ -319,6 +327,11 @@ impl Ctx {
 
     /// Feeds one reply to the shared pause and the circuit breaker.
     pub(super) fn observe<T>(&self, reply: &Reply<T>) {
+        if reply.class == Class::Stop {
+            // At once, before anything is recorded: no other request may start meanwhile.
+            let reason = reply.error.as_deref().unwrap_or_default();
+            self.control.stop(StopReason::Api(stop_message(reason)));
+        }
         if let (Some(wait), Some(429 | 503)) = (reply.retry_after, reply.status) {
             self.pacer.pause_for(wait);
         }

@@ -95,13 +95,7 @@ pub(super) fn import(
             Err(reason) => {
                 counts.invalid += 1;
                 let earlier: Option<i64> = match &row.key {
-                    Some(k) => c
-                        .prepare_cached(
-                            "SELECT id FROM jobs WHERE row_key = ?1 AND state = 'invalid' \
-                             ORDER BY id DESC LIMIT 1",
-                        )?
-                        .query_row(params![k], |r| r.get(0))
-                        .optional()?,
+                    Some(k) => latest_invalid(c, k)?,
                     None => c
                         .prepare_cached(
                             "SELECT id FROM jobs WHERE state = 'invalid' AND source = ?1 \
@@ -131,6 +125,15 @@ pub(super) fn import(
         }
     }
     Ok(counts)
+}
+
+/// The newest invalid job whose row would have had this key.
+fn latest_invalid(c: &Connection, row_key: &str) -> rusqlite::Result<Option<i64>> {
+    c.prepare_cached(
+        "SELECT id FROM jobs WHERE row_key = ?1 AND state = 'invalid' ORDER BY id DESC LIMIT 1",
+    )?
+    .query_row(params![row_key], |r| r.get(0))
+    .optional()
 }
 
 #[expect(clippy::too_many_arguments, reason = "one row's worth of columns")]
@@ -178,13 +181,7 @@ fn import_valid(
     };
     match existing {
         None => {
-            let fixed_invalid: Option<i64> = c
-                .prepare_cached(
-                    "SELECT id FROM jobs WHERE row_key = ?1 AND state = 'invalid' \
-                     ORDER BY id DESC LIMIT 1",
-                )?
-                .query_row(params![key], |r| r.get(0))
-                .optional()?;
+            let fixed_invalid = latest_invalid(c, key)?;
             if let Some(id) = fixed_invalid {
                 replace(id, false)?;
                 counts.fixed += 1;

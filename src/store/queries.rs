@@ -102,39 +102,34 @@ pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<RunFact
             |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?)),
         )
         .map(|(a, b)| a.zip(b))?;
-    {
-        let mut stmt = c.prepare(
-            "SELECT state, coalesce(key, row_key), source, line, coalesce(error, '') FROM jobs \
-             WHERE last_run_id = ?1 AND state IN ('failed', 'unknown', 'invalid') ORDER BY id",
-        )?;
-        let rows = stmt.query_map(params![run_id], |r| {
-            Ok(FailureReason {
-                state: r.get(0)?,
-                key: r.get(1)?,
-                source: r.get(2)?,
-                line: r.get(3)?,
-                reason: r.get(4)?,
-            })
-        })?;
-        facts.failures = rows.collect::<rusqlite::Result<_>>()?;
-    }
-    {
-        let mut stmt = c.prepare(
-            "SELECT 'conflict', key, source, line, reason FROM import_issues \
-             WHERE run_id = ?1 AND kind = 'conflict' ORDER BY id",
-        )?;
-        let rows = stmt.query_map(params![run_id], |r| {
-            Ok(FailureReason {
-                state: r.get(0)?,
-                key: r.get(1)?,
-                source: r.get(2)?,
-                line: r.get(3)?,
-                reason: r.get(4)?,
-            })
-        })?;
-        facts.conflicts = rows.collect::<rusqlite::Result<_>>()?;
-    }
+    facts.failures = failure_rows(
+        c,
+        "SELECT state, coalesce(key, row_key), source, line, coalesce(error, '') FROM jobs \
+         WHERE last_run_id = ?1 AND state IN ('failed', 'unknown', 'invalid') ORDER BY id",
+        run_id,
+    )?;
+    facts.conflicts = failure_rows(
+        c,
+        "SELECT 'conflict', key, source, line, reason FROM import_issues \
+         WHERE run_id = ?1 AND kind = 'conflict' ORDER BY id",
+        run_id,
+    )?;
     Ok(facts)
+}
+
+/// Rows of (state, key, source, line, reason) for one run.
+fn failure_rows(c: &Connection, sql: &str, run_id: i64) -> rusqlite::Result<Vec<FailureReason>> {
+    let mut stmt = c.prepare(sql)?;
+    let rows = stmt.query_map(params![run_id], |r| {
+        Ok(FailureReason {
+            state: r.get(0)?,
+            key: r.get(1)?,
+            source: r.get(2)?,
+            line: r.get(3)?,
+            reason: r.get(4)?,
+        })
+    })?;
+    rows.collect()
 }
 
 pub(super) fn last_run_id(c: &Connection) -> rusqlite::Result<Option<i64>> {

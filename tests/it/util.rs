@@ -28,7 +28,8 @@ pub fn args(base: &str) -> SendArgs {
         concurrency: 4,
         rate: 0.0,
         max_attempts: 8,
-        timeout: "2s".into(),
+        // Generous: a loaded CI machine must not turn a slow answer into a timeout.
+        timeout: "10s".into(),
         settle: Some("100ms".into()),
         precheck: PrecheckArg::Always,
         breaker: 1000,

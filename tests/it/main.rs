@@ -6,6 +6,7 @@
     reason = "in tests a panic is a failed test with its message"
 )]
 
+mod api_client;
 mod core_run;
 mod crash;
 mod exactly_once;

@@ -71,7 +71,12 @@ async fn transient_503s_are_retried_and_every_attempt_recorded() {
     })
     .await;
     let csv = write(dir.path(), "o.csv", &csv_rows(30));
-    assert_eq!(run(&args(&sb.url()), &db, &[csv]).await, Exit::Success);
+    let exit = run(&args(&sb.url()), &db, &[csv]).await;
+    let not_done = column(
+        &db,
+        "SELECT key || ': ' || state || ': ' || coalesce(error, '') FROM jobs WHERE state != 'succeeded'",
+    );
+    assert_eq!(exit, Exit::Success, "{not_done:?}");
 
     assert_one_group_each(&sb, orders(30));
     let stats = sb.stats(false);

@@ -179,6 +179,8 @@ async fn sigkill_campaign_never_duplicates_and_never_loses_a_row() {
         "300ms",
         "--breaker",
         "1000",
+        "--max-attempts",
+        "20",
     ];
     let mut rng = fastrand::Rng::with_seed(7);
     for _ in 0..kills {

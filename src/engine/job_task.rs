@@ -225,12 +225,9 @@ fn stop_message(reason: &str) -> String {
 
 /// `GET /orders/{id}`, then `GET /groups/{id}` when the order has a group.
 async fn check(ctx: &Ctx, job: &Job, order_id: &str) -> Result<Check> {
-    let Some(permit) = ctx.pacer.admit(&ctx.control.stop).await else {
+    let Some(reply) = ctx.paced(ctx.api.order_group(order_id)).await else {
         return Ok(Check::Stopped);
     };
-    let reply = ctx.api.order_group(order_id).await;
-    drop(permit);
-    ctx.observe(&reply);
     let attempt = attempt_of(RequestKind::CheckOrder, &reply);
     let group_id = match reply.class {
         Class::Ok => reply.value.clone().flatten(),
@@ -261,12 +258,9 @@ async fn check(ctx: &Ctx, job: &Job, order_id: &str) -> Result<Check> {
         return Ok(Check::Absent);
     };
 
-    let Some(permit) = ctx.pacer.admit(&ctx.control.stop).await else {
+    let Some(reply) = ctx.paced(ctx.api.group(&group_id)).await else {
         return Ok(Check::Stopped);
     };
-    let reply = ctx.api.group(&group_id).await;
-    drop(permit);
-    ctx.observe(&reply);
     let attempt = attempt_of(RequestKind::FetchGroup, &reply);
     match reply.class {
         Class::Ok => {
@@ -317,6 +311,19 @@ async fn check_failed(
 }
 
 impl Ctx {
+    /// Sends one request through the gate (cap, rate, pause) and feeds its reply to
+    /// the pause and the breaker. `None`: the run stopped before it could start.
+    pub(super) async fn paced<T>(
+        &self,
+        request: impl Future<Output = Reply<T>>,
+    ) -> Option<Reply<T>> {
+        let permit = self.pacer.admit(&self.control.stop).await?;
+        let reply = request.await;
+        drop(permit);
+        self.observe(&reply);
+        Some(reply)
+    }
+
     /// Sleeps unless the run stops first; false if it stopped.
     pub(super) async fn sleep(&self, d: Duration) -> bool {
         tokio::select! {

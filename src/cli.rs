@@ -35,8 +35,18 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Import the CSV rows (if any), then send every pending job.
+    /// Import the CSV rows (if any) and the inbox, then send every pending job.
     Run(RunArgs),
+    /// Import CSV rows as pending jobs without sending anything.
+    Enqueue(EnqueueArgs),
+    /// Put failed jobs back to pending (all, or those matching the filters), then send.
+    RetryFailed(RetryArgs),
+    /// Parse and validate a CSV exactly as `run` would; no network, no database.
+    Validate(ValidateArgs),
+    /// Show the report of a run, or list recent runs.
+    Report(ReportArgs),
+    /// Export groups (share ids per order) or failures (re-importable after a fix).
+    Export(ExportArgs),
     /// Run the local simulated KohortPay API.
     Sandbox(SandboxArgs),
     /// The sandbox plus samples/ end to end: no key, no network.
@@ -51,6 +61,91 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub send: SendArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// CSV files to import ('-' for stdin). May be repeated.
+    #[arg(long = "csv", value_name = "FILE", required = true)]
+    pub csv: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    /// Only jobs whose last HTTP status is this (repeatable), e.g. --status 503.
+    #[arg(long = "status", value_name = "CODE")]
+    pub statuses: Vec<u16>,
+
+    /// Only jobs whose last attempt got no HTTP response (connection errors, timeouts).
+    #[arg(long)]
+    pub transport: bool,
+
+    /// Only jobs of this failure class (repeatable): retries_exhausted, order_not_found,
+    /// http_400, http_404, …
+    #[arg(long = "class", value_name = "CLASS")]
+    pub classes: Vec<String>,
+
+    #[command(flatten)]
+    pub send: SendArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// The CSV file to check ('-' for stdin).
+    #[arg(long = "csv", value_name = "FILE")]
+    pub csv: PathBuf,
+
+    /// Print each request body that would be sent, as NDJSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The run to show.
+    #[arg(long, conflicts_with = "last")]
+    pub run: Option<i64>,
+
+    /// Show the newest run.
+    #[arg(long)]
+    pub last: bool,
+
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// What to export.
+    #[arg(value_enum)]
+    pub what: ExportWhat,
+
+    #[arg(long, value_enum, default_value_t = ExportFormat::Csv)]
+    pub format: ExportFormat,
+
+    /// Write here instead of stdout.
+    #[arg(long, short, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportWhat {
+    /// One line per order with its group and share id.
+    Groups,
+    /// Failed, invalid and unknown rows in the input CSV format, plus error and line.
+    Failures,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    Csv,
+    Json,
 }
 
 /// Options of every command that talks to the API.
@@ -101,7 +196,8 @@ pub struct SendArgs {
     #[arg(long, default_value_t = 30)]
     pub breaker: u32,
 
-    /// Re-send rows whose earlier outcome is unknown and cannot be checked (may duplicate).
+    /// Also re-send rows whose earlier outcome is unknown and cannot be checked (a
+    /// person's decision: they may duplicate).
     #[arg(long)]
     pub include_unknown: bool,
 

@@ -63,7 +63,7 @@ fn column_for(header: &str) -> Column {
         "expiresat" => Column::ExpiresAt,
         "midexpireat" => Column::MidExpireAt,
         "metadata" => Column::Metadata,
-        "error" | "line" => Column::ExportOnly,
+        "error" | "line" | "state" | "source" => Column::ExportOnly,
         _ => Column::Unknown,
     }
 }
@@ -109,6 +109,21 @@ impl<R: Read> Read for LineTap<R> {
         self.offset += n as u64;
         Ok(n)
     }
+}
+
+/// The canonical name of an input column (`customer_id` → `customerId`,
+/// `Metadata.x` → `metadata.x`); `None` for columns that are not input.
+pub fn canonical_header(header: &str) -> Option<String> {
+    Some(match column_for(header) {
+        Column::CustomerId => "customerId".to_owned(),
+        Column::OrderId => "orderId".to_owned(),
+        Column::PaymentIntentId => "paymentIntentId".to_owned(),
+        Column::ExpiresAt => "expiresAt".to_owned(),
+        Column::MidExpireAt => "midExpireAt".to_owned(),
+        Column::Metadata => "metadata".to_owned(),
+        Column::MetadataKey(k) => format!("metadata.{k}"),
+        Column::ExportOnly | Column::Unknown => return None,
+    })
 }
 
 /// A streaming CSV input.
@@ -446,7 +461,7 @@ mod tests {
 
     #[test]
     fn export_columns_are_ignored_and_unknown_ones_listed() {
-        let s = source(b"customerId,orderId,error,line,colour\n").unwrap();
+        let s = source(b"customerId,orderId,error,line,state,source,colour\n").unwrap();
         assert_eq!(s.unknown_columns, vec!["colour".to_owned()]);
     }
 }

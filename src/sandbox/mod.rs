@@ -83,7 +83,8 @@ impl Default for SandboxConfig {
 }
 
 struct App {
-    cfg: SandboxConfig,
+    /// Faults can change while serving (an outage that ends), so behind a lock.
+    cfg: std::sync::RwLock<SandboxConfig>,
     world: Mutex<World>,
     rng: Mutex<fastrand::Rng>,
     limiter: Option<DefaultDirectRateLimiter>,
@@ -174,7 +175,7 @@ impl Sandbox {
         });
         let app = Arc::new(App {
             rng: Mutex::new(fastrand::Rng::with_seed(cfg.seed)),
-            cfg,
+            cfg: std::sync::RwLock::new(cfg),
             world: Mutex::new(World::default()),
             limiter,
             booted: Timestamp::now(),
@@ -219,6 +220,11 @@ impl Sandbox {
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Changes the faults from now on (e.g. to end a simulated outage).
+    pub fn set_faults(&self, cfg: SandboxConfig) {
+        *self.app.0.cfg.write().unwrap_or_else(|e| e.into_inner()) = cfg;
     }
 
     /// The counters, read in-process.
@@ -339,13 +345,13 @@ async fn gate(
         };
         return Err(envelope(401, json!(msg)));
     }
-    let (lo, hi) = app.cfg.latency;
+    let c = app.cfg.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let (lo, hi) = c.latency;
     if hi > Duration::ZERO {
         let span = hi.saturating_sub(lo).as_secs_f64();
         let wait = lo + Duration::from_secs_f64(span * app.roll());
         tokio::time::sleep(wait).await;
     }
-    let c = &app.cfg;
     let mut r = app.roll();
     let mut hit = |p: f64| {
         r -= p;
@@ -427,7 +433,7 @@ async fn create_group(State(app): State<Arc<App>>, headers: HeaderMap, body: Byt
     match fault {
         Fault::Late => {
             // The router answers 503 after late_after; the app finishes later still.
-            let delay = app.cfg.late_after;
+            let delay = app.cfg.read().unwrap_or_else(|e| e.into_inner()).late_after;
             // Counted now: the client may hang up before the 503 is sent.
             app.count(format!("{route} late"));
             let late_app = app.clone();

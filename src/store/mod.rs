@@ -8,6 +8,7 @@
 
 mod ops;
 mod queries;
+mod queue;
 mod schema;
 mod types;
 
@@ -21,6 +22,7 @@ use crate::source::ImportRow;
 
 pub(crate) use ops::now_text;
 pub use queries::{FailureReason, JobExport, RunFacts, RunListEntry};
+pub use queue::RetryFilter;
 pub use types::{
     Attempt, GroupRec, ImportCounts, Job, JobState, Obtained, RequestKind, Transition,
 };
@@ -39,6 +41,17 @@ pub struct Store {
 }
 
 impl Store {
+    /// Opens an existing database (for commands that only read it).
+    pub fn open_existing(path: &Path) -> Result<Store> {
+        if !path.exists() {
+            return Err(Error::Usage(format!(
+                "there is no database at {}: pass the --db of your runs (or set KOHORT_BATCH_DB)",
+                path.display()
+            )));
+        }
+        Store::open(path)
+    }
+
     /// Opens (creating if needed) the database at `path` and starts its owner thread.
     pub fn open(path: &Path) -> Result<Store> {
         let db_err = |e: rusqlite::Error| Error::Database {
@@ -101,13 +114,13 @@ impl Store {
             })
     }
 
-    /// Starts a run: takes the database lock (or reports its holder), records the run,
-    /// and turns jobs left `in_flight` by a crash into pending jobs that must be checked
-    /// after `settle_ms`. Returns the run id.
-    pub async fn begin_run(&self, command: &str, options: String, settle_ms: i64) -> Result<i64> {
+    /// Starts a run. An `exclusive` run (one that sends) takes the database lock, or
+    /// reports its holder, and turns jobs left `in_flight` by a crash into pending jobs
+    /// that are checked before any re-send. Returns the run id.
+    pub async fn begin_run(&self, command: &str, options: String, exclusive: bool) -> Result<i64> {
         let command = command.to_owned();
         let result = self
-            .call(move |c| ops::begin_run(c, &command, &options, settle_ms))
+            .call(move |c| ops::begin_run(c, &command, &options, exclusive))
             .await?;
         result.map_err(|(pid, started_at)| Error::Locked {
             path: self.path.clone(),
@@ -154,6 +167,37 @@ impl Store {
         .await
     }
 
+    /// Moves every row now in the inbox into jobs (validated against `now`) in one
+    /// transaction. Rows inserted after the move starts wait for the next run.
+    pub async fn move_inbox(&self, run_id: i64, now: jiff::Timestamp) -> Result<ImportCounts> {
+        self.call(move |c| {
+            let counts = queue::move_inbox(c, run_id, now)?;
+            if counts.rows > 0 {
+                ops::add_import_counts(c, run_id, counts)?;
+            }
+            Ok(counts)
+        })
+        .await
+    }
+
+    /// Puts failed jobs that match `filter` back to pending. Returns how many.
+    pub async fn requeue_failed(&self, run_id: i64, filter: RetryFilter) -> Result<usize> {
+        self.call(move |c| queue::requeue_failed(c, run_id, &filter))
+            .await
+    }
+
+    /// Up to `limit` jobs in the given states with an id above `after_id`, with their
+    /// groups (exports page through the table so memory stays flat).
+    pub async fn jobs_page(
+        &self,
+        states: &'static [&'static str],
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<JobExport>> {
+        self.call(move |c| queries::jobs_page(c, states, after_id, limit))
+            .await
+    }
+
     /// Up to `limit` pending jobs with an id above `after_id`, in id order.
     pub async fn pending_jobs(&self, after_id: i64, limit: usize) -> Result<Vec<Job>> {
         self.call(move |c| ops::pending_jobs(c, after_id, limit))
@@ -172,8 +216,8 @@ impl Store {
             .await
     }
 
-    /// Everything the report needs about one run.
-    pub async fn run_facts(&self, run_id: i64) -> Result<RunFacts> {
+    /// Everything the report needs about one run (`None`: no such run).
+    pub async fn run_facts(&self, run_id: i64) -> Result<Option<RunFacts>> {
         self.call(move |c| queries::run_facts(c, run_id)).await
     }
 

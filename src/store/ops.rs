@@ -22,8 +22,16 @@ pub(super) fn begin_run(
     c: &Connection,
     command: &str,
     options: &str,
-    _settle_ms: i64,
+    exclusive: bool,
 ) -> rusqlite::Result<Result<i64, (i64, String)>> {
+    if !exclusive {
+        // Import-only sessions (enqueue) never send, so they do not take the lock.
+        c.execute(
+            "INSERT INTO runs (command, started_at, pid, options) VALUES (?1, ?2, ?3, ?4)",
+            params![command, now_text(), i64::from(std::process::id()), options],
+        )?;
+        return Ok(Ok(c.last_insert_rowid()));
+    }
     let holder: Option<(i64, String)> = c
         .query_row("SELECT pid, started_at FROM lock WHERE id = 1", [], |r| {
             Ok((r.get(0)?, r.get(1)?))
@@ -312,7 +320,8 @@ pub(super) fn record(
     };
     let set_state = |sql: &str, extra: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<()> {
         let full = format!(
-            "UPDATE jobs SET attempts = attempts + ?1, last_status = coalesce(?2, last_status), \
+            "UPDATE jobs SET attempts = attempts + ?1, \
+             last_status = CASE WHEN ?1 = 1 THEN ?2 ELSE last_status END, \
              last_run_id = ?3, updated_at = ?4{sql} WHERE id = ?5"
         );
         let mut p: Vec<&dyn rusqlite::ToSql> = vec![&bump, &status, &run_id, &now, &job_id];

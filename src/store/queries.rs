@@ -48,8 +48,8 @@ fn counts(c: &Connection, sql: &str, run_id: i64) -> rusqlite::Result<Vec<(Strin
     rows.collect()
 }
 
-pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<RunFacts> {
-    let mut facts = c.query_row(
+pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<Option<RunFacts>> {
+    let facts = c.query_row(
         "SELECT id, command, started_at, finished_at, exit_code, stopped, imported \
          FROM runs WHERE id = ?1",
         params![run_id],
@@ -66,7 +66,11 @@ pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<RunFact
                 ..RunFacts::default()
             })
         },
-    )?;
+    );
+    let mut facts = match facts.optional()? {
+        Some(f) => f,
+        None => return Ok(None),
+    };
     facts.states = counts(
         c,
         "SELECT state, count(*) FROM jobs WHERE last_run_id = ?1 GROUP BY state",
@@ -114,7 +118,7 @@ pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<RunFact
          WHERE run_id = ?1 AND kind = 'conflict' ORDER BY id",
         run_id,
     )?;
-    Ok(facts)
+    Ok(Some(facts))
 }
 
 /// Rows of (state, key, source, line, reason) for one run.
@@ -201,35 +205,56 @@ pub struct JobExport {
     pub creates: i64,
 }
 
+const JOB_COLUMNS: &str = "SELECT j.id, j.key, j.row_key, j.state, j.obtained, j.customer_id, \
+     j.order_id, j.payment_intent_id, j.group_id, g.share_id, g.status, g.expires_at, \
+     g.created_at, j.error, j.source, j.line, j.raw, j.attempts, j.creates \
+     FROM jobs j LEFT JOIN groups g ON g.id = j.group_id";
+
+fn job_export(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobExport> {
+    Ok(JobExport {
+        id: r.get(0)?,
+        key: r.get(1)?,
+        row_key: r.get(2)?,
+        state: r.get(3)?,
+        obtained: r.get(4)?,
+        customer_id: r.get(5)?,
+        order_id: r.get(6)?,
+        payment_intent_id: r.get(7)?,
+        group_id: r.get(8)?,
+        share_id: r.get(9)?,
+        group_status: r.get(10)?,
+        expires_at: r.get(11)?,
+        created_at: r.get(12)?,
+        error: r.get(13)?,
+        source: r.get(14)?,
+        line: r.get(15)?,
+        raw: r.get(16)?,
+        attempts: r.get(17)?,
+        creates: r.get(18)?,
+    })
+}
+
 pub(super) fn jobs(c: &Connection) -> rusqlite::Result<Vec<JobExport>> {
-    let mut stmt = c.prepare(
-        "SELECT j.id, j.key, j.row_key, j.state, j.obtained, j.customer_id, j.order_id, \
-         j.payment_intent_id, j.group_id, g.share_id, g.status, g.expires_at, g.created_at, \
-         j.error, j.source, j.line, j.raw, j.attempts, j.creates \
-         FROM jobs j LEFT JOIN groups g ON g.id = j.group_id ORDER BY j.id",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok(JobExport {
-            id: r.get(0)?,
-            key: r.get(1)?,
-            row_key: r.get(2)?,
-            state: r.get(3)?,
-            obtained: r.get(4)?,
-            customer_id: r.get(5)?,
-            order_id: r.get(6)?,
-            payment_intent_id: r.get(7)?,
-            group_id: r.get(8)?,
-            share_id: r.get(9)?,
-            group_status: r.get(10)?,
-            expires_at: r.get(11)?,
-            created_at: r.get(12)?,
-            error: r.get(13)?,
-            source: r.get(14)?,
-            line: r.get(15)?,
-            raw: r.get(16)?,
-            attempts: r.get(17)?,
-            creates: r.get(18)?,
-        })
-    })?;
+    let mut stmt = c.prepare(&format!("{JOB_COLUMNS} ORDER BY j.id"))?;
+    let rows = stmt.query_map([], job_export)?;
+    rows.collect()
+}
+
+pub(super) fn jobs_page(
+    c: &Connection,
+    states: &[&str],
+    after_id: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<JobExport>> {
+    // The states are constants of the caller, never user text.
+    let list = states
+        .iter()
+        .map(|s| format!("'{s}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut stmt = c.prepare_cached(&format!(
+        "{JOB_COLUMNS} WHERE j.state IN ({list}) AND j.id > ?1 ORDER BY j.id LIMIT ?2"
+    ))?;
+    let rows = stmt.query_map(params![after_id, limit as i64], job_export)?;
     rows.collect()
 }

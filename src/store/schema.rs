@@ -101,6 +101,18 @@ const MIGRATIONS: &[&str] = &[
         started_at TEXT NOT NULL
     );
     "#,
+    // 2: the inbox queue. A stable contract for producers (see README, "The queue").
+    r#"
+    CREATE TABLE inbox (
+        id                INTEGER PRIMARY KEY AUTOINCREMENT,
+        customer_id       TEXT,
+        order_id          TEXT,
+        payment_intent_id TEXT,
+        metadata          TEXT,      -- a JSON object, as text
+        expires_at        TEXT,      -- RFC 3339
+        enqueued_at       TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -219,10 +219,14 @@ async fn rows_that_cannot_be_checked_become_unknown_until_a_person_decides() {
         count(&db, "SELECT count(*) FROM jobs WHERE state = 'unknown'"),
         unknown
     );
-    // --include-unknown re-sends them (a person's decision: they may duplicate).
+    // retry-failed --include-unknown re-sends them (a person's decision: they may duplicate).
     let mut resend = args(&sb.url());
     resend.include_unknown = true;
-    let exit = run(&resend, &db, &[]).await;
+    let control = std::sync::Arc::new(kohort_batch::engine::Control::default());
+    let filter = kohort_batch::store::RetryFilter::default();
+    let exit = kohort_batch::commands::retry_failed(&config(&resend, &db), filter, control)
+        .await
+        .unwrap();
     assert!(
         count(&db, "SELECT count(*) FROM jobs WHERE state = 'unknown'") < unknown,
         "{exit:?}"

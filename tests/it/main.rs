@@ -12,3 +12,4 @@ mod crash;
 mod exactly_once;
 mod robustness;
 mod util;
+mod workflows;

@@ -1,0 +1,115 @@
+//! One function per subcommand: they wire config, store, source, engine, API and
+//! report together. Errors end here: each is printed once, with its exit code.
+//!
+//! `send.rs`: run, retry-failed, enqueue. `inspect.rs`: validate, report, export.
+//! `demo.rs`: sandbox, demo.
+
+mod demo;
+mod inspect;
+mod send;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::cli::{Cli, Command, LogFormat};
+use crate::config;
+use crate::engine::Control;
+use crate::error::{Error, Exit, Result};
+use crate::store::RetryFilter;
+
+pub use send::{enqueue, import_csv, retry_failed, run};
+
+/// Logs go to stderr, as text or JSON lines; `RUST_LOG` overrides the level.
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Runs a parsed command line to its exit code.
+pub async fn dispatch(cli: Cli) -> Exit {
+    let env_key = std::env::var("KOHORTPAY_API_KEY").ok();
+    let result = match cli.command {
+        Command::Run(args) => match config::resolve_send(&args.send, cli.db, env_key) {
+            Ok(cfg) => run(&cfg, &args.csv, signals()).await,
+            Err(e) => Err(e),
+        },
+        Command::RetryFailed(args) => match config::resolve_send(&args.send, cli.db, env_key) {
+            Ok(cfg) => {
+                let filter = RetryFilter {
+                    statuses: args.statuses,
+                    transport_only: args.transport,
+                    classes: args.classes,
+                    include_unknown: false,
+                };
+                retry_failed(&cfg, filter, signals()).await
+            }
+            Err(e) => Err(e),
+        },
+        Command::Enqueue(args) => enqueue(&cli.db, &args.csv).await,
+        Command::Validate(args) => inspect::validate(&args.csv, args.json),
+        Command::Report(args) => inspect::report(&cli.db, args.run, args.last, args.format).await,
+        Command::Export(args) => {
+            inspect::export(&cli.db, args.what, args.format, args.output.as_deref()).await
+        }
+        Command::Sandbox(args) => match config::resolve_sandbox(&args) {
+            Ok(cfg) => demo::sandbox(cfg, args.listen).await,
+            Err(e) => Err(e),
+        },
+        Command::Demo => demo::demo().await,
+    };
+    match result {
+        Ok(exit) => exit,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit()
+        }
+    }
+}
+
+/// A fresh stop switch wired to SIGINT/SIGTERM.
+fn signals() -> Arc<Control> {
+    let control = Arc::new(Control::default());
+    listen_for_signals(control.clone());
+    control
+}
+
+/// First SIGINT/SIGTERM: stop starting requests; second: abandon those in flight.
+fn listen_for_signals(control: Arc<Control>) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            tracing::warn!("cannot listen for signals; ctrl-c will end the process at once");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = int.recv() => control.signal(),
+                _ = term.recv() => control.signal(),
+            }
+        }
+    });
+}
+
+/// Writes a file so readers never see half of it.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let io = |source| Error::File {
+        action: "write",
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}

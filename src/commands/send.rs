@@ -1,0 +1,200 @@
+//! The commands that write jobs: `run`, `retry-failed` (both send) and `enqueue`
+//! (import only). They share one shape: begin a run, prepare the queue, drain,
+//! then finish (record the end, print the report, pick the exit code).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use tokio::sync::mpsc;
+
+use super::write_atomic;
+use crate::api::ApiClient;
+use crate::config::SendConfig;
+use crate::engine::{self, Control, StopReason};
+use crate::error::{Error, Exit, Result};
+use crate::report::Report;
+use crate::source::{CsvSource, ImportRow};
+use crate::store::{ImportCounts, RetryFilter, Store};
+
+/// Rows per import transaction.
+const IMPORT_BATCH: usize = 2000;
+
+/// `run`: import the CSVs and the inbox, send every pending job, report.
+pub async fn run(cfg: &SendConfig, csv: &[PathBuf], control: Arc<Control>) -> Result<Exit> {
+    session(cfg, "run", csv, None, control).await
+}
+
+/// `retry-failed`: put matching failed jobs back to pending, then send like `run`.
+pub async fn retry_failed(
+    cfg: &SendConfig,
+    mut filter: RetryFilter,
+    control: Arc<Control>,
+) -> Result<Exit> {
+    filter.include_unknown = cfg.engine.resend_unknown;
+    session(cfg, "retry-failed", &[], Some(filter), control).await
+}
+
+async fn session(
+    cfg: &SendConfig,
+    command: &str,
+    csv: &[PathBuf],
+    retry: Option<RetryFilter>,
+    control: Arc<Control>,
+) -> Result<Exit> {
+    let store = Store::open(&cfg.db)?;
+    let options = serde_json::json!({
+        "api_base": cfg.api_base,
+        "timeout_secs": cfg.timeout.as_secs_f64(),
+        "engine": cfg.engine,
+        "csv": csv,
+        "retry_filter": retry.as_ref().map(|f| format!("{f:?}")),
+    })
+    .to_string();
+    let run_id = store.begin_run(command, options, true).await?;
+    tracing::info!(run = run_id, command, db = %cfg.db.display(), "run started");
+    let outcome = async {
+        match &retry {
+            Some(filter) => {
+                let n = store.requeue_failed(run_id, filter.clone()).await?;
+                tracing::info!(jobs = n, "put failed jobs back to pending");
+            }
+            None if cfg.engine.resend_unknown => {
+                let n = store.requeue_unknown(run_id).await?;
+                tracing::warn!(
+                    jobs = n,
+                    "re-sending rows whose earlier outcome is unknown (--include-unknown)"
+                );
+            }
+            None => {}
+        }
+        for path in csv {
+            import_csv(&store, run_id, path).await?;
+        }
+        let moved = store.move_inbox(run_id, Timestamp::now()).await?;
+        if moved.rows > 0 {
+            tracing::info!(
+                rows = moved.rows,
+                queued = moved.queued,
+                invalid = moved.invalid,
+                "moved the inbox into jobs"
+            );
+        }
+        let api = ApiClient::new(&cfg.api_base, &cfg.key, cfg.timeout, cfg.ca_cert.as_deref())?;
+        engine::drain(store.clone(), api, cfg.engine.clone(), control, run_id).await
+    }
+    .await;
+    let outcome = outcome.map(|d| d.stopped);
+    finish(&store, run_id, outcome, true, cfg.report_json.as_deref()).await
+}
+
+/// `enqueue`: import CSV rows as pending jobs; nothing is sent, no lock is taken.
+pub async fn enqueue(db: &Path, csv: &[PathBuf]) -> Result<Exit> {
+    let store = Store::open(db)?;
+    let options = serde_json::json!({ "csv": csv }).to_string();
+    let run_id = store.begin_run("enqueue", options, false).await?;
+    let mut outcome = Ok(None);
+    for path in csv {
+        if let Err(e) = import_csv(&store, run_id, path).await {
+            outcome = Err(e);
+            break;
+        }
+    }
+    finish(&store, run_id, outcome, false, None).await
+}
+
+/// Records the end of a run, prints its report, and picks the exit code.
+async fn finish(
+    store: &Store,
+    run_id: i64,
+    outcome: Result<Option<StopReason>>,
+    sent: bool,
+    report_json: Option<&Path>,
+) -> Result<Exit> {
+    let (exit, stopped, error) = match outcome {
+        Err(e) => (e.exit(), Some(e.to_string()), Some(e)),
+        Ok(Some(StopReason::Api(why))) => (Exit::StoppedByApi, Some(why), None),
+        Ok(Some(StopReason::Signal)) => (
+            Exit::Interrupted,
+            Some("interrupted by a signal".to_owned()),
+            None,
+        ),
+        Ok(None) => (Exit::Success, None, None),
+    };
+    let mut facts = store
+        .run_facts(run_id)
+        .await?
+        .ok_or_else(|| Error::Internal(format!("run {run_id} vanished from the database")))?;
+    let exit = if exit == Exit::Success {
+        // Without sending, pending is the expected end state of a row.
+        let fine = |s: &str| s == "succeeded" || (!sent && s == "pending");
+        let bad =
+            facts.states.iter().any(|(s, n)| *n > 0 && !fine(s)) || !facts.conflicts.is_empty();
+        if bad { Exit::RowsFailed } else { Exit::Success }
+    } else {
+        exit
+    };
+    store
+        .finish_run(run_id, exit.code(), stopped.clone())
+        .await?;
+    facts.finished_at = Some(crate::store::now_text());
+    facts.exit_code = Some(i64::from(exit.code()));
+    facts.stopped = stopped;
+    let report = Report::from_facts(facts);
+    print!("{}", report.to_text());
+    if let Some(path) = report_json {
+        write_atomic(path, report.to_json().as_bytes())?;
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok(exit),
+    }
+}
+
+/// Streams a CSV into the store in batches; reading happens on a blocking thread.
+pub async fn import_csv(store: &Store, run_id: i64, path: &Path) -> Result<ImportCounts> {
+    let (tx, mut rx) = mpsc::channel::<(String, Vec<ImportRow>)>(4);
+    let path_owned = path.to_owned();
+    let reader = tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut source = CsvSource::open(&path_owned)?;
+        let name = source.name().to_owned();
+        if !source.unknown_columns.is_empty() {
+            tracing::warn!(source = %name, columns = ?source.unknown_columns, "ignoring columns kohort-batch does not know");
+        }
+        let now = Timestamp::now();
+        let mut batch = Vec::with_capacity(IMPORT_BATCH);
+        while let Some(row) = source.next_row(now)? {
+            if let Err(reason) = &row.outcome {
+                tracing::warn!(source = %name, line = row.line, key = row.key.as_deref().unwrap_or("-"), %reason, "invalid row");
+            }
+            batch.push(row);
+            if batch.len() == IMPORT_BATCH {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(IMPORT_BATCH));
+                if tx.blocking_send((name.clone(), full)).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let _ = tx.blocking_send((name, batch));
+        }
+        Ok(())
+    });
+    let mut counts = ImportCounts::default();
+    while let Some((name, rows)) = rx.recv().await {
+        counts += store.import(run_id, name, rows).await?;
+    }
+    reader
+        .await
+        .map_err(|e| Error::Internal(format!("the CSV reader failed: {e}")))??;
+    tracing::info!(
+        source = %path.display(),
+        rows = counts.rows,
+        queued = counts.queued,
+        invalid = counts.invalid,
+        duplicates = counts.duplicates,
+        conflicts = counts.conflicts,
+        "imported"
+    );
+    Ok(counts)
+}

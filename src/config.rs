@@ -21,6 +21,7 @@ pub struct SendConfig {
     pub ca_cert: Option<PathBuf>,
     pub engine: EngineConfig,
     pub report_json: Option<PathBuf>,
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// Parses a duration written the usual way: `30s`, `500ms`, `2m`, `1h30m`, `1.5s`;
@@ -188,7 +189,7 @@ pub fn resolve_send(args: &SendArgs, db: PathBuf, env_key: Option<String>) -> Re
         api_base,
         key,
         timeout,
-        ca_cert: None,
+        ca_cert: args.ca_cert.clone(),
         engine: EngineConfig {
             concurrency: args.concurrency,
             rate: (args.rate > 0.0).then_some(args.rate),
@@ -205,6 +206,7 @@ pub fn resolve_send(args: &SendArgs, db: PathBuf, env_key: Option<String>) -> Re
             seed: args.seed,
         },
         report_json: args.report_json.clone(),
+        metrics_file: args.metrics_file.clone(),
     })
 }
 

@@ -13,6 +13,7 @@
 //! | [`api`] | the HTTP client (**only reqwest user**), wire parsing, classification | `job` |
 //! | [`engine`] | pacing, retries, the exactly-once protocol per job | `store`, `api` handles |
 //! | [`report`] | the run summary, text and JSON, built from the store | `store` facts |
+//! | [`metrics`] | the Prometheus textfile of a run | `report` |
 //! | [`sandbox`] | the simulated API (axum) with fault knobs and stats | — |
 //! | [`commands`] | one function per subcommand, wiring the above | everything |
 //! | [`error`] | the top-level error and the exit codes | — |
@@ -28,6 +29,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod job;
+pub mod metrics;
 pub mod report;
 pub mod sandbox;
 pub mod source;
@@ -35,21 +37,23 @@ pub mod store;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 pub use error::{Error, Exit};
 
 /// The whole program: parse, set up logging and the runtime, run, map to an exit code.
 pub fn main_entry() -> ExitCode {
-    let cli = match cli::Cli::try_parse() {
+    let cli = match cli::parse(std::env::args_os().collect()) {
         Ok(cli) => cli,
-        Err(e) => {
+        Err(cli::ParseError::Clap(e)) => {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() {
                 Exit::Usage.code()
             } else {
                 0
             });
+        }
+        Err(cli::ParseError::Config(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(e.exit().code());
         }
     };
     commands::init_logging(cli.log_format);

@@ -14,7 +14,7 @@ const TOP_REASONS: usize = 5;
 const EXAMPLES: usize = 3;
 
 /// Everything a person or a monitor wants to know about one run.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct Report {
     pub run_id: i64,
     pub command: String,
@@ -37,7 +37,7 @@ pub struct Report {
     pub conflicts: usize,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct Requests {
     pub total: i64,
     pub creates: i64,
@@ -50,7 +50,7 @@ pub struct Requests {
     pub rate_per_sec: f64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct Latency {
     pub p50: f64,
     pub p95: f64,
@@ -58,7 +58,7 @@ pub struct Latency {
     pub max: f64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct FailureGroup {
     pub state: String,
     pub reason: String,

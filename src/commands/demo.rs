@@ -84,6 +84,8 @@ pub async fn demo() -> Result<Exit> {
         breaker: 30,
         include_unknown: false,
         report_json: None,
+        metrics_file: None,
+        ca_cert: None,
         grace: "5s".into(),
         seed: Some(7),
     };

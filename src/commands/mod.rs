@@ -65,6 +65,9 @@ pub async fn dispatch(cli: Cli) -> Exit {
             Err(e) => Err(e),
         },
         Command::Demo => demo::demo().await,
+        Command::Config(args) => {
+            show_config(&cli.db, cli.config.as_deref(), &args, env_key.as_deref())
+        }
     };
     match result {
         Ok(exit) => exit,
@@ -73,6 +76,36 @@ pub async fn dispatch(cli: Cli) -> Exit {
             e.exit()
         }
     }
+}
+
+/// `config`: the effective settings, as JSON; the key only as where it comes from.
+fn show_config(
+    db: &Path,
+    file: Option<&Path>,
+    args: &crate::cli::RunArgs,
+    env_key: Option<&str>,
+) -> Result<Exit> {
+    let key = match (&args.send.api_key_file, env_key) {
+        (Some(p), _) => format!("from file {}", p.display()),
+        (None, Some(_)) => "from KOHORTPAY_API_KEY".to_owned(),
+        (None, None) => "missing".to_owned(),
+    };
+    let file = file.map(Path::to_path_buf).or_else(|| {
+        Some(Path::new(crate::cli::DEFAULT_CONFIG))
+            .filter(|p| p.exists())
+            .map(Path::to_path_buf)
+    });
+    let json = serde_json::json!({
+        "db": db,
+        "config_file": file,
+        "api_key": key,
+        "run": args,
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json).unwrap_or_default()
+    );
+    Ok(Exit::Success)
 }
 
 /// A fresh stop switch wired to SIGINT/SIGTERM.

@@ -85,7 +85,18 @@ async fn session(
     }
     .await;
     let outcome = outcome.map(|d| d.stopped);
-    finish(&store, run_id, outcome, true, cfg.report_json.as_deref()).await
+    let outputs = Outputs {
+        report_json: cfg.report_json.as_deref(),
+        metrics_file: cfg.metrics_file.as_deref(),
+    };
+    finish(&store, run_id, outcome, true, outputs).await
+}
+
+/// Where a run's report and metrics go besides stdout.
+#[derive(Debug, Default, Clone, Copy)]
+struct Outputs<'a> {
+    report_json: Option<&'a Path>,
+    metrics_file: Option<&'a Path>,
 }
 
 /// `enqueue`: import CSV rows as pending jobs; nothing is sent, no lock is taken.
@@ -100,7 +111,7 @@ pub async fn enqueue(db: &Path, csv: &[PathBuf]) -> Result<Exit> {
             break;
         }
     }
-    finish(&store, run_id, outcome, false, None).await
+    finish(&store, run_id, outcome, false, Outputs::default()).await
 }
 
 /// Records the end of a run, prints its report, and picks the exit code.
@@ -109,7 +120,7 @@ async fn finish(
     run_id: i64,
     outcome: Result<Option<StopReason>>,
     sent: bool,
-    report_json: Option<&Path>,
+    outputs: Outputs<'_>,
 ) -> Result<Exit> {
     let (exit, stopped, error) = match outcome {
         Err(e) => (e.exit(), Some(e.to_string()), Some(e)),
@@ -142,8 +153,15 @@ async fn finish(
     facts.stopped = stopped;
     let report = Report::from_facts(facts);
     print!("{}", report.to_text());
-    if let Some(path) = report_json {
+    if let Some(path) = outputs.report_json {
         write_atomic(path, report.to_json().as_bytes())?;
+    }
+    if let Some(path) = outputs.metrics_file {
+        let last_success = store.last_success().await?;
+        write_atomic(
+            path,
+            crate::metrics::render(&report, last_success).as_bytes(),
+        )?;
     }
     match error {
         Some(e) => Err(e),

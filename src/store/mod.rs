@@ -221,6 +221,11 @@ impl Store {
         self.call(move |c| queries::run_facts(c, run_id)).await
     }
 
+    /// When the newest run that exited 0 finished (unix seconds).
+    pub async fn last_success(&self) -> Result<Option<f64>> {
+        self.call(queries::last_success).await
+    }
+
     /// The id of the newest run, if any.
     pub async fn last_run_id(&self) -> Result<Option<i64>> {
         self.call(queries::last_run_id).await

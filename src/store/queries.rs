@@ -136,6 +136,18 @@ fn failure_rows(c: &Connection, sql: &str, run_id: i64) -> rusqlite::Result<Vec<
     rows.collect()
 }
 
+/// When the newest run that exited 0 finished, as unix seconds.
+pub(super) fn last_success(c: &Connection) -> rusqlite::Result<Option<f64>> {
+    let at: Option<String> = c.query_row(
+        "SELECT max(finished_at) FROM runs WHERE exit_code = 0",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(at
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+        .map(|t| t.as_millisecond() as f64 / 1000.0))
+}
+
 pub(super) fn last_run_id(c: &Connection) -> rusqlite::Result<Option<i64>> {
     c.query_row("SELECT max(id) FROM runs", [], |r| r.get(0))
         .optional()

@@ -37,6 +37,8 @@ pub fn args(base: &str) -> SendArgs {
         breaker: 1000,
         include_unknown: false,
         report_json: None,
+        metrics_file: None,
+        ca_cert: None,
         grace: "5s".into(),
         seed: Some(1),
     }

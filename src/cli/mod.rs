@@ -1,5 +1,10 @@
 //! The command line, as clap structs. Nothing else in the crate imports clap:
 //! `config.rs` turns these raw values into resolved settings in one fallible step.
+//! `file.rs` folds an optional TOML config file in, below flags and environment.
+
+mod file;
+
+pub use file::{DEFAULT_CONFIG, ParseError, parse};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,6 +30,11 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// A TOML file of defaults for any long option (flags and environment win over it).
+    /// Without it, /etc/kohort-batch/config.toml is read if it exists.
+    #[arg(long, global = true, env = "KOHORT_BATCH_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -51,9 +61,12 @@ pub enum Command {
     Sandbox(SandboxArgs),
     /// The sandbox plus samples/ end to end: no key, no network.
     Demo,
+    /// Print the settings `run` would use (flags > environment > config file >
+    /// defaults), as JSON. The key itself is never shown.
+    Config(RunArgs),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, serde::Serialize)]
 pub struct RunArgs {
     /// CSV files to import before sending ('-' for stdin). May be repeated.
     #[arg(long = "csv", value_name = "FILE")]
@@ -149,7 +162,7 @@ pub enum ExportFormat {
 }
 
 /// Options of every command that talks to the API.
-#[derive(Debug, Args, Clone)]
+#[derive(Debug, Args, Clone, serde::Serialize)]
 pub struct SendArgs {
     /// API base URL (plain http only for loopback).
     #[arg(
@@ -205,6 +218,15 @@ pub struct SendArgs {
     #[arg(long, value_name = "PATH")]
     pub report_json: Option<PathBuf>,
 
+    /// Write run metrics in Prometheus text format to this file (atomically), for
+    /// node_exporter's textfile collector.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
+
+    /// A private root certificate (PEM) to trust for --api-base.
+    #[arg(long, value_name = "PATH")]
+    pub ca_cert: Option<PathBuf>,
+
     /// How long requests in flight may finish after SIGINT/SIGTERM.
     #[arg(long, default_value = "30s")]
     pub grace: String,
@@ -214,7 +236,8 @@ pub struct SendArgs {
     pub seed: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PrecheckArg {
     Always,
     Ambiguous,

@@ -1,0 +1,134 @@
+//! The metrics file: a run's figures in Prometheus text format, for node_exporter's
+//! textfile collector. Written whole and renamed into place, so a scrape never
+//! sees half a file.
+
+use std::fmt::Write as _;
+
+use crate::report::Report;
+
+/// Renders the metrics of `report`; `last_success` is the unix time of the newest
+/// run that exited 0 (from any run), if there was one.
+pub fn render(report: &Report, last_success: Option<f64>) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP kohort_batch_{name} {help}");
+        let _ = writeln!(out, "# TYPE kohort_batch_{name} gauge");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "kohort_batch_{name}{labels} {value}");
+        }
+    };
+    let jobs: Vec<(String, f64)> = report
+        .jobs
+        .iter()
+        .map(|(state, n)| (format!("{{state=\"{state}\"}}"), *n as f64))
+        .collect();
+    metric(
+        "last_run_jobs",
+        "Jobs the last run touched, by final state.",
+        &jobs,
+    );
+    let r = &report.requests;
+    metric(
+        "last_run_requests",
+        "HTTP requests of the last run, by kind.",
+        &[
+            ("{kind=\"create\"}".to_owned(), r.creates as f64),
+            ("{kind=\"check\"}".to_owned(), r.checks as f64),
+        ],
+    );
+    metric(
+        "last_run_retries",
+        "Requests of the last run that failed transiently and were retried.",
+        &[(String::new(), r.transient_failures as f64)],
+    );
+    metric(
+        "last_run_duration_seconds",
+        "Wall-clock duration of the last run.",
+        &[(String::new(), report.duration_secs.unwrap_or(0.0))],
+    );
+    metric(
+        "last_run_exit_code",
+        "Exit code of the last run (0: every job succeeded).",
+        &[(String::new(), report.exit_code.unwrap_or(70) as f64)],
+    );
+    let finished = report
+        .finished_at
+        .as_deref()
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+        .map_or(0.0, |t| t.as_millisecond() as f64 / 1000.0);
+    metric(
+        "last_run_timestamp_seconds",
+        "When the last run finished (unix time).",
+        &[(String::new(), finished)],
+    );
+    if let Some(t) = last_success {
+        metric(
+            "last_success_timestamp_seconds",
+            "When the newest run that exited 0 finished (unix time).",
+            &[(String::new(), t)],
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exposition format, line by line: comments, then `name{labels} value`.
+    pub(crate) fn assert_prometheus_text(text: &str) {
+        let mut typed = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut parts = rest.split(' ');
+                typed.insert(parts.next().unwrap().to_owned());
+                assert!(matches!(parts.next(), Some("gauge" | "counter")), "{line}");
+                continue;
+            }
+            if line.starts_with("# HELP ") {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("value of {line}"));
+            let name = series.split('{').next().unwrap();
+            assert!(
+                name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "{line}"
+            );
+            assert!(typed.contains(name), "{name} has no TYPE line");
+            if let Some(labels) = series.strip_prefix(name) {
+                if !labels.is_empty() {
+                    assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+                    for pair in labels[1..labels.len() - 1].split(',') {
+                        let (k, v) = pair.split_once('=').unwrap();
+                        assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+                        assert!(v.starts_with('"') && v.ends_with('"'), "{line}");
+                    }
+                }
+            }
+        }
+        assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn metrics_are_valid_exposition_text() {
+        let report: Report = serde_json::from_str(REPORT).unwrap();
+        let text = render(&report, Some(1_790_000_000.5));
+        assert_prometheus_text(&text);
+        assert!(text.contains("kohort_batch_last_run_jobs{state=\"succeeded\"} 3\n"));
+        assert!(text.contains("kohort_batch_last_run_exit_code 0\n"));
+        assert!(text.contains("kohort_batch_last_success_timestamp_seconds 1790000000.5\n"));
+        assert!(
+            text.contains("kohort_batch_last_run_timestamp_seconds 1795507212.5\n"),
+            "{text}"
+        );
+    }
+
+    const REPORT: &str = r#"{"run_id":1,"command":"run","started_at":"2026-11-24T08:00:00.000000Z",
+      "finished_at":"2026-11-24T08:00:12.500000Z","duration_secs":12.5,"exit_code":0,"stopped":null,
+      "imported":null,"jobs":{"failed":0,"in_flight":0,"invalid":0,"pending":0,"succeeded":3,"unknown":0},
+      "obtained":{"created":3},"requests":{"total":6,"creates":3,"checks":3,"transient_failures":1,
+      "by_class":{"ok":6},"rate_per_sec":1.0},"latency_ms":null,"top_failures":[],"conflicts":0}"#;
+}

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::write_atomic;
 use crate::api::ApiClient;
@@ -83,6 +84,7 @@ async fn session(
         let api = ApiClient::new(&cfg.api_base, &cfg.key, cfg.timeout, cfg.ca_cert.as_deref())?;
         engine::drain(store.clone(), api, cfg.engine.clone(), control, run_id).await
     }
+    .instrument(tracing::info_span!("run", run = run_id))
     .await;
     let outcome = outcome.map(|d| d.stopped);
     let outputs = Outputs {

@@ -30,6 +30,33 @@ fn attempt_of<T>(kind: RequestKind, reply: &Reply<T>) -> Attempt {
     }
 }
 
+/// Requests made for one job in this run, for its log line.
+#[derive(Debug, Default)]
+struct Tally {
+    sent: u32,
+    last_latency: Option<Duration>,
+}
+
+impl Tally {
+    fn note<T>(&mut self, reply: &Reply<T>) {
+        self.sent += 1;
+        self.last_latency = Some(reply.latency);
+    }
+
+    /// The one log line of a row that did not succeed.
+    fn warn(&self, job: &Job, outcome: &str, reason: &str) {
+        tracing::warn!(
+            key = %job.key,
+            line = job.line,
+            outcome,
+            attempts = self.sent,
+            latency_ms = self.last_latency.map(|d| d.as_secs_f64() * 1000.0),
+            %reason,
+            "row failed"
+        );
+    }
+}
+
 /// What an existence check found.
 enum Check {
     Found(Group, Attempt),
@@ -50,6 +77,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
     let mut checked_clean = false;
     let mut not_before = job.next_attempt_at;
     let mut last_error = String::new();
+    let mut tally = Tally::default();
 
     loop {
         if let Some(at) = not_before.take() {
@@ -71,7 +99,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                     &last_error
                 }
             );
-            tracing::warn!(key = %job.key, line = ?job.line, %reason, "row outcome unknown");
+            tally.warn(&job, "unknown", &reason);
             return ctx
                 .store
                 .record(ctx.run_id, job.id, None, Transition::Unknown { reason })
@@ -81,7 +109,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
             && (needs_check
                 || (ctx.cfg.precheck == Precheck::Always && job.creates == 0 && !checked_clean));
         if let (true, Some(order_id)) = (check_due, order) {
-            match check(&ctx, &job, order_id).await? {
+            match check(&ctx, &job, order_id, &mut tally).await? {
                 Check::Found(group, attempt) => {
                     let obtained = if needs_check {
                         Obtained::Recovered
@@ -96,7 +124,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                     checked_clean = true;
                 }
                 Check::OrderMissing(reason, attempt) => {
-                    tracing::warn!(key = %job.key, line = ?job.line, %reason, "row failed");
+                    tally.warn(&job, "failed", &reason);
                     let t = Transition::Failed {
                         reason,
                         class: "order_not_found".into(),
@@ -112,7 +140,10 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                             not_before = Some(unix_ms_in(hint.unwrap_or(delay)));
                             continue;
                         }
-                        None => return give_up_after(&ctx, &job, &last_error, needs_check).await,
+                        None => {
+                            return give_up_after(&ctx, &job, &tally, &last_error, needs_check)
+                                .await;
+                        }
                     }
                 }
             }
@@ -131,6 +162,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
         let reply = ctx.api.create_group(&job.payload).await;
         drop(permit);
         ctx.observe(&reply);
+        tally.note(&reply);
         let attempt = attempt_of(RequestKind::Create, &reply);
         match reply.class {
             Class::Ok => {
@@ -143,7 +175,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
             }
             Class::Definitive => {
                 let reason = reply.error.unwrap_or_default();
-                tracing::warn!(key = %job.key, line = ?job.line, %reason, "row failed");
+                tally.warn(&job, "failed", &reason);
                 let t = Transition::Failed {
                     reason,
                     class: format!("http_{}", reply.status.unwrap_or(0)),
@@ -174,7 +206,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                     if ambiguous {
                         needs_check = true;
                     }
-                    return give_up_after(&ctx, &job, &last_error, needs_check).await;
+                    return give_up_after(&ctx, &job, &tally, &last_error, needs_check).await;
                 };
                 let mut wait = reply.retry_after.unwrap_or(delay);
                 if ambiguous {
@@ -197,7 +229,13 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
     }
 }
 
-async fn give_up_after(ctx: &Ctx, job: &Job, last_error: &str, maybe_created: bool) -> Result<()> {
+async fn give_up_after(
+    ctx: &Ctx,
+    job: &Job,
+    tally: &Tally,
+    last_error: &str,
+    maybe_created: bool,
+) -> Result<()> {
     let reason = format!(
         "gave up after {} attempts; last error: {last_error}{}",
         ctx.cfg.retry.max_attempts,
@@ -207,7 +245,7 @@ async fn give_up_after(ctx: &Ctx, job: &Job, last_error: &str, maybe_created: bo
             ""
         }
     );
-    tracing::warn!(key = %job.key, line = ?job.line, %reason, "row failed");
+    tally.warn(job, "failed", &reason);
     let t = Transition::Failed {
         reason,
         class: "retries_exhausted".into(),
@@ -224,10 +262,11 @@ fn stop_message(reason: &str) -> String {
 }
 
 /// `GET /orders/{id}`, then `GET /groups/{id}` when the order has a group.
-async fn check(ctx: &Ctx, job: &Job, order_id: &str) -> Result<Check> {
+async fn check(ctx: &Ctx, job: &Job, order_id: &str, tally: &mut Tally) -> Result<Check> {
     let Some(reply) = ctx.paced(ctx.api.order_group(order_id)).await else {
         return Ok(Check::Stopped);
     };
+    tally.note(&reply);
     let attempt = attempt_of(RequestKind::CheckOrder, &reply);
     let group_id = match reply.class {
         Class::Ok => reply.value.clone().flatten(),
@@ -261,6 +300,7 @@ async fn check(ctx: &Ctx, job: &Job, order_id: &str) -> Result<Check> {
     let Some(reply) = ctx.paced(ctx.api.group(&group_id)).await else {
         return Ok(Check::Stopped);
     };
+    tally.note(&reply);
     let attempt = attempt_of(RequestKind::FetchGroup, &reply);
     match reply.class {
         Class::Ok => {

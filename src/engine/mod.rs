@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::api::ApiClient;
 use crate::error::{Error, Result};
@@ -171,7 +172,8 @@ pub async fn drain(
             if control.stop.is_cancelled() {
                 break 'feed;
             }
-            tasks.spawn(job_task::process(ctx.clone(), job));
+            // Spawned tasks keep the run's span (its id on every log line).
+            tasks.spawn(job_task::process(ctx.clone(), job).in_current_span());
         }
     }
     let mut abandoned = false;

@@ -9,7 +9,9 @@
 mod api_client;
 mod core_run;
 mod crash;
+mod deploy;
 mod exactly_once;
+mod operate;
 mod robustness;
 mod util;
 mod workflows;

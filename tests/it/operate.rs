@@ -163,7 +163,8 @@ async fn the_key_appears_nowhere() {
     ];
     let file_key = vec![("RUST_LOG".to_owned(), "trace".to_owned())];
     let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
-    let runs: Vec<(Vec<String>, Vec<(String, String)>)> = vec![
+    type Env = Vec<(String, String)>;
+    let runs: Vec<(Vec<String>, Env)> = vec![
         (
             s(&[
                 "run",

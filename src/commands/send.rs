@@ -82,7 +82,27 @@ async fn session(
             );
         }
         let api = ApiClient::new(&cfg.api_base, &cfg.key, cfg.timeout, cfg.ca_cert.as_deref())?;
-        engine::drain(store.clone(), api, cfg.engine.clone(), control, run_id).await
+        let pending = store
+            .state_counts()
+            .await?
+            .into_iter()
+            .find(|(s, _)| s == "pending")
+            .map_or(0, |(_, n)| n as u64);
+        let bar = super::progress::start(pending);
+        let on_done = bar
+            .clone()
+            .map(|b| Arc::new(move || b.inc(1)) as engine::OnDone);
+        let drained = engine::drain(
+            store.clone(),
+            api,
+            cfg.engine.clone(),
+            control,
+            run_id,
+            on_done,
+        )
+        .await;
+        super::progress::finish(bar);
+        drained
     }
     .instrument(tracing::info_span!("run", run = run_id))
     .await;

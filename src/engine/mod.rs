@@ -137,6 +137,9 @@ pub struct Drained {
     pub abandoned: bool,
 }
 
+/// Called once per job whose task ended (a progress bar's tick).
+pub type OnDone = Arc<dyn Fn() + Send + Sync>;
+
 /// Sends every pending job. Returns when the queue is empty or the run stopped.
 pub async fn drain(
     store: Store,
@@ -144,7 +147,13 @@ pub async fn drain(
     cfg: EngineConfig,
     control: Arc<Control>,
     run_id: i64,
+    on_done: Option<OnDone>,
 ) -> Result<Drained> {
+    let tick = || {
+        if let Some(f) = &on_done {
+            f();
+        }
+    };
     let pacer = Pacer::new(cfg.concurrency, cfg.rate, cfg.breaker_threshold);
     // Enough tasks to keep every permit busy while others sleep in backoff.
     let max_live = (cfg.concurrency * 8).max(256);
@@ -168,6 +177,7 @@ pub async fn drain(
             after = job.id;
             while tasks.len() >= max_live {
                 collect(tasks.join_next().await, &mut first_error, &control);
+                tick();
             }
             if control.stop.is_cancelled() {
                 break 'feed;
@@ -191,7 +201,10 @@ pub async fn drain(
         tokio::select! {
             next = tasks.join_next() => match next {
                 None => break,
-                some => collect(some, &mut first_error, &control),
+                some => {
+                    collect(some, &mut first_error, &control);
+                    tick();
+                }
             },
             () = control.abandon.cancelled() => { abandoned = true; break; }
             () = timer => if deadline.is_some() { abandoned = true; break; },

@@ -233,6 +233,7 @@ pub fn resolve_sandbox(args: &SandboxArgs) -> Result<SandboxConfig> {
         late_create: probability("late-create", args.late_create)?,
         late_after: parse_duration("late-after", &args.late_after)?,
         seed: args.seed,
+        tls: args.tls_cert.clone().zip(args.tls_key.clone()),
     })
 }
 

@@ -60,6 +60,8 @@ pub struct SandboxConfig {
     pub late_create: f64,
     pub late_after: Duration,
     pub seed: u64,
+    /// Serve HTTPS with this certificate chain and key (PEM files).
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Default for SandboxConfig {
@@ -78,6 +80,7 @@ impl Default for SandboxConfig {
             late_create: 0.0,
             late_after: Duration::from_secs(1),
             seed: 1,
+            tls: None,
         }
     }
 }
@@ -148,6 +151,7 @@ impl App {
 /// A running sandbox.
 #[derive(Debug)]
 pub struct Sandbox {
+    https: bool,
     addr: SocketAddr,
     app: Arc<AppHandle>,
     shutdown: CancellationToken,
@@ -166,6 +170,8 @@ impl std::fmt::Debug for AppHandle {
 impl Sandbox {
     /// Binds `listen` (port 0 picks a free one) and serves until shut down.
     pub async fn start(cfg: SandboxConfig, listen: SocketAddr) -> std::io::Result<Sandbox> {
+        let tls = cfg.tls.clone();
+        let https = tls.is_some();
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let limiter = cfg.rate_limit.and_then(|r| {
@@ -200,12 +206,29 @@ impl Sandbox {
             .with_state(app.clone());
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        });
+        let task = match tls {
+            None => tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+            }),
+            Some((cert, key)) => {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let config =
+                    axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key).await?;
+                let server =
+                    axum_server::tls_rustls::from_tcp_rustls(listener.into_std()?, config)?;
+                let handle = axum_server::Handle::new();
+                let closer = handle.clone();
+                tokio::spawn(async move {
+                    stop.cancelled().await;
+                    closer.graceful_shutdown(Some(Duration::from_secs(1)));
+                });
+                tokio::spawn(server.handle(handle).serve(router.into_make_service()))
+            }
+        };
         Ok(Sandbox {
+            https,
             addr,
             app: Arc::new(AppHandle(app)),
             shutdown,
@@ -217,9 +240,10 @@ impl Sandbox {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT`, or `https://…` when serving TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Changes the faults from now on (e.g. to end a simulated outage).

@@ -336,3 +336,133 @@ async fn json_logs_carry_one_line_per_failed_row_and_none_per_success() {
         "no run has succeeded yet"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_with_a_private_root_and_a_refusal_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = rcgen::CertifiedIssuer::self_signed(
+        {
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, "kohort-batch test root");
+            p
+        },
+        rcgen::KeyPair::generate().unwrap(),
+    )
+    .unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let cert = write(dir.path(), "leaf.pem", &leaf.pem());
+    let key = write(dir.path(), "leaf.key", &leaf_key.serialize_pem());
+    let root = write(dir.path(), "root.pem", &ca.pem());
+    let sb = sandbox(SandboxConfig {
+        tls: Some((cert, key)),
+        ..SandboxConfig::default()
+    })
+    .await;
+    assert!(sb.url().starts_with("https://127.0.0.1:"));
+    let csv = write(dir.path(), "o.csv", &csv_rows(3))
+        .display()
+        .to_string();
+
+    let db = dir.path().join("a.db").display().to_string();
+    let untrusted = binary_async(
+        [
+            "run",
+            "--db",
+            &db,
+            "--csv",
+            &csv,
+            "--api-base",
+            &sb.url(),
+            "--max-attempts",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vec![("KOHORTPAY_API_KEY".into(), KEY.into())],
+    )
+    .await;
+    assert_eq!(untrusted.status.code(), Some(1));
+    let errors = column(Path::new(&db), "SELECT DISTINCT error FROM jobs");
+    assert!(
+        errors[0].contains("could not connect") && errors[0].to_lowercase().contains("certificate"),
+        "{errors:?}"
+    );
+    assert_eq!(sb.stats(false).groups_total, 0);
+
+    let db = dir.path().join("b.db").display().to_string();
+    let root = root.display().to_string();
+    let trusted = binary_async(
+        [
+            "run",
+            "--db",
+            &db,
+            "--csv",
+            &csv,
+            "--api-base",
+            &sb.url(),
+            "--ca-cert",
+            &root,
+            "--rate",
+            "0",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vec![("KOHORTPAY_API_KEY".into(), KEY.into())],
+    )
+    .await;
+    assert_eq!(
+        trusted.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+    assert_one_group_each(&sb, orders(3));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_standard_proxy_variables_are_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    // The sandbox plays the proxy: nothing listens at the API address itself, so a
+    // group can only be created if the request went through HTTP_PROXY.
+    let sb = sandbox(SandboxConfig::default()).await;
+    let csv = write(dir.path(), "o.csv", &csv_rows(2))
+        .display()
+        .to_string();
+    let db = dir.path().join("p.db").display().to_string();
+    let out = binary_async(
+        [
+            "run",
+            "--db",
+            &db,
+            "--csv",
+            &csv,
+            "--api-base",
+            "http://127.0.0.2:9",
+            "--rate",
+            "0",
+            "--max-attempts",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vec![
+            ("KOHORTPAY_API_KEY".into(), KEY.into()),
+            ("HTTP_PROXY".into(), sb.url()),
+            ("NO_PROXY".into(), String::new()),
+        ],
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_one_group_each(&sb, orders(2));
+}

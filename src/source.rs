@@ -24,7 +24,8 @@ pub struct ImportRow {
     pub key: Option<String>,
     /// The request body, or why the row cannot be sent.
     pub outcome: Result<Payload, String>,
-    /// The row as written (header → cell), kept so failures can be exported for repair.
+    /// The row as written (header → cell), kept for invalid rows so they can be
+    /// exported for repair; empty for valid rows (their request body says it all).
     pub raw: BTreeMap<String, String>,
 }
 
@@ -336,6 +337,11 @@ impl CsvSource {
             }
             Err(problems.join("; "))
         };
+        if outcome.is_ok() {
+            // Only an invalid row's cells are kept (see store::ops::import): don't carry
+            // the rest through the import queue.
+            raw = BTreeMap::new();
+        }
         ImportRow {
             line,
             key,

@@ -19,7 +19,7 @@ use crate::source::{CsvSource, ImportRow};
 use crate::store::{ImportCounts, RetryFilter, Store};
 
 /// Rows per import transaction.
-const IMPORT_BATCH: usize = 2000;
+const IMPORT_BATCH: usize = 4_000;
 
 /// `run`: import the CSVs and the inbox, send every pending job, report.
 pub async fn run(cfg: &SendConfig, csv: &[PathBuf], control: Arc<Control>) -> Result<Exit> {
@@ -193,7 +193,7 @@ async fn finish(
 
 /// Streams a CSV into the store in batches; reading happens on a blocking thread.
 pub async fn import_csv(store: &Store, run_id: i64, path: &Path) -> Result<ImportCounts> {
-    let (tx, mut rx) = mpsc::channel::<(String, Vec<ImportRow>)>(4);
+    let (tx, mut rx) = mpsc::channel::<(String, Vec<ImportRow>)>(2);
     let path_owned = path.to_owned();
     let reader = tokio::task::spawn_blocking(move || -> Result<()> {
         let mut source = CsvSource::open(&path_owned)?;

@@ -256,14 +256,17 @@ fn run_in_savepoint<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
-    conn.execute_batch("SAVEPOINT task")?;
+    // Prepared once and reused: these run twice per job sent.
+    let exec = |sql: &str| conn.prepare_cached(sql)?.execute([]).map(|_| ());
+    exec("SAVEPOINT task")?;
     match f(conn) {
         Ok(v) => {
-            conn.execute_batch("RELEASE task")?;
+            exec("RELEASE task")?;
             Ok(v)
         }
         Err(e) => {
-            conn.execute_batch("ROLLBACK TO task; RELEASE task")?;
+            exec("ROLLBACK TO task")?;
+            exec("RELEASE task")?;
             Err(e)
         }
     }

@@ -94,14 +94,40 @@ pub(super) fn import(
 ) -> rusqlite::Result<ImportCounts> {
     let now = now_text();
     let mut counts = ImportCounts::default();
+    // While no invalid row with a key exists, a valid row cannot be the fix of one:
+    // new keys then go straight in, one statement each.
+    let mut invalid_keys: bool = c
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM jobs WHERE row_key IS NOT NULL)")?
+        .query_row([], |r| r.get(0))?;
     for row in rows {
         counts.rows += 1;
-        let raw = serde_json::to_string(&row.raw).unwrap_or_default();
+        // The row as written is kept for invalid rows only: a valid row's request body
+        // says the same thing (exports rebuild the row from it).
+        let raw = match &row.outcome {
+            Ok(_) => String::new(),
+            Err(_) => serde_json::to_string(&row.raw).unwrap_or_default(),
+        };
         let line = row.line as i64;
         match &row.outcome {
-            Ok(payload) => import_valid(c, run_id, source, line, &raw, payload, &now, &mut counts)?,
+            Ok(payload) => {
+                let new = NewJob {
+                    run_id,
+                    source,
+                    line,
+                    raw: &raw,
+                    payload,
+                    json: payload.to_json(),
+                    now: &now,
+                };
+                if !invalid_keys && new.conn_insert(c)? {
+                    counts.queued += 1;
+                } else {
+                    import_valid(c, &new, &mut counts)?;
+                }
+            }
             Err(reason) => {
                 counts.invalid += 1;
+                invalid_keys |= row.key.is_some();
                 let earlier: Option<i64> = match &row.key {
                     Some(k) => latest_invalid(c, k)?,
                     None => c
@@ -138,25 +164,68 @@ pub(super) fn import(
 /// The newest invalid job whose row would have had this key.
 fn latest_invalid(c: &Connection, row_key: &str) -> rusqlite::Result<Option<i64>> {
     c.prepare_cached(
-        "SELECT id FROM jobs WHERE row_key = ?1 AND state = 'invalid' ORDER BY id DESC LIMIT 1",
+        // `row_key IS NOT NULL` spelled out: the partial index's condition then follows
+        // from the query itself, not from the bound value, which would make SQLite
+        // recompile the statement on every bind.
+        "SELECT id FROM jobs WHERE row_key IS NOT NULL AND row_key = ?1 AND state = 'invalid' \
+         ORDER BY id DESC LIMIT 1",
     )?
     .query_row(params![row_key], |r| r.get(0))
     .optional()
 }
 
-#[expect(clippy::too_many_arguments, reason = "one row's worth of columns")]
+/// A valid row on its way into `jobs`.
+struct NewJob<'a> {
+    run_id: i64,
+    source: &'a str,
+    line: i64,
+    raw: &'a str,
+    payload: &'a Payload,
+    json: String,
+    now: &'a str,
+}
+
+impl NewJob<'_> {
+    fn conn_insert(&self, c: &Connection) -> rusqlite::Result<bool> {
+        let p = self.payload;
+        let n = c
+            .prepare_cached(
+                "INSERT INTO jobs (key, customer_id, order_id, payment_intent_id, payload, raw, \
+                 source, line, state, first_run_id, last_run_id, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?9, ?10) \
+                 ON CONFLICT (key) DO NOTHING",
+            )?
+            .execute(params![
+                p.key(),
+                p.customer_id,
+                p.order_id,
+                p.payment_intent_id,
+                self.json,
+                self.raw,
+                self.source,
+                self.line,
+                self.run_id,
+                self.now
+            ])?;
+        Ok(n == 1)
+    }
+}
+
 fn import_valid(
     c: &Connection,
-    run_id: i64,
-    source: &str,
-    line: i64,
-    raw: &str,
-    payload: &Payload,
-    now: &str,
+    new: &NewJob<'_>,
     counts: &mut ImportCounts,
 ) -> rusqlite::Result<()> {
+    let (run_id, source, line, raw, payload, now) = (
+        new.run_id,
+        new.source,
+        new.line,
+        new.raw,
+        new.payload,
+        new.now,
+    );
     let key = payload.key();
-    let json = payload.to_json();
+    let json = new.json.clone();
     let existing: Option<(i64, String, Option<String>, i64)> = c
         .prepare_cached("SELECT id, state, payload, creates FROM jobs WHERE key = ?1")?
         .query_row(params![key], |r| {
@@ -193,24 +262,7 @@ fn import_valid(
             if let Some(id) = fixed_invalid {
                 replace(id, false)?;
                 counts.fixed += 1;
-            } else {
-                c.prepare_cached(
-                    "INSERT INTO jobs (key, customer_id, order_id, payment_intent_id, payload, \
-                     raw, source, line, state, first_run_id, last_run_id, updated_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?9, ?10)",
-                )?
-                .execute(params![
-                    key,
-                    payload.customer_id,
-                    payload.order_id,
-                    payload.payment_intent_id,
-                    json,
-                    raw,
-                    source,
-                    line,
-                    run_id,
-                    now
-                ])?;
+            } else if new.conn_insert(c)? {
                 counts.queued += 1;
             }
         }

@@ -213,13 +213,15 @@ pub struct JobExport {
     pub source: String,
     pub line: Option<i64>,
     pub raw: String,
+    /// The request body (JSON), for valid rows.
+    pub payload: Option<String>,
     pub attempts: i64,
     pub creates: i64,
 }
 
 const JOB_COLUMNS: &str = "SELECT j.id, j.key, j.row_key, j.state, j.obtained, j.customer_id, \
      j.order_id, j.payment_intent_id, j.group_id, g.share_id, g.status, g.expires_at, \
-     g.created_at, j.error, j.source, j.line, j.raw, j.attempts, j.creates \
+     g.created_at, j.error, j.source, j.line, j.raw, j.attempts, j.creates, j.payload \
      FROM jobs j LEFT JOIN groups g ON g.id = j.group_id";
 
 fn job_export(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobExport> {
@@ -243,6 +245,7 @@ fn job_export(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobExport> {
         raw: r.get(16)?,
         attempts: r.get(17)?,
         creates: r.get(18)?,
+        payload: r.get(19)?,
     })
 }
 

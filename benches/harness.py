@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""The kohort-batch benchmark harness (see BENCHMARKS.md).
+
+Runs the release binary against its own sandbox on loopback and measures each
+target of the performance issue as a ratio within one run, so a noisy machine does
+not decide it. Inputs are generated here (never committed). Results: a Markdown
+table on stdout and bench-out/results.json.
+
+    python3 benches/harness.py            # everything (a few minutes)
+    python3 benches/harness.py --quick    # smaller inputs, for a smoke test
+    python3 benches/harness.py --only overhead rate
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench-out"
+BIN = ROOT / "target" / "release" / "kohort-batch"
+KEY = "sk_test_bench"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_measured(cmd, env=None, stdout=subprocess.DEVNULL):
+    """Runs cmd; returns (seconds, peak RSS in MB, exit code)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.monotonic() - start
+    code = os.waitstatus_to_exitcode(status)
+    return elapsed, usage.ru_maxrss / 1024.0, code
+
+
+class Sandbox:
+    def __init__(self, *knobs):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [str(BIN), "sandbox", "--listen", f"127.0.0.1:{self.port}", *knobs],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("the sandbox did not start")
+
+    def stats(self):
+        with urllib.request.urlopen(self.url + "/_sandbox/stats", timeout=30) as r:
+            return json.load(r)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def make_csv(path, rows, prefix="ord"):
+    if path.exists() and path.stat().st_size > 0:
+        with open(path) as f:
+            if sum(1 for _ in f) == rows + 1:
+                return path
+    with open(path, "w") as f:
+        f.write("customerId,orderId,metadata.campaign\n")
+        for i in range(1, rows + 1):
+            f.write(f"cus_{i:07d},{prefix}_{i:07d},spring\n")
+    return path
+
+
+def env_with_key():
+    env = dict(os.environ)
+    env["KOHORTPAY_API_KEY"] = KEY
+    env.pop("KOHORT_BATCH_CONFIG", None)
+    return env
+
+
+def kb_run(sandbox, csv, db, *flags):
+    """Runs `kohort-batch run`; returns (seconds, peak MB, exit, report)."""
+    report = db.with_suffix(".json")
+    for p in (db, Path(str(db) + "-wal"), Path(str(db) + "-shm"), report):
+        if p.exists():
+            p.unlink()
+    cmd = [str(BIN), "run", "--db", str(db), "--csv", str(csv), "--api-base", sandbox.url,
+           "--report-json", str(report), *flags]
+    secs, mb, code = run_measured(cmd, env=env_with_key())
+    return secs, mb, code, json.loads(report.read_text())
+
+
+def wrk_rate(url, connections, seconds):
+    script = OUT / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.body = \'{"customerId":"cus_1","orderId":"ord_wrk"}\'\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {KEY}"\n'
+    )
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url + "/groups"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def bench_overhead(args):
+    rows = 10_000 if args.quick else 50_000
+    conc = 64
+    csv = make_csv(OUT / f"rows-{rows}.csv", rows)
+    with Sandbox() as sb:
+        raw = wrk_rate(sb.url, conc, 5 if args.quick else 10)
+    with Sandbox() as sb:
+        secs, mb, code, rep = kb_run(sb, csv, OUT / "overhead.db", "--rate", "0",
+                                     "--concurrency", str(conc), "--precheck", "ambiguous")
+        dup = sb.stats()["duplicate_keys"]
+    assert code == 0 and dup == 0, (code, dup)
+    per_sec = rows / secs
+    return {
+        "name": "overhead",
+        "what": f"`run` rows/s vs raw `wrk` POST /groups req/s, {rows:,} rows, concurrency {conc}, no latency",
+        "measured": f"{per_sec:,.0f} rows/s vs {raw:,.0f} req/s",
+        "ratio": per_sec / raw, "target": ">= 0.5", "ok": per_sec / raw >= 0.5,
+        "extra": {"run_peak_mb": mb, "wall_secs": secs},
+    }
+
+
+def bench_rate(args):
+    rows = 1_000 if args.quick else 4_000
+    csv = make_csv(OUT / f"rows-{rows}.csv", rows)
+    with Sandbox() as sb:
+        secs, mb, code, rep = kb_run(sb, csv, OUT / "rate.db", "--rate", "200", "--concurrency", "16")
+        stats = sb.stats()
+    assert code == 0 and stats["duplicate_keys"] == 0
+    achieved = rep["requests"]["rate_per_sec"]
+    peak = stats["max_starts_in_one_second"]
+    ok = achieved >= 0.97 * 200 and peak <= 201
+    return {
+        "name": "rate",
+        "what": f"`--rate 200`, {rows:,} rows (checks and creates: {rep['requests']['total']:,} requests)",
+        "measured": f"{achieved:.1f} req/s achieved; at most {peak} starts in any 1 s",
+        "ratio": achieved / 200, "target": ">= 0.97, and <= 201 starts/s", "ok": ok,
+        "extra": {"max_starts_in_one_second": peak},
+    }
+
+
+def bench_latency(args):
+    rows = 3_000 if args.quick else 10_000
+    csv = make_csv(OUT / f"rows-{rows}.csv", rows)
+    with Sandbox("--latency", "100ms") as sb:
+        secs, mb, code, rep = kb_run(sb, csv, OUT / "latency.db", "--rate", "0", "--concurrency", "64",
+                                     "--precheck", "ambiguous")
+    assert code == 0
+    per_sec = rows / secs
+    return {
+        "name": "latency",
+        "what": f"sandbox latency 100 ms, concurrency 64, {rows:,} rows (bound: 640 rows/s)",
+        "measured": f"{per_sec:,.0f} rows/s",
+        "ratio": per_sec / 640, "target": ">= 0.9", "ok": per_sec / 640 >= 0.9,
+        "extra": {"wall_secs": secs},
+    }
+
+
+def bench_import(args):
+    rows = 200_000 if args.quick else 1_000_000
+    csv = make_csv(OUT / f"rows-{rows}.csv", rows)
+    ref_db = OUT / "sqlite-import.db"
+    if ref_db.exists():
+        ref_db.unlink()
+    ref_secs, _, code = run_measured(["sqlite3", str(ref_db), ".mode csv", f".import {csv} t"])
+    assert code == 0
+    db = OUT / "enqueue.db"
+    for p in (db, Path(str(db) + "-wal"), Path(str(db) + "-shm")):
+        if p.exists():
+            p.unlink()
+    secs, mb, code = run_measured([str(BIN), "enqueue", "--db", str(db), "--csv", str(csv)], env=env_with_key())
+    assert code == 0, code
+    vsecs, vmb, vcode = run_measured([str(BIN), "validate", "--csv", str(csv)])
+    assert vcode == 0, vcode
+    return [
+        {
+            "name": "import",
+            "what": f"`enqueue` of {rows:,} rows vs `sqlite3 .import` into a plain table",
+            "measured": f"{secs:.1f} s vs {ref_secs:.1f} s",
+            "ratio": secs / ref_secs, "target": "<= 2.0", "ok": secs / ref_secs <= 2.0,
+            "extra": {"enqueue_peak_mb": mb},
+        },
+        {
+            "name": "memory-enqueue",
+            "what": f"peak RSS of `enqueue`, {rows:,} rows",
+            "measured": f"{mb:.0f} MB", "ratio": mb / 100, "target": "<= 100 MB", "ok": mb <= 100,
+        },
+        {
+            "name": "memory-validate",
+            "what": f"peak RSS of `validate`, {rows:,} rows ({vsecs:.1f} s)",
+            "measured": f"{vmb:.0f} MB", "ratio": vmb / 100, "target": "<= 100 MB", "ok": vmb <= 100,
+        },
+    ]
+
+
+def bench_run_memory(args):
+    rows = 10_000 if args.quick else 50_000
+    csv = make_csv(OUT / f"rows-{rows}.csv", rows)
+    with Sandbox() as sb:
+        secs, mb, code, rep = kb_run(sb, csv, OUT / "memory.db", "--rate", "0", "--concurrency", "16")
+    assert code == 0
+    return {
+        "name": "memory-run",
+        "what": f"peak RSS of `run`, {rows:,} rows (precheck always)",
+        "measured": f"{mb:.0f} MB", "ratio": mb / 100, "target": "<= 100 MB", "ok": mb <= 100,
+    }
+
+
+def bench_precheck(args):
+    rows = 2_000 if args.quick else 5_000
+    csv = make_csv(OUT / f"rows-{rows}.csv", rows)
+    out = {}
+    for mode in ("always", "ambiguous"):
+        with Sandbox("--latency", "20ms") as sb:
+            secs, mb, code, rep = kb_run(sb, csv, OUT / f"precheck-{mode}.db", "--rate", "0",
+                                         "--concurrency", "16", "--precheck", mode)
+        assert code == 0
+        out[mode] = (rows / secs, rep["requests"]["total"])
+    ratio = out["always"][0] / out["ambiguous"][0]
+    return {
+        "name": "precheck",
+        "what": f"`--precheck always` vs `ambiguous`, {rows:,} rows, latency 20 ms, concurrency 16",
+        "measured": f"{out['always'][0]:,.0f} vs {out['ambiguous'][0]:,.0f} rows/s "
+                    f"({out['always'][1]:,} vs {out['ambiguous'][1]:,} requests)",
+        "ratio": ratio, "target": "(informative)", "ok": True,
+    }
+
+
+BENCHES = {
+    "overhead": bench_overhead,
+    "rate": bench_rate,
+    "latency": bench_latency,
+    "import": bench_import,
+    "run-memory": bench_run_memory,
+    "precheck": bench_precheck,
+}
+
+
+def machine():
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, {platform.system()} {platform.release()}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller inputs (a smoke test, not the targets)")
+    ap.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these")
+    ap.add_argument("--no-build", action="store_true", help="use the existing release binary")
+    args = ap.parse_args()
+    for tool in ("wrk", "sqlite3"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is missing: apt-get install {tool}")
+    OUT.mkdir(exist_ok=True)
+    if not args.no_build:
+        subprocess.run(["cargo", "build", "--release", "--locked", "--quiet"], cwd=ROOT, check=True)
+    results = []
+    for name in args.only or list(BENCHES):
+        print(f"... {name}", file=sys.stderr, flush=True)
+        r = BENCHES[name](args)
+        results.extend(r if isinstance(r, list) else [r])
+    print(f"\nMachine: {machine()}\n")
+    print("| target | what | measured | ratio | target | ok |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['name']} | {r['what']} | {r['measured']} | {r['ratio']:.2f} | {r['target']} | "
+              f"{'yes' if r['ok'] else '**no**'} |")
+    (OUT / "results.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+    sys.exit(0 if all(r["ok"] for r in results) else 1)
+
+
+if __name__ == "__main__":
+    main()

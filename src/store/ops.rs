@@ -392,8 +392,11 @@ pub(super) fn record(
                 "INSERT INTO groups (id, job_id, share_id, status, customer_id, order_id, \
                  expires_at, created_at, obtained, raw, recorded_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
-                 ON CONFLICT (id) DO UPDATE SET share_id = excluded.share_id, \
-                 status = excluded.status, raw = excluded.raw, recorded_at = excluded.recorded_at",
+                 ON CONFLICT (job_id) DO UPDATE SET id = excluded.id, \
+                 share_id = excluded.share_id, status = excluded.status, \
+                 customer_id = excluded.customer_id, order_id = excluded.order_id, \
+                 expires_at = excluded.expires_at, created_at = excluded.created_at, \
+                 obtained = excluded.obtained, raw = excluded.raw, recorded_at = excluded.recorded_at",
             )?
             .execute(params![
                 group.id,

@@ -222,7 +222,7 @@ pub struct JobExport {
 const JOB_COLUMNS: &str = "SELECT j.id, j.key, j.row_key, j.state, j.obtained, j.customer_id, \
      j.order_id, j.payment_intent_id, j.group_id, g.share_id, g.status, g.expires_at, \
      g.created_at, j.error, j.source, j.line, j.raw, j.attempts, j.creates, j.payload \
-     FROM jobs j LEFT JOIN groups g ON g.id = j.group_id";
+     FROM jobs j LEFT JOIN groups g ON g.job_id = j.id";
 
 fn job_export(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobExport> {
     Ok(JobExport {

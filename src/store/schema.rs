@@ -122,6 +122,30 @@ const MIGRATIONS: &[&str] = &[
     DROP INDEX attempts_job;
     DROP INDEX groups_job;
     "#,
+    // 4: groups keyed by their job. Keyed by the random `pg_…` id, every commit
+    // dirtied one random B-tree page per group (and wrote each whole to the WAL);
+    // job ids grow with the work, so new groups append. One job has one group.
+    r#"
+    CREATE TABLE groups_by_job (
+        job_id      INTEGER PRIMARY KEY REFERENCES jobs(id),
+        id          TEXT NOT NULL,     -- pg_...
+        share_id    TEXT,
+        status      TEXT,
+        customer_id TEXT,
+        order_id    TEXT,
+        expires_at  TEXT,
+        created_at  TEXT,
+        obtained    TEXT NOT NULL,
+        raw         TEXT NOT NULL,     -- the group object exactly as received
+        recorded_at TEXT NOT NULL
+    );
+    INSERT INTO groups_by_job
+        SELECT g.job_id, g.id, g.share_id, g.status, g.customer_id, g.order_id, g.expires_at,
+               g.created_at, g.obtained, g.raw, g.recorded_at
+        FROM groups g JOIN jobs j ON j.id = g.job_id AND j.group_id = g.id;
+    DROP TABLE groups;
+    ALTER TABLE groups_by_job RENAME TO groups;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -152,8 +176,18 @@ pub fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
             )),
         ));
     }
+    migrate(conn, current, VERSION)
+}
+
+/// Applies the migrations that take the schema from `from` to `to`, in one transaction.
+fn migrate(conn: &mut Connection, from: i64, to: i64) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(to as usize)
+        .skip(from as usize)
+    {
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", i as i64 + 1)?;
     }
@@ -163,6 +197,28 @@ pub fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn groups_move_to_their_jobs_keeping_the_current_one() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, 0, 3).unwrap();
+        conn.execute_batch(
+            "INSERT INTO runs (id, command, started_at, pid, options) VALUES (1, 'run', 't', 1, '{}');
+             INSERT INTO jobs (id, key, raw, source, state, group_id, updated_at)
+                 VALUES (7, 'ord_1', '', 'f', 'succeeded', 'pg_new', 't');
+             INSERT INTO groups (id, job_id, share_id, obtained, raw, recorded_at)
+                 VALUES ('pg_old', 7, 'KHT-OLD', 'created', '{}', 't'),
+                        ('pg_new', 7, 'KHT-NEW', 'recovered', '{}', 't');",
+        )
+        .unwrap();
+        migrate(&mut conn, 3, VERSION).unwrap();
+        let (job, id, share): (i64, String, String) = conn
+            .query_row("SELECT job_id, id, share_id FROM groups", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!((job, id.as_str(), share.as_str()), (7, "pg_new", "KHT-NEW"));
+    }
 
     #[test]
     fn migrations_apply_once_and_are_idempotent() {

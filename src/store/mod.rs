@@ -282,9 +282,16 @@ fn owner_loop(conn: Connection, mut rx: mpsc::Receiver<Task>, path: &Path) {
             continue;
         }
         finishers.push(first(&conn));
+        let mut yielded = false;
         while finishers.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(task) => finishers.push(task(&conn)),
+                // Once, give the senders a moment: a commit costs about as much as many
+                // statements, so a few more in this batch are nearly free.
+                Err(_) if !yielded => {
+                    yielded = true;
+                    std::thread::yield_now();
+                }
                 Err(_) => break,
             }
         }

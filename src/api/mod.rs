@@ -61,6 +61,8 @@ pub struct Reply<T> {
 pub struct ApiClient {
     http: reqwest::Client,
     base: String,
+    /// `POST {base}/groups`, parsed once.
+    groups_url: reqwest::Url,
     auth: HeaderValue,
 }
 
@@ -99,16 +101,20 @@ impl ApiClient {
         let http = builder
             .build()
             .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))?;
+        let base = base.trim_end_matches('/').to_owned();
+        let groups_url = reqwest::Url::parse(&format!("{base}/groups"))
+            .map_err(|e| Error::usage(format!("--api-base {base} is not a valid URL: {e}")))?;
         Ok(ApiClient {
             http,
-            base: base.trim_end_matches('/').to_owned(),
+            base,
+            groups_url,
             auth,
         })
     }
 
     /// `POST /groups`.
     pub async fn create_group(&self, body: &Payload) -> Reply<Group> {
-        let req = self.http.post(format!("{}/groups", self.base)).json(body);
+        let req = self.http.post(self.groups_url.clone()).json(body);
         self.exchange(req, wire::parse_group).await
     }
 

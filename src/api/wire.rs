@@ -29,7 +29,10 @@ fn text(v: Option<&Value>) -> Option<String> {
 pub fn parse_group(body: &[u8]) -> Result<Group, String> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| format!("the body is not JSON ({e})"))?;
-    group_from_value(&value)
+    let mut group = group_from_value(&value)?;
+    // Keep the bytes as received (valid UTF-8: it parsed as JSON).
+    group.raw = String::from_utf8_lossy(body).into_owned();
+    Ok(group)
 }
 
 fn group_from_value(value: &Value) -> Result<Group, String> {
@@ -63,7 +66,10 @@ pub fn parse_group_lookup(body: &[u8]) -> Result<Option<Group>, String> {
     match &value {
         Value::Null => Ok(None),
         Value::Object(o) if o.is_empty() => Ok(None),
-        _ => group_from_value(&value).map(Some),
+        _ => group_from_value(&value).map(|mut g| {
+            g.raw = String::from_utf8_lossy(trimmed).into_owned();
+            Some(g)
+        }),
     }
 }
 

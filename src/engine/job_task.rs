@@ -279,15 +279,7 @@ async fn check(ctx: &Ctx, job: &Job, order_id: &str, tally: &mut Tally) -> Resul
             return Ok(Check::OrderMissing(reason, attempt));
         }
         Class::Stop | Class::Retry | Class::Ambiguous => {
-            return check_failed(
-                ctx,
-                job,
-                attempt,
-                reply.class,
-                reply.retry_after,
-                reply.error,
-            )
-            .await;
+            return check_failed(ctx, job, attempt, reply).await;
         }
     };
     ctx.store
@@ -317,37 +309,22 @@ async fn check(ctx: &Ctx, job: &Job, order_id: &str, tally: &mut Tally) -> Resul
             Ok(Check::Found(group, attempt))
         }
         Class::Stop | Class::Definitive | Class::Retry | Class::Ambiguous => {
-            check_failed(
-                ctx,
-                job,
-                attempt,
-                reply.class,
-                reply.retry_after,
-                reply.error,
-            )
-            .await
+            check_failed(ctx, job, attempt, reply).await
         }
     }
 }
 
 /// A check that got no usable answer: record it, then stop the run or retry later.
-async fn check_failed(
-    ctx: &Ctx,
-    job: &Job,
-    attempt: Attempt,
-    class: Class,
-    retry_after: Option<Duration>,
-    error: Option<String>,
-) -> Result<Check> {
+async fn check_failed<T>(ctx: &Ctx, job: &Job, attempt: Attempt, reply: Reply<T>) -> Result<Check> {
     ctx.store
         .record(ctx.run_id, job.id, Some(attempt), Transition::Keep)
         .await?;
-    let error = error.unwrap_or_default();
-    if class == Class::Stop {
+    let error = reply.error.unwrap_or_default();
+    if reply.class == Class::Stop {
         ctx.control.stop(StopReason::Api(stop_message(&error)));
         return Ok(Check::Stopped);
     }
-    Ok(Check::Retry(retry_after, error))
+    Ok(Check::Retry(reply.retry_after, error))
 }
 
 impl Ctx {

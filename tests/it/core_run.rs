@@ -305,18 +305,6 @@ async fn request_starts_follow_the_rate_limit() {
     );
 }
 
-/// Runs the real binary with the given arguments and environment.
-fn binary(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut cmd = Command::cargo_bin("kohort-batch").unwrap();
-    cmd.args(args)
-        .env_remove("KOHORTPAY_API_KEY")
-        .env_remove("KOHORT_BATCH_DB");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_401_stops_the_run_with_exit_3_and_fails_no_row() {
     let dir = tempfile::tempdir().unwrap();
@@ -329,7 +317,7 @@ async fn a_401_stops_the_run_with_exit_3_and_fails_no_row() {
         csv.display().to_string(),
     );
     let out = tokio::task::spawn_blocking(move || {
-        binary(
+        bin(
             &[
                 "run",
                 "--csv",
@@ -369,7 +357,7 @@ async fn a_401_stops_the_run_with_exit_3_and_fails_no_row() {
 
 #[test]
 fn usage_errors_exit_2_and_say_what_to_do() {
-    let out = binary(
+    let out = bin(
         &["run", "--api-base", "http://example.com"],
         &[("KOHORTPAY_API_KEY", "sk_test_x")],
     );
@@ -377,17 +365,17 @@ fn usage_errors_exit_2_and_say_what_to_do() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("plain http is allowed only for loopback")
     );
-    let out = binary(&["run"], &[]);
+    let out = bin(&["run"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("KOHORTPAY_API_KEY"));
-    let out = binary(
+    let out = bin(
         &["run", "--timeout", "soon"],
         &[("KOHORTPAY_API_KEY", "sk_test_x")],
     );
     assert_eq!(out.status.code(), Some(2));
-    let out = binary(&["run", "--bogus"], &[]);
+    let out = bin(&["run", "--bogus"], &[]);
     assert_eq!(out.status.code(), Some(2));
-    let out = binary(&["run"], &[("KOHORTPAY_API_KEY", "sk_live_secret")]);
+    let out = bin(&["run"], &[("KOHORTPAY_API_KEY", "sk_live_secret")]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--live") && !err.contains("secret"), "{err}");

@@ -9,8 +9,6 @@ use kohort_batch::sandbox::SandboxConfig;
 
 use crate::util::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kohort-batch");
-
 fn spawn_run(db: &std::path::Path, base: &str, csv: &std::path::Path, extra: &[&str]) -> Child {
     Command::new(BIN)
         .args(["run", "--db"])

@@ -2,36 +2,10 @@
 //! the key never leaking, metrics, and logs.
 
 use std::path::Path;
-use std::process::Command;
 
 use kohort_batch::sandbox::SandboxConfig;
 
 use crate::util::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_kohort-batch");
-
-fn binary(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_remove("KOHORTPAY_API_KEY")
-        .env_remove("KOHORTPAY_API_BASE")
-        .env_remove("KOHORT_BATCH_DB")
-        .env_remove("KOHORT_BATCH_CONFIG");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
-}
-
-async fn binary_async(args: Vec<String>, env: Vec<(String, String)>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        binary(&a, &e)
-    })
-    .await
-    .unwrap()
-}
 
 #[test]
 fn flags_beat_environment_beat_file_beat_defaults() {
@@ -95,7 +69,7 @@ fn flags_beat_environment_beat_file_beat_defaults() {
         ),
     ];
     for (name, args, env, (base, db, rate, conc)) in cases {
-        let out = binary(&args, &env);
+        let out = bin(&args, &env);
         assert!(
             out.status.success(),
             "{name}: {}",
@@ -108,7 +82,7 @@ fn flags_beat_environment_beat_file_beat_defaults() {
         assert_eq!(v["run"]["send"]["concurrency"], conc, "{name}");
     }
     let bad = write(dir.path(), "bad.toml", "rate = \"fast\"\n");
-    let out = binary(&["run", "--config", &bad.display().to_string()], &[]);
+    let out = bin(&["run", "--config", &bad.display().to_string()], &[]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -232,7 +206,7 @@ async fn the_key_appears_nowhere() {
         ),
     ];
     for (args, env) in runs {
-        let out = binary_async(args.clone(), env).await;
+        let out = bin_async(args.clone(), env).await;
         assert_no_sentinel(&format!("stdout of {args:?}"), &out.stdout);
         assert_no_sentinel(&format!("stderr of {args:?}"), &out.stderr);
         assert!(
@@ -269,7 +243,7 @@ async fn a_key_file_others_can_read_draws_a_warning() {
         "--api-base".into(),
         sb.url(),
     ];
-    let out = binary_async(args, vec![]).await;
+    let out = bin_async(args, vec![]).await;
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
 }
@@ -300,7 +274,7 @@ async fn json_logs_carry_one_line_per_failed_row_and_none_per_success() {
         "--metrics-file".into(),
         metrics.display().to_string(),
     ];
-    let out = binary_async(args, vec![("KOHORTPAY_API_KEY".into(), KEY.into())]).await;
+    let out = bin_async(args, vec![("KOHORTPAY_API_KEY".into(), KEY.into())]).await;
     assert_eq!(out.status.code(), Some(1));
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
         .lines()
@@ -370,7 +344,7 @@ async fn tls_with_a_private_root_and_a_refusal_without_it() {
         .to_string();
 
     let db = dir.path().join("a.db").display().to_string();
-    let untrusted = binary_async(
+    let untrusted = bin_async(
         [
             "run",
             "--db",
@@ -397,7 +371,7 @@ async fn tls_with_a_private_root_and_a_refusal_without_it() {
 
     let db = dir.path().join("b.db").display().to_string();
     let root = root.display().to_string();
-    let trusted = binary_async(
+    let trusted = bin_async(
         [
             "run",
             "--db",
@@ -435,7 +409,7 @@ async fn the_standard_proxy_variables_are_honoured() {
         .display()
         .to_string();
     let db = dir.path().join("p.db").display().to_string();
-    let out = binary_async(
+    let out = bin_async(
         [
             "run",
             "--db",

@@ -110,3 +110,46 @@ pub fn assert_one_group_each(sb: &Sandbox, orders: impl IntoIterator<Item = Stri
 pub fn orders(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("ord_{i:05}")).collect()
 }
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_kohort-batch");
+
+/// Runs the real binary to completion. The key, API base, database and config
+/// variables of the calling environment are cleared first, then `env` is set.
+pub fn bin(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(args);
+    for var in [
+        "KOHORTPAY_API_KEY",
+        "KOHORTPAY_API_BASE",
+        "KOHORT_BATCH_DB",
+        "KOHORT_BATCH_CONFIG",
+    ] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+/// [`bin`] off the async worker threads (the in-process sandbox runs on them).
+pub async fn bin_async(args: Vec<String>, env: Vec<(String, String)>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        bin(&a, &e)
+    })
+    .await
+    .unwrap()
+}
+
+/// Owned copies of arguments, for [`bin_async`].
+pub fn owned(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| (*x).to_owned()).collect()
+}
+
+/// An environment holding the test key.
+pub fn with_key() -> Vec<(String, String)> {
+    vec![("KOHORTPAY_API_KEY".to_owned(), KEY.to_owned())]
+}

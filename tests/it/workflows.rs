@@ -15,26 +15,6 @@ use kohort_batch::store::{RetryFilter, Store};
 
 use crate::util::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kohort-batch");
-
-/// Runs the binary to completion, off the async threads.
-async fn binary(args: Vec<String>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        Command::new(BIN)
-            .args(&args)
-            .env("KOHORTPAY_API_KEY", KEY)
-            .env_remove("KOHORT_BATCH_DB")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
-}
-
-fn s(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| (*x).to_owned()).collect()
-}
-
 fn create_db(db: &Path) {
     drop(Store::open(db).unwrap());
 }
@@ -183,7 +163,11 @@ async fn a_second_run_exits_5_naming_the_holder_and_a_dead_holder_blocks_nothing
     assert!(held, "the first run never took the lock");
     let dbs = db.display().to_string();
     for cmd in ["run", "retry-failed"] {
-        let out = binary(s(&[cmd, "--db", &dbs, "--api-base", &sb.url()])).await;
+        let out = bin_async(
+            owned(&[cmd, "--db", &dbs, "--api-base", &sb.url()]),
+            with_key(),
+        )
+        .await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(5), "{cmd}: {err}");
         assert!(
@@ -193,15 +177,10 @@ async fn a_second_run_exits_5_naming_the_holder_and_a_dead_holder_blocks_nothing
     }
     first.kill().unwrap(); // SIGKILL: the lock stays behind, its holder is gone
     first.wait().unwrap();
-    let out = binary(s(&[
-        "run",
-        "--db",
-        &dbs,
-        "--rate",
-        "0",
-        "--api-base",
-        &sb.url(),
-    ]))
+    let out = bin_async(
+        owned(&["run", "--db", &dbs, "--rate", "0", "--api-base", &sb.url()]),
+        with_key(),
+    )
     .await;
     assert_eq!(
         out.status.code(),
@@ -304,14 +283,17 @@ async fn validate_prints_bodies_and_every_invalid_row_and_writes_nothing() {
         "o.csv",
         "customerId,order_id,metadata.c\ncus_1,ord_1,x\n,ord_2,\ncus_3,ord_3,\ncus_3,ord_3,\ncus_9,ord_3,\ncus_4,,\n",
     );
-    let out = binary(vec![
-        "validate".into(),
-        "--json".into(),
-        "--csv".into(),
-        csv.display().to_string(),
-        "--db".into(),
-        db.display().to_string(),
-    ])
+    let out = bin_async(
+        vec![
+            "validate".into(),
+            "--json".into(),
+            "--csv".into(),
+            csv.display().to_string(),
+            "--db".into(),
+            db.display().to_string(),
+        ],
+        with_key(),
+    )
     .await;
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -359,7 +341,11 @@ async fn report_rebuilds_a_run_from_the_database() {
     let dbs = db.display().to_string();
     let at_end: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("r.json")).unwrap()).unwrap();
-    let out = binary(s(&["report", "--last", "--format", "json", "--db", &dbs])).await;
+    let out = bin_async(
+        owned(&["report", "--last", "--format", "json", "--db", &dbs]),
+        with_key(),
+    )
+    .await;
     let later: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for field in [
         "jobs",
@@ -371,20 +357,20 @@ async fn report_rebuilds_a_run_from_the_database() {
     ] {
         assert_eq!(at_end[field], later[field], "{field}");
     }
-    let text = binary(s(&["report", "--run", "1", "--db", &dbs])).await;
+    let text = bin_async(owned(&["report", "--run", "1", "--db", &dbs]), with_key()).await;
     assert!(
         String::from_utf8_lossy(&text.stdout).contains("kohort-batch run #1: every job succeeded")
     );
-    let list = binary(s(&["report", "--db", &dbs])).await;
+    let list = bin_async(owned(&["report", "--db", &dbs]), with_key()).await;
     let list = String::from_utf8_lossy(&list.stdout);
     assert!(
         list.contains("run") && list.lines().nth(1).unwrap().trim_start().starts_with('1'),
         "{list}"
     );
-    let missing = binary(s(&["report", "--run", "9", "--db", &dbs])).await;
+    let missing = bin_async(owned(&["report", "--run", "9", "--db", &dbs]), with_key()).await;
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("there is no run 9"));
-    let nodb = binary(s(&["report", "--db", "/nonexistent/x.db"])).await;
+    let nodb = bin_async(owned(&["report", "--db", "/nonexistent/x.db"]), with_key()).await;
     assert_eq!(nodb.status.code(), Some(2));
 }
 
@@ -400,7 +386,7 @@ async fn export_groups_lists_share_ids_per_order() {
     );
     assert_eq!(run(&args(&sb.url()), &db, &[csv]).await, Exit::Success);
     let dbs = db.display().to_string();
-    let out = binary(s(&["export", "groups", "--db", &dbs])).await;
+    let out = bin_async(owned(&["export", "groups", "--db", &dbs]), with_key()).await;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lines = text.lines();
     assert_eq!(
@@ -418,7 +404,11 @@ async fn export_groups_lists_share_ids_per_order() {
         "{rows:?}"
     );
     assert!(rows[1].ends_with(",existing"), "{rows:?}");
-    let out = binary(s(&["export", "groups", "--format", "json", "--db", &dbs])).await;
+    let out = bin_async(
+        owned(&["export", "groups", "--format", "json", "--db", &dbs]),
+        with_key(),
+    )
+    .await;
     let json: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json[0]["order_id"], "ord_1");
     assert!(
@@ -446,14 +436,17 @@ async fn exported_failures_fixed_in_a_spreadsheet_import_and_succeed() {
     assert_eq!(run(&args(&sb.url()), &db, &[csv]).await, Exit::RowsFailed);
     let export = dir.path().join("failures.csv");
     let dbs = db.display().to_string();
-    let out = binary(s(&[
-        "export",
-        "failures",
-        "--db",
-        &dbs,
-        "-o",
-        &export.display().to_string(),
-    ]))
+    let out = bin_async(
+        owned(&[
+            "export",
+            "failures",
+            "--db",
+            &dbs,
+            "-o",
+            &export.display().to_string(),
+        ]),
+        with_key(),
+    )
     .await;
     assert_eq!(out.status.code(), Some(0));
     let text = std::fs::read_to_string(&export).unwrap();
@@ -478,17 +471,20 @@ async fn exported_failures_fixed_in_a_spreadsheet_import_and_succeed() {
         .replace("next week", "")
         .replace("cus_unknown_3", "cus_3");
     let fixed = write(dir.path(), "fixed.csv", &fixed);
-    let out = binary(s(&[
-        "run",
-        "--db",
-        &dbs,
-        "--rate",
-        "0",
-        "--api-base",
-        &sb.url(),
-        "--csv",
-        &fixed.display().to_string(),
-    ]))
+    let out = bin_async(
+        owned(&[
+            "run",
+            "--db",
+            &dbs,
+            "--rate",
+            "0",
+            "--api-base",
+            &sb.url(),
+            "--csv",
+            &fixed.display().to_string(),
+        ]),
+        with_key(),
+    )
     .await;
     assert_eq!(
         out.status.code(),
@@ -507,7 +503,7 @@ async fn exported_failures_fixed_in_a_spreadsheet_import_and_succeed() {
         ["cus_3"]
     );
     // Nothing left to export.
-    let out = binary(s(&["export", "failures", "--db", &dbs])).await;
+    let out = bin_async(owned(&["export", "failures", "--db", &dbs]), with_key()).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
 }
 

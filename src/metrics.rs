@@ -98,14 +98,14 @@ mod tests {
                 "{line}"
             );
             assert!(typed.contains(name), "{name} has no TYPE line");
-            if let Some(labels) = series.strip_prefix(name) {
-                if !labels.is_empty() {
-                    assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
-                    for pair in labels[1..labels.len() - 1].split(',') {
-                        let (k, v) = pair.split_once('=').unwrap();
-                        assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
-                        assert!(v.starts_with('"') && v.ends_with('"'), "{line}");
-                    }
+            if let Some(labels) = series.strip_prefix(name)
+                && !labels.is_empty()
+            {
+                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+                for pair in labels[1..labels.len() - 1].split(',') {
+                    let (k, v) = pair.split_once('=').unwrap();
+                    assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+                    assert!(v.starts_with('"') && v.ends_with('"'), "{line}");
                 }
             }
         }

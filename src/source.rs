@@ -27,6 +27,31 @@ pub struct ImportRow {
     /// The row as written (header → cell), kept for invalid rows so they can be
     /// exported for repair; empty for valid rows (their request body says it all).
     pub raw: BTreeMap<String, String>,
+    /// The body's metadata as JSON text, made here rather than by the database writer,
+    /// which is the busiest thread of an import.
+    pub metadata_json: Option<String>,
+}
+
+impl ImportRow {
+    pub fn new(
+        line: u64,
+        key: Option<String>,
+        outcome: Result<Payload, String>,
+        raw: BTreeMap<String, String>,
+    ) -> ImportRow {
+        let metadata_json = outcome
+            .as_ref()
+            .ok()
+            .and_then(|p| p.metadata.as_ref())
+            .map(|m| serde_json::to_string(m).unwrap_or_default());
+        ImportRow {
+            line,
+            key,
+            outcome,
+            raw,
+            metadata_json,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -254,12 +279,12 @@ impl CsvSource {
                         line,
                         message: csv_error_text(&e),
                     }),
-                    _ => Ok(Some(ImportRow {
+                    _ => Ok(Some(ImportRow::new(
                         line,
-                        key: None,
-                        outcome: Err(csv_error_text(&e)),
-                        raw: BTreeMap::new(),
-                    })),
+                        None,
+                        Err(csv_error_text(&e)),
+                        BTreeMap::new(),
+                    ))),
                 };
             }
         };
@@ -286,7 +311,6 @@ impl CsvSource {
 
     fn convert(&self, line: u64, now: Timestamp) -> ImportRow {
         let mut problems = Vec::new();
-        let mut raw = BTreeMap::new();
         let mut fields = RowFields::default();
         if self.record.len() != self.headers.len() {
             problems.push(format!(
@@ -319,14 +343,12 @@ impl CsvSource {
                 Column::MidExpireAt => &mut fields.mid_expire_at,
                 Column::Metadata => &mut fields.metadata,
                 Column::MetadataKey(k) => {
-                    fields.metadata_columns.push((k.clone(), text.clone()));
-                    raw.insert(header.clone(), text);
+                    fields.metadata_columns.push((k.clone(), text));
                     continue;
                 }
                 Column::ExportOnly | Column::Unknown => continue,
             };
-            *slot = Some(text.clone());
-            raw.insert(header.clone(), text);
+            *slot = Some(text);
         }
         let key = fields.key();
         let outcome = if problems.is_empty() {
@@ -337,17 +359,25 @@ impl CsvSource {
             }
             Err(problems.join("; "))
         };
-        if outcome.is_ok() {
-            // Only an invalid row's cells are kept (see store::ops::import): don't carry
-            // the rest through the import queue.
-            raw = BTreeMap::new();
-        }
-        ImportRow {
-            line,
-            key,
-            outcome,
-            raw,
-        }
+        // Only an invalid row's cells are kept (see store::ops::import), so only an
+        // invalid row pays for collecting them.
+        let raw = if outcome.is_err() {
+            self.raw_cells()
+        } else {
+            BTreeMap::new()
+        };
+        ImportRow::new(line, key, outcome, raw)
+    }
+
+    /// The current record's input cells by header, as written.
+    fn raw_cells(&self) -> BTreeMap<String, String> {
+        self.headers
+            .iter()
+            .zip(&self.columns)
+            .zip(self.record.iter())
+            .filter(|((_, column), _)| !matches!(column, Column::ExportOnly | Column::Unknown))
+            .map(|((header, _), cell)| (header.clone(), String::from_utf8_lossy(cell).into_owned()))
+            .collect()
     }
 }
 

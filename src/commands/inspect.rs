@@ -377,11 +377,10 @@ fn row_cells(j: &JobExport) -> HashMap<String, String> {
             .filter_map(|(k, v)| canonical_header(&k).map(|c| (c, v)))
             .collect();
     }
-    let body: serde_json::Map<String, serde_json::Value> = j
-        .payload
-        .as_deref()
-        .and_then(|p| serde_json::from_str(p).ok())
-        .unwrap_or_default();
+    let body = match j.payload.as_ref().map(serde_json::to_value) {
+        Some(Ok(serde_json::Value::Object(map))) => map,
+        _ => serde_json::Map::new(),
+    };
     let mut cells = HashMap::new();
     for (k, v) in body {
         match v {

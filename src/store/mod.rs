@@ -147,12 +147,17 @@ impl Store {
         source: String,
         rows: Vec<ImportRow>,
     ) -> Result<ImportCounts> {
-        self.call(move |c| {
-            let counts = ops::import(c, run_id, &source, &rows)?;
-            ops::add_import_counts(c, run_id, counts)?;
-            Ok(counts)
-        })
-        .await
+        let (counts, rows) = self
+            .call(move |c| {
+                let counts = ops::import(c, run_id, &source, &rows)?;
+                ops::add_import_counts(c, run_id, counts)?;
+                // Handed back to be freed by the caller: the database thread is the
+                // busiest one of an import.
+                Ok((counts, rows))
+            })
+            .await?;
+        drop(rows);
+        Ok(counts)
     }
 
     /// Puts `unknown` jobs back to pending (a person decided to re-send them). Returns how many.

@@ -59,8 +59,8 @@ pub(super) fn begin_run(
     // must be checked (no earlier than the settle time set when it was sent).
     let interrupted = c.execute(
         "UPDATE jobs SET state = 'pending', needs_check = 1, error = 'interrupted while in flight', \
-         updated_at = ?1 WHERE state = 'in_flight'",
-        params![started],
+         updated_ms = ?1 WHERE state = 'in_flight'",
+        params![now_ms()],
     )?;
     if interrupted > 0 {
         tracing::warn!(
@@ -85,6 +85,63 @@ pub(super) fn finish_run(
     Ok(())
 }
 
+/// Now, unix milliseconds (`updated_ms`).
+pub(crate) fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+/// The request-body columns of `jobs`, in the order [`body_params`] binds and
+/// [`read_body`] reads them.
+pub(super) const BODY_COLUMNS: &str =
+    "customer_id, order_id, payment_intent_id, expires_at, mid_expire_at, metadata";
+
+/// Binds the body's fields to parameters 1–6 (metadata as JSON text, made by the reader).
+fn bind_body(
+    stmt: &mut rusqlite::Statement<'_>,
+    p: &Payload,
+    metadata_json: Option<&str>,
+) -> rusqlite::Result<()> {
+    stmt.raw_bind_parameter(1, &p.customer_id)?;
+    stmt.raw_bind_parameter(2, &p.order_id)?;
+    stmt.raw_bind_parameter(3, &p.payment_intent_id)?;
+    stmt.raw_bind_parameter(4, &p.expires_at)?;
+    stmt.raw_bind_parameter(5, &p.mid_expire_at)?;
+    stmt.raw_bind_parameter(6, metadata_json)
+}
+
+/// Reads the six body columns starting at column `at`; `None` for an invalid row.
+pub(super) fn read_body(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<Payload>> {
+    let Some(customer_id) = r.get::<_, Option<String>>(at)? else {
+        return Ok(None);
+    };
+    let metadata = match r.get::<_, Option<String>>(at + 5)? {
+        None => None,
+        Some(text) => Some(serde_json::from_str(&text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(
+                at + 5,
+                rusqlite::types::Type::Text,
+                Box::new(e),
+            )
+        })?),
+    };
+    Ok(Some(Payload {
+        customer_id,
+        order_id: r.get(at + 1)?,
+        payment_intent_id: r.get(at + 2)?,
+        expires_at: r.get(at + 3)?,
+        mid_expire_at: r.get(at + 4)?,
+        metadata,
+    }))
+}
+
+/// The id of a source name, added on first use.
+fn source_id(c: &Connection, name: &str) -> rusqlite::Result<i64> {
+    c.prepare_cached("INSERT INTO sources (name) VALUES (?1) ON CONFLICT (name) DO NOTHING")?
+        .execute(params![name])?;
+    c.prepare_cached("SELECT id FROM sources WHERE name = ?1")?
+        .query_row(params![name], |r| r.get(0))
+}
+
 /// Imports one batch of rows. See the README ("Importing rows") for the rules.
 pub(super) fn import(
     c: &Connection,
@@ -92,67 +149,65 @@ pub(super) fn import(
     source: &str,
     rows: &[ImportRow],
 ) -> rusqlite::Result<ImportCounts> {
-    let now = now_text();
+    let now = now_ms();
+    let source_id = source_id(c, source)?;
     let mut counts = ImportCounts::default();
     // While no invalid row with a key exists, a valid row cannot be the fix of one:
     // new keys then go straight in, one statement each.
     let mut invalid_keys: bool = c
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM jobs WHERE row_key IS NOT NULL)")?
         .query_row([], |r| r.get(0))?;
+    let mut insert = c.prepare_cached(INSERT_JOB)?;
     for row in rows {
         counts.rows += 1;
-        // The row as written is kept for invalid rows only: a valid row's request body
-        // says the same thing (exports rebuild the row from it).
-        let raw = match &row.outcome {
-            Ok(_) => String::new(),
-            Err(_) => serde_json::to_string(&row.raw).unwrap_or_default(),
-        };
         let line = row.line as i64;
         match &row.outcome {
             Ok(payload) => {
                 let new = NewJob {
                     run_id,
-                    source,
+                    source_id,
                     line,
-                    raw: &raw,
                     payload,
-                    json: payload.to_json(),
-                    now: &now,
+                    metadata_json: row.metadata_json.as_deref(),
+                    now,
                 };
-                if !invalid_keys && new.conn_insert(c)? {
+                if !invalid_keys && new.insert(&mut insert)? {
                     counts.queued += 1;
                 } else {
-                    import_valid(c, &new, &mut counts)?;
+                    import_valid(c, &mut insert, &new, &mut counts)?;
                 }
             }
             Err(reason) => {
                 counts.invalid += 1;
                 invalid_keys |= row.key.is_some();
+                // The row as written is kept for invalid rows only: a valid row's
+                // request body says the same thing (exports rebuild the row from it).
+                let raw = serde_json::to_string(&row.raw).unwrap_or_default();
                 let earlier: Option<i64> = match &row.key {
                     Some(k) => latest_invalid(c, k)?,
                     None => c
                         .prepare_cached(
-                            "SELECT id FROM jobs WHERE state = 'invalid' AND source = ?1 \
+                            "SELECT id FROM jobs WHERE state = 'invalid' AND source_id = ?1 \
                              AND line = ?2 AND raw = ?3 LIMIT 1",
                         )?
-                        .query_row(params![source, line, raw], |r| r.get(0))
+                        .query_row(params![source_id, line, raw], |r| r.get(0))
                         .optional()?,
                 };
                 match earlier {
                     Some(id) => {
                         c.prepare_cached(
-                            "UPDATE jobs SET error = ?1, raw = ?2, source = ?3, line = ?4, \
-                             last_run_id = ?5, updated_at = ?6 WHERE id = ?7",
+                            "UPDATE jobs SET error = ?1, raw = ?2, source_id = ?3, line = ?4, \
+                             last_run_id = ?5, updated_ms = ?6 WHERE id = ?7",
                         )?
-                        .execute(params![reason, raw, source, line, run_id, now, id])?;
+                        .execute(params![reason, raw, source_id, line, run_id, now, id])?;
                     }
                     None => {
                         c.prepare_cached(
-                            "INSERT INTO jobs (row_key, raw, source, line, state, error, \
-                             error_class, first_run_id, last_run_id, updated_at) \
+                            "INSERT INTO jobs (row_key, raw, source_id, line, state, error, \
+                             error_class, first_run_id, last_run_id, updated_ms) \
                              VALUES (?1, ?2, ?3, ?4, 'invalid', ?5, 'invalid', ?6, ?6, ?7)",
                         )?
-                        .execute(params![row.key, raw, source, line, reason, run_id, now])?;
+                        .execute(params![row.key, raw, source_id, line, reason, run_id, now])?;
                     }
                 }
             }
@@ -174,87 +229,65 @@ fn latest_invalid(c: &Connection, row_key: &str) -> rusqlite::Result<Option<i64>
     .optional()
 }
 
+/// A new pending job; does nothing when its key is taken (see [`NewJob::insert`]).
+const INSERT_JOB: &str = "INSERT INTO jobs (customer_id, order_id, payment_intent_id, expires_at, \
+     mid_expire_at, metadata, raw, source_id, line, state, first_run_id, last_run_id, updated_ms) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, '', ?7, ?8, 'pending', ?9, ?9, ?10) \
+     ON CONFLICT (key) DO NOTHING";
+
 /// A valid row on its way into `jobs`.
 struct NewJob<'a> {
     run_id: i64,
-    source: &'a str,
+    source_id: i64,
     line: i64,
-    raw: &'a str,
     payload: &'a Payload,
-    json: String,
-    now: &'a str,
+    metadata_json: Option<&'a str>,
+    now: i64,
 }
 
 impl NewJob<'_> {
-    fn conn_insert(&self, c: &Connection) -> rusqlite::Result<bool> {
-        let p = self.payload;
-        let n = c
-            .prepare_cached(
-                "INSERT INTO jobs (key, customer_id, order_id, payment_intent_id, payload, raw, \
-                 source, line, state, first_run_id, last_run_id, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?9, ?10) \
-                 ON CONFLICT (key) DO NOTHING",
-            )?
-            .execute(params![
-                p.key(),
-                p.customer_id,
-                p.order_id,
-                p.payment_intent_id,
-                self.json,
-                self.raw,
-                self.source,
-                self.line,
-                self.run_id,
-                self.now
-            ])?;
-        Ok(n == 1)
+    /// Inserts the job with [`INSERT_JOB`]; false if its key is already taken.
+    fn insert(&self, stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<bool> {
+        bind_body(stmt, self.payload, self.metadata_json)?;
+        stmt.raw_bind_parameter(7, self.source_id)?;
+        stmt.raw_bind_parameter(8, self.line)?;
+        stmt.raw_bind_parameter(9, self.run_id)?;
+        stmt.raw_bind_parameter(10, self.now)?;
+        Ok(stmt.raw_execute()? == 1)
     }
 }
 
 fn import_valid(
     c: &Connection,
+    insert: &mut rusqlite::Statement<'_>,
     new: &NewJob<'_>,
     counts: &mut ImportCounts,
 ) -> rusqlite::Result<()> {
-    let (run_id, source, line, raw, payload, now) = (
-        new.run_id,
-        new.source,
-        new.line,
-        new.raw,
-        new.payload,
-        new.now,
-    );
-    let key = payload.key();
-    let json = new.json.clone();
-    let existing: Option<(i64, String, Option<String>, i64)> = c
-        .prepare_cached("SELECT id, state, payload, creates FROM jobs WHERE key = ?1")?
+    let key = new.payload.key();
+    let existing: Option<(i64, String, Option<Payload>, i64)> = c
+        .prepare_cached(&format!(
+            "SELECT id, state, creates, {BODY_COLUMNS} FROM jobs WHERE key = ?1"
+        ))?
         .query_row(params![key], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            Ok((r.get(0)?, r.get(1)?, read_body(r, 3)?, r.get(2)?))
         })
         .optional()?;
     let replace = |id: i64, needs_check: bool| -> rusqlite::Result<()> {
-        c.prepare_cached(
-            "UPDATE jobs SET key = ?1, row_key = NULL, customer_id = ?2, order_id = ?3, \
-             payment_intent_id = ?4, payload = ?5, raw = ?6, source = ?7, line = ?8, \
-             state = 'pending', needs_check = ?9, next_attempt_at = NULL, error = NULL, \
-             error_class = NULL, last_status = NULL, last_run_id = ?10, updated_at = ?11 \
-             WHERE id = ?12",
-        )?
-        .execute(params![
-            key,
-            payload.customer_id,
-            payload.order_id,
-            payload.payment_intent_id,
-            json,
-            raw,
-            source,
-            line,
-            needs_check,
-            run_id,
-            now,
-            id
-        ])?;
-        Ok(())
+        let mut stmt = c.prepare_cached(
+            "UPDATE jobs SET customer_id = ?1, order_id = ?2, payment_intent_id = ?3, \
+             expires_at = ?4, mid_expire_at = ?5, metadata = ?6, row_key = NULL, raw = '', \
+             source_id = ?7, line = ?8, state = 'pending', needs_check = ?9, \
+             next_attempt_at = NULL, error = NULL, error_class = NULL, last_status = NULL, \
+             last_run_id = ?10, updated_ms = ?11 WHERE id = ?12",
+        )?;
+        bind_body(&mut stmt, new.payload, new.metadata_json)?;
+        stmt.raw_bind_parameter(7, new.source_id)?;
+        stmt.raw_bind_parameter(8, new.line)?;
+        stmt.raw_bind_parameter(9, needs_check)?;
+        stmt.raw_bind_parameter(10, new.run_id)?;
+        stmt.raw_bind_parameter(11, new.now)?;
+        stmt.raw_bind_parameter(12, id)?;
+        stmt.raw_execute().map(drop)
     };
     match existing {
         None => {
@@ -262,11 +295,11 @@ fn import_valid(
             if let Some(id) = fixed_invalid {
                 replace(id, false)?;
                 counts.fixed += 1;
-            } else if new.conn_insert(c)? {
+            } else if new.insert(insert)? {
                 counts.queued += 1;
             }
         }
-        Some((_, _, Some(old), _)) if old == json => counts.duplicates += 1,
+        Some((_, _, Some(old), _)) if old == *new.payload => counts.duplicates += 1,
         Some((id, state, _, creates)) if state == "failed" => {
             // A fixed version of a failed row. If a create was ever sent, a group may
             // exist after all: check before sending again.
@@ -281,9 +314,9 @@ fn import_valid(
             );
             c.prepare_cached(
                 "INSERT INTO import_issues (run_id, source, line, key, kind, reason) \
-                 VALUES (?1, ?2, ?3, ?4, 'conflict', ?5)",
+                 VALUES (?1, (SELECT name FROM sources WHERE id = ?2), ?3, ?4, 'conflict', ?5)",
             )?
-            .execute(params![run_id, source, line, key, reason])?;
+            .execute(params![new.run_id, new.source_id, new.line, key, reason])?;
         }
     }
     Ok(())
@@ -317,24 +350,27 @@ pub(super) fn pending_jobs(
     after_id: i64,
     limit: usize,
 ) -> rusqlite::Result<Vec<Job>> {
-    let mut stmt = c.prepare_cached(
-        "SELECT id, key, payload, attempts, creates, needs_check, next_attempt_at, line \
-         FROM jobs WHERE state = 'pending' AND id > ?1 ORDER BY id LIMIT ?2",
-    )?;
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT id, key, attempts, creates, needs_check, next_attempt_at, line, {BODY_COLUMNS} \
+         FROM jobs WHERE state = 'pending' AND id > ?1 ORDER BY id LIMIT ?2"
+    ))?;
     let rows = stmt.query_map(params![after_id, limit as i64], |r| {
-        let payload: String = r.get(2)?;
-        let payload: Payload = serde_json::from_str(&payload).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+        let payload = read_body(r, 7)?.ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                7,
+                rusqlite::types::Type::Null,
+                "a pending job without a request body".into(),
+            )
         })?;
         Ok(Job {
             id: r.get(0)?,
             key: r.get(1)?,
             payload,
-            attempts: r.get(3)?,
-            creates: r.get(4)?,
-            needs_check: r.get(5)?,
-            next_attempt_at: r.get(6)?,
-            line: r.get(7)?,
+            attempts: r.get(2)?,
+            creates: r.get(3)?,
+            needs_check: r.get(4)?,
+            next_attempt_at: r.get(5)?,
+            line: r.get(6)?,
         })
     })?;
     rows.collect()
@@ -349,6 +385,7 @@ pub(super) fn record(
     transition: &Transition,
 ) -> rusqlite::Result<()> {
     let now = now_text();
+    let now_ms = now_ms();
     let (bump, status) = match attempt {
         Some(a) => {
             c.prepare_cached(
@@ -374,9 +411,9 @@ pub(super) fn record(
         let full = format!(
             "UPDATE jobs SET attempts = attempts + ?1, \
              last_status = CASE WHEN ?1 = 1 THEN ?2 ELSE last_status END, \
-             last_run_id = ?3, updated_at = ?4{sql} WHERE id = ?5"
+             last_run_id = ?3, updated_ms = ?4{sql} WHERE id = ?5"
         );
-        let mut p: Vec<&dyn rusqlite::ToSql> = vec![&bump, &status, &run_id, &now, &job_id];
+        let mut p: Vec<&dyn rusqlite::ToSql> = vec![&bump, &status, &run_id, &now_ms, &job_id];
         p.extend_from_slice(extra);
         c.prepare_cached(&full)?.execute(p.as_slice())?;
         Ok(())

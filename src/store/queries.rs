@@ -3,7 +3,9 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use super::types::ImportCounts;
+use super::ops::read_body;
+use super::types::{ImportCounts, JobState, Obtained};
+use crate::job::Payload;
 
 /// A failed, unknown or invalid row of a run (for the report's reasons).
 #[derive(Debug, Clone, Serialize)]
@@ -71,17 +73,7 @@ pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<Option<
         Some(f) => f,
         None => return Ok(None),
     };
-    facts.states = counts(
-        c,
-        "SELECT state, count(*) FROM jobs WHERE last_run_id = ?1 GROUP BY state",
-        run_id,
-    )?;
-    facts.obtained = counts(
-        c,
-        "SELECT obtained, count(*) FROM jobs WHERE last_run_id = ?1 AND state = 'succeeded' \
-         GROUP BY obtained ORDER BY obtained",
-        run_id,
-    )?;
+    (facts.states, facts.obtained) = job_counts(c, run_id)?;
     facts.attempts_by_kind = counts(
         c,
         "SELECT kind, count(*) FROM attempts WHERE run_id = ?1 GROUP BY kind ORDER BY kind",
@@ -106,12 +98,21 @@ pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<Option<
             |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?)),
         )
         .map(|(a, b)| a.zip(b))?;
-    facts.failures = failure_rows(
-        c,
-        "SELECT state, coalesce(key, row_key), source, line, coalesce(error, '') FROM jobs \
-         WHERE last_run_id = ?1 AND state IN ('failed', 'unknown', 'invalid') ORDER BY id",
-        run_id,
-    )?;
+    let unfinished = facts
+        .states
+        .iter()
+        .any(|(s, _)| matches!(s.as_str(), "failed" | "unknown" | "invalid"));
+    facts.failures = if !unfinished {
+        Vec::new()
+    } else {
+        failure_rows(
+            c,
+            "SELECT j.state, coalesce(j.key, j.row_key), s.name, j.line, coalesce(j.error, '') \
+         FROM jobs j JOIN sources s ON s.id = j.source_id \
+         WHERE j.last_run_id = ?1 AND j.state IN ('failed', 'unknown', 'invalid') ORDER BY j.id",
+            run_id,
+        )?
+    };
     facts.conflicts = failure_rows(
         c,
         "SELECT 'conflict', key, source, line, reason FROM import_issues \
@@ -119,6 +120,45 @@ pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<Option<
         run_id,
     )?;
     Ok(Some(facts))
+}
+
+/// The run's jobs by state, and its succeeded jobs by how they got their group, in
+/// one pass over `jobs` and without sorting it (a million-row import is reported in
+/// a fraction of the time a `GROUP BY` takes). Only counts above zero are listed.
+#[expect(clippy::type_complexity, reason = "two lists of (name, count)")]
+fn job_counts(
+    c: &Connection,
+    run_id: i64,
+) -> rusqlite::Result<(Vec<(String, i64)>, Vec<(String, i64)>)> {
+    let states = JobState::ALL.map(JobState::as_str);
+    let obtained = Obtained::ALL.map(Obtained::as_str);
+    let filters =
+        states
+            .iter()
+            .map(|s| format!("count(*) FILTER (WHERE state = '{s}')"))
+            .chain(obtained.iter().map(|o| {
+                format!("count(*) FILTER (WHERE state = 'succeeded' AND obtained = '{o}')")
+            }))
+            .collect::<Vec<_>>()
+            .join(", ");
+    let sql = format!("SELECT {filters} FROM jobs WHERE last_run_id = ?1");
+    let n: Vec<i64> = c.query_row(&sql, params![run_id], |r| {
+        (0..states.len() + obtained.len())
+            .map(|i| r.get(i))
+            .collect()
+    })?;
+    let listed = |names: &[&str], counts: &[i64]| -> Vec<(String, i64)> {
+        names
+            .iter()
+            .zip(counts)
+            .filter(|(_, n)| **n > 0)
+            .map(|(name, n)| ((*name).to_owned(), *n))
+            .collect()
+    };
+    Ok((
+        listed(&states, &n[..states.len()]),
+        listed(&obtained, &n[states.len()..]),
+    ))
 }
 
 /// Rows of (state, key, source, line, reason) for one run.
@@ -213,16 +253,17 @@ pub struct JobExport {
     pub source: String,
     pub line: Option<i64>,
     pub raw: String,
-    /// The request body (JSON), for valid rows.
-    pub payload: Option<String>,
+    /// The request body, for valid rows.
+    pub payload: Option<Payload>,
     pub attempts: i64,
     pub creates: i64,
 }
 
 const JOB_COLUMNS: &str = "SELECT j.id, j.key, j.row_key, j.state, j.obtained, j.customer_id, \
      j.order_id, j.payment_intent_id, j.group_id, g.share_id, g.status, g.expires_at, \
-     g.created_at, j.error, j.source, j.line, j.raw, j.attempts, j.creates, j.payload \
-     FROM jobs j LEFT JOIN groups g ON g.job_id = j.id";
+     g.created_at, j.error, s.name, j.line, j.raw, j.attempts, j.creates, j.customer_id, \
+     j.order_id, j.payment_intent_id, j.expires_at, j.mid_expire_at, j.metadata \
+     FROM jobs j JOIN sources s ON s.id = j.source_id LEFT JOIN groups g ON g.job_id = j.id";
 
 fn job_export(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobExport> {
     Ok(JobExport {
@@ -245,7 +286,7 @@ fn job_export(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobExport> {
         raw: r.get(16)?,
         attempts: r.get(17)?,
         creates: r.get(18)?,
-        payload: r.get(19)?,
+        payload: read_body(r, 19)?,
     })
 }
 

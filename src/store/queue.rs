@@ -65,12 +65,12 @@ pub(super) fn move_inbox(
                         raw.insert(name.to_owned(), v.clone());
                     }
                 }
-                Ok(ImportRow {
-                    line: id as u64,
-                    key: fields.key(),
-                    outcome: job::validate(&fields, now).map_err(|p| p.join("; ")),
+                Ok(ImportRow::new(
+                    id as u64,
+                    fields.key(),
+                    job::validate(&fields, now).map_err(|p| p.join("; ")),
                     raw,
-                })
+                ))
             })?
             .collect::<rusqlite::Result<_>>()?;
         let Some(last) = rows.last() else { break };
@@ -134,12 +134,12 @@ pub(super) fn requeue_failed(
         which.push_str(" OR state = 'unknown'");
     }
     values.push(Value::Integer(run_id));
-    values.push(Value::Text(ops::now_text()));
+    values.push(Value::Integer(ops::now_ms()));
     let n = values.len();
     // A job that ever sent a create may have a group after all: check before re-sending.
     let sql = format!(
         "UPDATE jobs SET state = 'pending', next_attempt_at = NULL, \
-         needs_check = (needs_check OR creates > 0), last_run_id = ?{}, updated_at = ?{} \
+         needs_check = (needs_check OR creates > 0), last_run_id = ?{}, updated_ms = ?{} \
          WHERE {which}",
         n - 1,
         n

@@ -3,7 +3,7 @@
 //! Migrations only ever get appended: a database written by an older version is
 //! brought forward in one transaction when it is opened.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 /// Each entry moves the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -146,6 +146,88 @@ const MIGRATIONS: &[&str] = &[
     DROP TABLE groups;
     ALTER TABLE groups_by_job RENAME TO groups;
     "#,
+    // 5: jobs half the size, and CHECKs that cost nothing. A job stored its request
+    // body twice (JSON, plus some fields again), its source file's name on every row
+    // and a 27-byte timestamp: at a million rows that was 200 MB written twice (WAL,
+    // then checkpoint). Now the body is one column per field and the key is computed
+    // from them; sources are a table. And `x IN (...)` in a CHECK built a temporary
+    // B-tree on every insert and state change; the same rule as a chain of `=` does not.
+    r#"
+    CREATE TABLE sources (
+        id   INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE      -- file name as given, '<stdin>' or 'inbox'
+    );
+    INSERT INTO sources (name) SELECT DISTINCT source FROM jobs ORDER BY source;
+
+    CREATE TABLE jobs_v5 (
+        id                INTEGER PRIMARY KEY,
+        -- The POST /groups body, one column per field (NULL: not sent); all NULL for
+        -- invalid rows.
+        customer_id       TEXT,
+        order_id          TEXT,
+        payment_intent_id TEXT,
+        expires_at        TEXT,
+        mid_expire_at     TEXT,
+        metadata          TEXT,        -- a JSON object
+        key               TEXT GENERATED ALWAYS AS (coalesce(order_id, payment_intent_id)) VIRTUAL,
+        row_key           TEXT,        -- the key an invalid row would have had
+        raw               TEXT NOT NULL, -- invalid rows: the row as written, header -> cell (JSON); else ''
+        source_id         INTEGER NOT NULL REFERENCES sources(id),
+        line              INTEGER,     -- line of the row in its file (inbox: the inbox id)
+        state             TEXT NOT NULL CHECK (state = 'pending' OR state = 'in_flight'
+                            OR state = 'succeeded' OR state = 'failed' OR state = 'unknown'
+                            OR state = 'invalid'),
+        obtained          TEXT CHECK (obtained = 'created' OR obtained = 'existing'
+                            OR obtained = 'recovered'),
+        attempts          INTEGER NOT NULL DEFAULT 0,  -- HTTP exchanges, all runs
+        creates           INTEGER NOT NULL DEFAULT 0,  -- POST /groups sent, all runs
+        needs_check       INTEGER NOT NULL DEFAULT 0,  -- 1: a group may exist; check before sending
+        next_attempt_at   INTEGER,     -- unix ms; not before
+        error             TEXT,        -- the reason for failed / unknown / invalid
+        error_class       TEXT,
+        last_status       INTEGER,
+        group_id          TEXT,
+        first_run_id      INTEGER REFERENCES runs(id),
+        last_run_id       INTEGER REFERENCES runs(id),
+        updated_ms        INTEGER NOT NULL -- unix ms
+    );
+    INSERT INTO jobs_v5 (id, customer_id, order_id, payment_intent_id, expires_at,
+        mid_expire_at, metadata, row_key, raw, source_id, line, state, obtained, attempts,
+        creates, needs_check, next_attempt_at, error, error_class, last_status, group_id,
+        first_run_id, last_run_id, updated_ms)
+    SELECT j.id, j.payload ->> '$.customerId', j.payload ->> '$.orderId',
+        j.payload ->> '$.paymentIntentId', j.payload ->> '$.expiresAt',
+        j.payload ->> '$.midExpireAt', j.payload -> '$.metadata', j.row_key, j.raw, s.id,
+        j.line, j.state, j.obtained, j.attempts, j.creates, j.needs_check,
+        j.next_attempt_at, j.error, j.error_class, j.last_status, j.group_id,
+        j.first_run_id, j.last_run_id,
+        coalesce(CAST(round((julianday(j.updated_at) - 2440587.5) * 86400000.0) AS INTEGER), 0)
+    FROM jobs j JOIN sources s ON s.name = j.source;
+    DROP TABLE jobs;
+    ALTER TABLE jobs_v5 RENAME TO jobs;
+    CREATE UNIQUE INDEX jobs_key ON jobs(key);
+    CREATE INDEX jobs_row_key ON jobs(row_key) WHERE row_key IS NOT NULL;
+    CREATE INDEX jobs_source_line ON jobs(source_id, line) WHERE state = 'invalid';
+
+    CREATE TABLE attempts_v5 (
+        id          INTEGER PRIMARY KEY,
+        job_id      INTEGER NOT NULL REFERENCES jobs(id),
+        run_id      INTEGER NOT NULL REFERENCES runs(id),
+        kind        TEXT NOT NULL CHECK (kind = 'create' OR kind = 'check_order'
+                      OR kind = 'fetch_group'),
+        started_at  TEXT NOT NULL,
+        started_ms  INTEGER NOT NULL,  -- the same instant, unix ms (for rates)
+        latency_ms  REAL NOT NULL,
+        status      INTEGER,           -- HTTP status; NULL for transport errors
+        class       TEXT NOT NULL,     -- outcome class, see api::classify
+        error       TEXT
+    );
+    INSERT INTO attempts_v5 SELECT id, job_id, run_id, kind, started_at, started_ms,
+        latency_ms, status, class, error FROM attempts;
+    DROP TABLE attempts;
+    ALTER TABLE attempts_v5 RENAME TO attempts;
+    CREATE INDEX attempts_run ON attempts(run_id);
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -158,7 +240,6 @@ pub fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
     // NORMAL in WAL mode survives a killed process; only a power cut can lose the
     // last commits, and the existence check covers those jobs.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
     // Savepoint journals in memory, not in temp files; a 16 MiB page cache.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.pragma_update(None, "cache_size", -16_384)?;
@@ -176,11 +257,24 @@ pub fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
             )),
         ));
     }
-    migrate(conn, current, VERSION)
+    migrate(conn, current, VERSION)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
 }
 
 /// Applies the migrations that take the schema from `from` to `to`, in one transaction.
 fn migrate(conn: &mut Connection, from: i64, to: i64) -> rusqlite::Result<()> {
+    if from >= to {
+        return Ok(());
+    }
+    // Migrations rebuild tables, which SQLite allows only with foreign keys off (a
+    // setting that can't change inside a transaction); they are checked before commit.
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    let result = migrate_in_transaction(conn, from, to);
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    result
+}
+
+fn migrate_in_transaction(conn: &mut Connection, from: i64, to: i64) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     for (i, sql) in MIGRATIONS
         .iter()
@@ -191,12 +285,25 @@ fn migrate(conn: &mut Connection, from: i64, to: i64) -> rusqlite::Result<()> {
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", i as i64 + 1)?;
     }
+    let broken: Option<String> = tx
+        .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
+        .optional()?;
+    if let Some(table) = broken {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT),
+            Some(format!(
+                "upgrading the schema would leave a dangling reference in table {table}; \
+                 nothing was changed (keep using the previous kohort-batch and report this)"
+            )),
+        ));
+    }
     tx.commit()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::Payload;
 
     #[test]
     fn groups_move_to_their_jobs_keeping_the_current_one() {
@@ -218,6 +325,91 @@ mod tests {
             })
             .unwrap();
         assert_eq!((job, id.as_str(), share.as_str()), (7, "pg_new", "KHT-NEW"));
+    }
+
+    #[test]
+    fn jobs_keep_their_bodies_keys_and_sources_across_the_rebuild() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, 0, 4).unwrap();
+        conn.execute_batch(
+            r#"INSERT INTO runs (id, command, started_at, pid, options) VALUES (1, 'run', 't', 1, '{}');
+             INSERT INTO jobs (id, key, customer_id, order_id, payload, raw, source, line, state,
+                 obtained, attempts, creates, group_id, first_run_id, last_run_id, updated_at)
+             VALUES (1, 'ord_1', 'cus_1', 'ord_1',
+                 '{"customerId":"cus_1","orderId":"ord_1","expiresAt":"2027-01-01T00:00:00.000Z","metadata":{"a":"x","n":2}}',
+                 '', 'in/a.csv', 2, 'succeeded', 'created', 1, 1, 'pg_1', 1, 1,
+                 '2026-11-24T10:00:00.250000Z');
+             INSERT INTO jobs (id, key, payload, raw, source, line, state, first_run_id, last_run_id, updated_at)
+             VALUES (2, 'pi_2', '{"customerId":"cus_2","paymentIntentId":"pi_2"}', '', 'inbox', 7,
+                 'pending', 1, 1, '2026-11-24T10:00:01.000000Z');
+             INSERT INTO jobs (id, row_key, raw, source, line, state, error, first_run_id, last_run_id, updated_at)
+             VALUES (3, 'ord_3', '{"orderId":"ord_3"}', 'in/a.csv', 4, 'invalid', 'no customerId', 1, 1,
+                 '2026-11-24T10:00:02.000000Z');
+             INSERT INTO attempts (job_id, run_id, kind, started_at, started_ms, latency_ms, status, class)
+             VALUES (1, 1, 'create', 't', 5, 1.5, 201, 'success');
+             INSERT INTO groups (job_id, id, obtained, raw, recorded_at) VALUES (1, 'pg_1', 'created', '{}', 't');"#,
+        )
+        .unwrap();
+        migrate(&mut conn, 4, VERSION).unwrap();
+        let rows: Vec<(Option<String>, Option<Payload>, String, i64)> = conn
+            .prepare(&format!(
+                "SELECT j.key, {}, s.name, j.updated_ms FROM jobs j \
+                 JOIN sources s ON s.id = j.source_id ORDER BY j.id",
+                crate::store::ops::BODY_COLUMNS
+            ))
+            .unwrap()
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    crate::store::ops::read_body(r, 1)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                ))
+            })
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let body1: Payload = serde_json::from_str(
+            r#"{"customerId":"cus_1","orderId":"ord_1","expiresAt":"2027-01-01T00:00:00.000Z","metadata":{"a":"x","n":2}}"#,
+        )
+        .unwrap();
+        let body2: Payload =
+            serde_json::from_str(r#"{"customerId":"cus_2","paymentIntentId":"pi_2"}"#).unwrap();
+        let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap().as_millisecond();
+        assert_eq!(
+            rows,
+            vec![
+                (
+                    Some("ord_1".into()),
+                    Some(body1),
+                    "in/a.csv".into(),
+                    at("2026-11-24T10:00:00.25Z")
+                ),
+                (
+                    Some("pi_2".into()),
+                    Some(body2),
+                    "inbox".into(),
+                    at("2026-11-24T10:00:01Z")
+                ),
+                (None, None, "in/a.csv".into(), at("2026-11-24T10:00:02Z")),
+            ]
+        );
+        // The key stays unique, and the attempts and groups still point at their job.
+        let dup = conn.execute(
+            "INSERT INTO jobs (customer_id, order_id, raw, source_id, state, updated_ms) \
+             VALUES ('cus_9', 'ord_1', '', 1, 'pending', 0)",
+            [],
+        );
+        assert!(dup.is_err(), "{dup:?}");
+        let linked: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM attempts a JOIN groups g ON g.job_id = a.job_id \
+                 JOIN jobs j ON j.id = a.job_id WHERE j.key = 'ord_1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(linked, 1);
     }
 
     #[test]

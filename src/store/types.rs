@@ -60,6 +60,9 @@ pub enum Obtained {
 }
 
 impl Obtained {
+    /// Every way, in report order.
+    pub const ALL: [Obtained; 3] = [Obtained::Created, Obtained::Existing, Obtained::Recovered];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Obtained::Created => "created",

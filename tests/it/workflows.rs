@@ -69,7 +69,8 @@ async fn a_producer_keeps_inserting_while_runs_drain_nothing_lost_or_doubled() {
     assert_eq!(
         count(
             &db,
-            "SELECT count(*) FROM jobs WHERE state = 'succeeded' AND source = 'inbox'"
+            "SELECT count(*) FROM jobs j JOIN sources s ON s.id = j.source_id \
+             WHERE j.state = 'succeeded' AND s.name = 'inbox'"
         ),
         120
     );
@@ -96,7 +97,8 @@ async fn invalid_inbox_rows_are_recorded_with_their_inbox_id() {
     assert_eq!(
         column(
             &db,
-            "SELECT source || ' ' || line || ' ' || state FROM jobs ORDER BY id"
+            "SELECT s.name || ' ' || j.line || ' ' || j.state FROM jobs j \
+             JOIN sources s ON s.id = j.source_id ORDER BY j.id"
         ),
         ["inbox 1 succeeded", "inbox 2 invalid", "inbox 3 invalid"]
     );

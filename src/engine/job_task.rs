@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::{Ctx, Precheck, StopReason};
@@ -14,6 +15,10 @@ use crate::api::{Class, Reply};
 use crate::error::Result;
 use crate::job::Group;
 use crate::store::{Attempt, Job, Obtained, RequestKind, Transition};
+
+/// A create that waited longer than this for its request slot after being marked in
+/// flight is marked again, so that `check_after` still counts from its real send.
+const REMARK_AFTER: Duration = Duration::from_millis(250);
 
 fn unix_ms_in(d: Duration) -> i64 {
     jiff::Timestamp::now().as_millisecond() + d.as_millis() as i64
@@ -150,15 +155,9 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
         }
 
         // Create.
-        let Some(permit) = ctx.pacer.admit(&ctx.control.stop).await else {
+        let Some(permit) = start_create(&ctx, &job).await? else {
             return Ok(());
         };
-        let in_flight = Transition::InFlight {
-            check_after: unix_ms_in(ctx.cfg.settle),
-        };
-        ctx.store
-            .record(ctx.run_id, job.id, None, in_flight)
-            .await?;
         let reply = ctx.api.create_group(&job.payload).await;
         drop(permit);
         ctx.observe(&reply);
@@ -227,6 +226,48 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
             }
         }
     }
+}
+
+/// Marks the job in flight (committed) and takes a request slot; `None` if the run
+/// stops first, with the job as it was. See `pacing` for why the two orders.
+async fn start_create(ctx: &Ctx, job: &Job) -> Result<Option<OwnedSemaphorePermit>> {
+    let in_flight = |new_create| Transition::InFlight {
+        check_after: unix_ms_in(ctx.cfg.settle),
+        new_create,
+    };
+    let stop = &ctx.control.stop;
+    if ctx.pacer.rate_limited() {
+        // The rate decides: start on the rate slot, marked in between.
+        let Some(permit) = ctx.pacer.admit(stop).await else {
+            return Ok(None);
+        };
+        ctx.store
+            .record(ctx.run_id, job.id, None, in_flight(true))
+            .await?;
+        return Ok(Some(permit));
+    }
+    // The request slots decide: mark while waiting for one.
+    let Some(ready) = ctx.pacer.ready(stop).await else {
+        return Ok(None);
+    };
+    let marked_at = Instant::now();
+    ctx.store
+        .record(ctx.run_id, job.id, None, in_flight(true))
+        .await?;
+    let Some(permit) = ctx.pacer.slot(ready, stop).await else {
+        ctx.store
+            .record(ctx.run_id, job.id, None, Transition::Unsent)
+            .await?;
+        return Ok(None);
+    };
+    if marked_at.elapsed() > REMARK_AFTER {
+        // A crash must not check this job before the settle delay has passed since
+        // the request actually left.
+        ctx.store
+            .record(ctx.run_id, job.id, None, in_flight(false))
+            .await?;
+    }
+    Ok(Some(permit))
 }
 
 async fn give_up_after(

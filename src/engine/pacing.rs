@@ -5,6 +5,15 @@
 //! flight; a GCRA limiter (governor) with a burst of one spaces request starts
 //! evenly. A permit is taken first and the rate slot second, so a request starts
 //! the moment its slot comes up and starts never bunch.
+//!
+//! A create first has to be marked `in_flight` (a committed write). With a rate
+//! limit, the rate decides when requests start: a create takes its permit and rate
+//! slot ([`Pacer::admit`]), is marked, and starts (a commit after its slot, as every
+//! create). Without one, the request slots decide, and a create marked while holding
+//! a slot would leave the API idle for a commit on every create. So it passes in two
+//! steps: [`Pacer::ready`] (the pause, and one of `concurrency` places in a waiting
+//! line), then, once marked, [`Pacer::slot`] (the request slot). The line is as long
+//! as the cap, so a marked create waits about one request for its slot.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -16,10 +25,23 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// A create's place in the waiting line between [`Pacer::ready`] and [`Pacer::slot`].
+#[derive(Debug)]
+pub struct Ready(#[expect(dead_code, reason = "held for its drop")] OwnedSemaphorePermit);
+
+async fn acquire(sem: &Arc<Semaphore>, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        p = sem.clone().acquire_owned() => p.ok(),
+        () = stop.cancelled() => None,
+    }
+}
+
 /// The gate every request passes.
 #[derive(Debug)]
 pub struct Pacer {
     permits: Arc<Semaphore>,
+    /// Places for creates that are admitted and being marked, not yet sending.
+    ready: Arc<Semaphore>,
     limiter: Option<DefaultDirectRateLimiter>,
     paused_until: std::sync::Mutex<Option<Instant>>,
     streak: AtomicU32,
@@ -35,6 +57,7 @@ impl Pacer {
         });
         Pacer {
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            ready: Arc::new(Semaphore::new(concurrency.max(1))),
             limiter,
             paused_until: std::sync::Mutex::new(None),
             streak: AtomicU32::new(0),
@@ -45,10 +68,48 @@ impl Pacer {
     /// Waits for a free slot, the end of any pause, and the next rate slot.
     /// `None` if `stop` fires first: the request must not start.
     pub async fn admit(&self, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
-        let permit = tokio::select! {
-            p = self.permits.clone().acquire_owned() => p.ok()?,
-            () = stop.cancelled() => return None,
-        };
+        let permit = acquire(&self.permits, stop).await?;
+        self.pause_and_rate(stop).await?;
+        Some(permit)
+    }
+
+    /// Whether a rate limit paces requests (see the module notes).
+    pub fn rate_limited(&self) -> bool {
+        self.limiter.is_some()
+    }
+
+    /// The first step of a create without a rate limit: a place in the waiting line
+    /// and the end of any pause. `None` if `stop` fires first.
+    pub async fn ready(&self, stop: &CancellationToken) -> Option<Ready> {
+        let place = acquire(&self.ready, stop).await?;
+        self.pause_and_rate(stop).await?;
+        Some(Ready(place))
+    }
+
+    /// The second step of a create: a request slot, which frees its place in the line.
+    /// A pause that began meanwhile is waited out, with a new rate slot after it (the
+    /// creates that waited must not all start at once). `None` if `stop` fires first:
+    /// the request must not start.
+    pub async fn slot(
+        &self,
+        ready: Ready,
+        stop: &CancellationToken,
+    ) -> Option<OwnedSemaphorePermit> {
+        let permit = acquire(&self.permits, stop).await;
+        drop(ready);
+        let permit = permit?;
+        if self.paused() {
+            self.pause_and_rate(stop).await?;
+        }
+        (!stop.is_cancelled()).then_some(permit)
+    }
+
+    fn paused(&self) -> bool {
+        let until = *self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
+        until.is_some_and(|t| t > Instant::now())
+    }
+
+    async fn pause_and_rate(&self, stop: &CancellationToken) -> Option<()> {
         loop {
             let until = *self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
             match until {
@@ -67,7 +128,7 @@ impl Pacer {
                 () = stop.cancelled() => return None,
             }
         }
-        (!stop.is_cancelled()).then_some(permit)
+        (!stop.is_cancelled()).then_some(())
     }
 
     /// Pauses every sender for `d` (a `Retry-After` on a 429 or 503).
@@ -161,6 +222,54 @@ mod tests {
         stop.cancel();
         assert!(handle.await.unwrap());
         drop(held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn creates_wait_in_a_line_as_long_as_the_cap_and_send_within_it() {
+        let pacer = Arc::new(Pacer::new(2, None, 10));
+        let stop = CancellationToken::new();
+        // Two requests in flight, two creates marked and waiting: a fifth waits for a place.
+        let sending = [
+            pacer.admit(&stop).await.unwrap(),
+            pacer.admit(&stop).await.unwrap(),
+        ];
+        let waiting = [
+            pacer.ready(&stop).await.unwrap(),
+            pacer.ready(&stop).await.unwrap(),
+        ];
+        let fifth = tokio::spawn({
+            let (pacer, stop) = (pacer.clone(), stop.clone());
+            async move { pacer.ready(&stop).await.is_some() }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!fifth.is_finished());
+        // A request ends: the first in line gets its slot and frees its place.
+        let [first, second] = waiting;
+        drop(sending);
+        let slot = pacer.slot(first, &stop).await;
+        assert!(slot.is_some());
+        assert!(fifth.await.unwrap());
+        // Stopping: a marked create that has no slot yet must not send.
+        let blocker = pacer.admit(&stop).await.unwrap();
+        let waiter = tokio::spawn({
+            let (pacer, stop) = (pacer.clone(), stop.clone());
+            async move { pacer.slot(second, &stop).await.is_none() }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        stop.cancel();
+        assert!(waiter.await.unwrap());
+        drop((slot, blocker));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_that_begins_after_ready_still_holds_the_create() {
+        let pacer = Pacer::new(4, None, 10);
+        let stop = CancellationToken::new();
+        let ready = pacer.ready(&stop).await.unwrap();
+        pacer.pause_for(Duration::from_secs(3));
+        let start = Instant::now();
+        drop(pacer.slot(ready, &stop).await.unwrap());
+        assert!(start.elapsed() >= Duration::from_secs(3));
     }
 
     #[test]

@@ -420,9 +420,16 @@ pub(super) fn record(
     };
     match transition {
         Transition::Keep => set_state("", &[]),
-        Transition::InFlight { check_after } => set_state(
-            ", state = 'in_flight', creates = creates + 1, next_attempt_at = ?6",
-            &[check_after],
+        Transition::InFlight {
+            check_after,
+            new_create,
+        } => set_state(
+            ", state = 'in_flight', creates = creates + ?6, next_attempt_at = ?7",
+            &[&i64::from(*new_create), check_after],
+        ),
+        Transition::Unsent => set_state(
+            ", state = 'pending', creates = creates - 1, next_attempt_at = NULL",
+            &[],
         ),
         Transition::Succeeded { obtained, group } => {
             c.prepare_cached(

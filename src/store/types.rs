@@ -129,7 +129,13 @@ pub enum Transition {
     /// (unix ms): the server may still be working on the request.
     InFlight {
         check_after: i64,
+        /// False when a create already marked is marked again with a later
+        /// `check_after` (it waited long for its request slot): not a new create.
+        new_create: bool,
     },
+    /// A create marked in flight that never left (the run stopped while it waited
+    /// for a request slot): pending again, as it was.
+    Unsent,
     Succeeded {
         obtained: Obtained,
         group: GroupRec,

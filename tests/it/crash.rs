@@ -78,6 +78,9 @@ async fn first_signal_finishes_in_flight_requests_then_reports_and_exits_4() {
     let done = count(&db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'");
     assert!(done > 0 && done < 40, "{done}");
     assert_eq!(sb.stats(false).groups_total, done as u64);
+    // Creates that were marked but still waiting for a request slot were put back, and
+    // the record counts only the creates that left.
+    assert_eq!(count(&db, "SELECT sum(creates) FROM jobs"), done);
 }
 
 #[tokio::test(flavor = "multi_thread")]

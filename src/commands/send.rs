@@ -173,13 +173,17 @@ async fn finish(
     facts.finished_at = Some(crate::store::now_text());
     facts.exit_code = Some(i64::from(exit.code()));
     facts.stopped = stopped;
+    let last_success = match outputs.metrics_file {
+        Some(_) => store.last_success().await?,
+        None => None,
+    };
+    store.close().await;
     let report = Report::from_facts(facts);
     print!("{}", report.to_text());
     if let Some(path) = outputs.report_json {
         write_atomic(path, report.to_json().as_bytes())?;
     }
     if let Some(path) = outputs.metrics_file {
-        let last_success = store.last_success().await?;
         write_atomic(
             path,
             crate::metrics::render(&report, last_success).as_bytes(),

@@ -13,6 +13,8 @@ mod schema;
 mod types;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
@@ -33,10 +35,17 @@ const MAX_BATCH: usize = 2048;
 type Finish = Box<dyn FnOnce(Option<&str>) + Send>;
 type Task = Box<dyn FnOnce(&Connection) -> Finish + Send>;
 
+/// What the owner thread is asked to do.
+enum Message {
+    Task(Task),
+    /// Checkpoint the WAL into the database file and stop; answered when done.
+    Close(oneshot::Sender<()>),
+}
+
 /// A cheap, cloneable handle to the database owner.
 #[derive(Clone, Debug)]
 pub struct Store {
-    tx: mpsc::Sender<Task>,
+    tx: mpsc::Sender<Message>,
     path: PathBuf,
 }
 
@@ -68,11 +77,12 @@ impl Store {
         }
         let mut conn = Connection::open(path).map_err(db_err)?;
         schema::prepare(&mut conn).map_err(db_err)?;
-        let (tx, rx) = mpsc::channel::<Task>(4096);
+        let checkpointer = Checkpointer::start(&mut conn, path).map_err(db_err)?;
+        let (tx, rx) = mpsc::channel::<Message>(4096);
         let thread_path = path.to_owned();
         std::thread::Builder::new()
             .name("kohort-store".into())
-            .spawn(move || owner_loop(conn, rx, &thread_path))
+            .spawn(move || owner_loop(conn, rx, &thread_path, checkpointer))
             .map_err(|e| Error::Internal(format!("cannot start the database thread: {e}")))?;
         Ok(Store {
             tx,
@@ -104,7 +114,10 @@ impl Store {
             })
         });
         let closed = || Error::Internal("the database thread has stopped".into());
-        self.tx.send(task).await.map_err(|_| closed())?;
+        self.tx
+            .send(Message::Task(task))
+            .await
+            .map_err(|_| closed())?;
         reply_rx
             .await
             .map_err(|_| closed())?
@@ -255,6 +268,16 @@ impl Store {
     pub async fn flush(&self) -> Result<()> {
         self.call(|_| Ok(())).await
     }
+
+    /// Ends the session: everything queued is committed, the WAL is copied into the
+    /// database file and emptied, and the owner thread stops (every handle then
+    /// fails). Returns when that is done, so the process can exit.
+    pub async fn close(&self) {
+        let (done_tx, done_rx) = oneshot::channel();
+        if self.tx.send(Message::Close(done_tx)).await.is_ok() {
+            let _ = done_rx.await;
+        }
+    }
 }
 
 fn run_in_savepoint<T>(
@@ -277,9 +300,97 @@ fn run_in_savepoint<T>(
     }
 }
 
-fn owner_loop(conn: Connection, mut rx: mpsc::Receiver<Task>, path: &Path) {
+/// WAL pages (4 KiB) not yet copied after which the checkpointer thread copies them
+/// into the database file (SQLite's own checkpoints, every 1,000 pages, would run
+/// on the writer thread).
+const CHECKPOINT_PAGES: i32 = 2_000;
+/// WAL pages after which the writer checkpoints itself: the checkpointer has fallen
+/// behind, or could never catch up with a writer that commits back to back (the WAL
+/// restarts from its beginning only after a checkpoint that reached its end).
+const WRITER_CHECKPOINT_PAGES: i32 = 4 * CHECKPOINT_PAGES;
+
+/// Copies the WAL into the database file on its own thread and connection, so the
+/// writer (which every caller waits on) does not do it between transactions.
+struct Checkpointer {
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    /// Starts the thread and hooks the writer's commits to it.
+    fn start(writer: &mut Connection, path: &Path) -> rusqlite::Result<Checkpointer> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // A connection opens the WAL on its first read; until then it has nothing to
+        // checkpoint (and says so by succeeding without doing anything).
+        conn.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
+        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+        // WAL pages already copied, as of the checkpointer's last pass.
+        let copied = Arc::new(AtomicI32::new(0));
+        let seen = copied.clone();
+        let mut last = 0;
+        writer.wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, pages: i32| {
+            if pages < last {
+                // The WAL restarted from its beginning: nothing in it is copied yet.
+                seen.store(0, Ordering::Relaxed);
+            }
+            last = pages;
+            if pages >= WRITER_CHECKPOINT_PAGES {
+                // Mostly copied already: this pass is short, and lets the WAL restart.
+                wal.checkpoint()?;
+            } else if pages - seen.load(Ordering::Relaxed).min(pages) >= CHECKPOINT_PAGES {
+                // Full means a wake-up is already pending.
+                let _ = wake.try_send(());
+            }
+            Ok(())
+        }))?;
+        let db = path.display().to_string();
+        let thread = std::thread::Builder::new()
+            .name("kohort-checkpoint".into())
+            .spawn(move || {
+                // Ends when the writer's hook (and its sender) is dropped.
+                while woken.recv().is_ok() {
+                    match conn.wal_checkpoint_v2(None::<&str>, Default::default()) {
+                        Ok((wal, done)) => {
+                            copied.store(done, Ordering::Relaxed);
+                            tracing::trace!(%db, wal, copied = done, "checkpoint");
+                        }
+                        Err(e) => tracing::warn!(%db, error = %e, "background checkpoint failed; the writer will checkpoint instead"),
+                    }
+                }
+            })
+            .map_err(|e| {
+                rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                    Some(format!("cannot start the checkpoint thread: {e}")),
+                )
+            })?;
+        Ok(Checkpointer { thread })
+    }
+
+    /// Unhooks the writer and waits for a checkpoint in progress to end.
+    fn stop(self, writer: &mut Connection) {
+        let _ = writer.wal_hook(None::<fn(&mut rusqlite::hooks::Wal, i32) -> rusqlite::Result<()>>);
+        let _ = self.thread.join();
+    }
+}
+
+fn owner_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Message>,
+    path: &Path,
+    checkpointer: Checkpointer,
+) {
     let mut finishers: Vec<Finish> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
+    let mut closing: Option<oneshot::Sender<()>> = None;
+    while closing.is_none() {
+        let first = match rx.blocking_recv() {
+            None => break,
+            Some(Message::Close(done)) => {
+                closing = Some(done);
+                break;
+            }
+            Some(Message::Task(task)) => task,
+        };
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let msg = e.to_string();
             tracing::error!(db = %path.display(), error = %msg, "cannot begin a transaction");
@@ -290,7 +401,11 @@ fn owner_loop(conn: Connection, mut rx: mpsc::Receiver<Task>, path: &Path) {
         let mut yielded = false;
         while finishers.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(task) => finishers.push(task(&conn)),
+                Ok(Message::Task(task)) => finishers.push(task(&conn)),
+                Ok(Message::Close(done)) => {
+                    closing = Some(done);
+                    break;
+                }
                 // Once, give the senders a moment: a commit costs about as much as many
                 // statements, so a few more in this batch are nearly free.
                 Err(_) if !yielded => {
@@ -309,6 +424,77 @@ fn owner_loop(conn: Connection, mut rx: mpsc::Receiver<Task>, path: &Path) {
             finish(commit.as_ref().err().map(String::as_str));
         }
     }
-    // Every handle is gone: checkpoint so the WAL does not linger.
-    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    // The session is over (or every handle is gone): leave no WAL behind.
+    checkpointer.stop(&mut conn);
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+        tracing::warn!(db = %path.display(), error = %e, "final checkpoint failed; the next run completes it");
+    }
+    drop(conn);
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::job::Payload;
+
+    fn rows(from: u64, n: u64) -> Vec<ImportRow> {
+        (from..from + n)
+            .map(|i| {
+                let payload = Payload {
+                    customer_id: format!("cus_{i:08}"),
+                    order_id: Some(format!("ord_{i:08}")),
+                    payment_intent_id: None,
+                    expires_at: None,
+                    mid_expire_at: None,
+                    metadata: None,
+                };
+                ImportRow::new(
+                    i + 1,
+                    Some(format!("ord_{i:08}")),
+                    Ok(payload),
+                    BTreeMap::new(),
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_wal_is_copied_in_the_background_and_emptied_at_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let store = Store::open(&path).unwrap();
+        let run = store
+            .begin_run("enqueue", "{}".into(), false)
+            .await
+            .unwrap();
+        // Well over CHECKPOINT_PAGES of WAL, well under WRITER_CHECKPOINT_PAGES: only the
+        // checkpointer thread copies pages into the database file before the close.
+        for batch in 0..30 {
+            let counts = store
+                .import(run, "t.csv".into(), rows(batch * 4_000, 4_000))
+                .await
+                .unwrap();
+            assert_eq!(counts.queued, 4_000);
+        }
+        let db_len = || std::fs::metadata(&path).map_or(0, |m| m.len());
+        let wal = path.with_file_name("k.db-wal");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while db_len() < 4 << 20 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(db_len() >= 4 << 20, "database file {} bytes", db_len());
+        store.close().await;
+        assert_eq!(std::fs::metadata(&wal).map_or(0, |m| m.len()), 0);
+        assert!(store.flush().await.is_err(), "a closed store refuses work");
+        let conn = Connection::open(&path).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM jobs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 120_000);
+    }
 }

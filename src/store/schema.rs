@@ -243,8 +243,6 @@ pub fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
     // Savepoint journals in memory, not in temp files; a 16 MiB page cache.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.pragma_update(None, "cache_size", -16_384)?;
-    // Checkpoint every ~16 MiB of WAL rather than 4: fewer stalls in the writer thread.
-    conn.pragma_update(None, "wal_autocheckpoint", 4_000)?;
     // Every statement of the hot path stays prepared (the default keeps 16).
     conn.set_prepared_statement_cache_capacity(128);
     let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;

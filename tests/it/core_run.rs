@@ -20,6 +20,9 @@ async fn happy_path_creates_one_group_per_order_and_records_it() {
     let mut a = args(&sb.url());
     a.report_json = Some(dir.path().join("report.json"));
     assert_eq!(run(&a, &db, &[csv]).await, Exit::Success);
+    // The run ended with everything in the database file and an empty WAL.
+    let wal = dir.path().join("k.db-wal");
+    assert_eq!(std::fs::metadata(&wal).map_or(0, |m| m.len()), 0);
 
     assert_one_group_each(&sb, orders(40));
     assert_eq!(sb.stats(false).groups_total, 40);

@@ -152,6 +152,7 @@ const MIGRATIONS: &[&str] = &[
     // then checkpoint). Now the body is one column per field and the key is computed
     // from them; sources are a table. And `x IN (...)` in a CHECK built a temporary
     // B-tree on every insert and state change; the same rule as a chain of `=` does not.
+    // The whole rebuild took an import of a million rows from 4.9 s to 1.3 s.
     r#"
     CREATE TABLE sources (
         id   INTEGER PRIMARY KEY,
@@ -161,6 +162,13 @@ const MIGRATIONS: &[&str] = &[
 
     CREATE TABLE jobs_v5 (
         id                INTEGER PRIMARY KEY,
+        -- First, what a run's report counts (a scan reads a record's columns in order).
+        state             TEXT NOT NULL CHECK (state = 'pending' OR state = 'in_flight'
+                            OR state = 'succeeded' OR state = 'failed' OR state = 'unknown'
+                            OR state = 'invalid'),
+        last_run_id       INTEGER,     -- runs(id): the run that last changed the job
+        obtained          TEXT CHECK (obtained = 'created' OR obtained = 'existing'
+                            OR obtained = 'recovered'),
         -- The POST /groups body, one column per field (NULL: not sent); all NULL for
         -- invalid rows.
         customer_id       TEXT,
@@ -172,13 +180,8 @@ const MIGRATIONS: &[&str] = &[
         key               TEXT GENERATED ALWAYS AS (coalesce(order_id, payment_intent_id)) VIRTUAL,
         row_key           TEXT,        -- the key an invalid row would have had
         raw               TEXT NOT NULL, -- invalid rows: the row as written, header -> cell (JSON); else ''
-        source_id         INTEGER NOT NULL REFERENCES sources(id),
+        source_id         INTEGER NOT NULL, -- sources(id)
         line              INTEGER,     -- line of the row in its file (inbox: the inbox id)
-        state             TEXT NOT NULL CHECK (state = 'pending' OR state = 'in_flight'
-                            OR state = 'succeeded' OR state = 'failed' OR state = 'unknown'
-                            OR state = 'invalid'),
-        obtained          TEXT CHECK (obtained = 'created' OR obtained = 'existing'
-                            OR obtained = 'recovered'),
         attempts          INTEGER NOT NULL DEFAULT 0,  -- HTTP exchanges, all runs
         creates           INTEGER NOT NULL DEFAULT 0,  -- POST /groups sent, all runs
         needs_check       INTEGER NOT NULL DEFAULT 0,  -- 1: a group may exist; check before sending
@@ -187,9 +190,12 @@ const MIGRATIONS: &[&str] = &[
         error_class       TEXT,
         last_status       INTEGER,
         group_id          TEXT,
-        first_run_id      INTEGER REFERENCES runs(id),
-        last_run_id       INTEGER REFERENCES runs(id),
+        first_run_id      INTEGER,     -- runs(id)
         updated_ms        INTEGER NOT NULL -- unix ms
+        -- The run and source ids are not declared as foreign keys: rows of runs and
+        -- sources are never deleted, the ids come from the same transaction, and each
+        -- declared key costs a lookup on every insert and state change (a tenth of an
+        -- import's time).
     );
     INSERT INTO jobs_v5 (id, customer_id, order_id, payment_intent_id, expires_at,
         mid_expire_at, metadata, row_key, raw, source_id, line, state, obtained, attempts,

@@ -29,13 +29,11 @@ fn text(v: Option<&Value>) -> Option<String> {
 pub fn parse_group(body: &[u8]) -> Result<Group, String> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| format!("the body is not JSON ({e})"))?;
-    let mut group = group_from_value(&value)?;
-    // Keep the bytes as received (valid UTF-8: it parsed as JSON).
-    group.raw = String::from_utf8_lossy(body).into_owned();
-    Ok(group)
+    group_from_value(&value, body)
 }
 
-fn group_from_value(value: &Value) -> Result<Group, String> {
+/// The group in `value`, with `body` (what `value` was parsed from) kept as received.
+fn group_from_value(value: &Value, body: &[u8]) -> Result<Group, String> {
     let obj = value
         .as_object()
         .ok_or_else(|| "the body is not a JSON object".to_owned())?;
@@ -50,7 +48,11 @@ fn group_from_value(value: &Value) -> Result<Group, String> {
         order_id: text(field(obj, "order_id", "orderId")),
         expires_at: text(field(obj, "expires_at", "expiresAt")),
         created_at: text(field(obj, "created_at", "createdAt")),
-        raw: value.to_string(),
+        // Valid UTF-8, as it parsed as JSON.
+        raw: std::str::from_utf8(body).map_or_else(
+            |_| String::from_utf8_lossy(body).into_owned(),
+            str::to_owned,
+        ),
     })
 }
 
@@ -66,10 +68,7 @@ pub fn parse_group_lookup(body: &[u8]) -> Result<Option<Group>, String> {
     match &value {
         Value::Null => Ok(None),
         Value::Object(o) if o.is_empty() => Ok(None),
-        _ => group_from_value(&value).map(|mut g| {
-            g.raw = String::from_utf8_lossy(trimmed).into_owned();
-            Some(g)
-        }),
+        _ => group_from_value(&value, trimmed).map(Some),
     }
 }
 

@@ -376,6 +376,20 @@ pub(super) fn pending_jobs(
     rows.collect()
 }
 
+/// `UPDATE jobs` for a state change: the columns every change sets (?1–?5), then
+/// `$extra` (from ?6), as one literal (no formatting per call).
+macro_rules! set_state_sql {
+    ($extra:literal) => {
+        concat!(
+            "UPDATE jobs SET attempts = attempts + ?1, \
+             last_status = CASE WHEN ?1 = 1 THEN ?2 ELSE last_status END, \
+             last_run_id = ?3, updated_ms = ?4",
+            $extra,
+            " WHERE id = ?5"
+        )
+    };
+}
+
 /// Records one attempt and the job's state change together.
 pub(super) fn record(
     c: &Connection,
@@ -407,28 +421,23 @@ pub(super) fn record(
         }
         None => (0, None),
     };
-    let set_state = |sql: &str, extra: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<()> {
-        let full = format!(
-            "UPDATE jobs SET attempts = attempts + ?1, \
-             last_status = CASE WHEN ?1 = 1 THEN ?2 ELSE last_status END, \
-             last_run_id = ?3, updated_ms = ?4{sql} WHERE id = ?5"
-        );
+    let set_state = |sql: &'static str, extra: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<()> {
         let mut p: Vec<&dyn rusqlite::ToSql> = vec![&bump, &status, &run_id, &now_ms, &job_id];
         p.extend_from_slice(extra);
-        c.prepare_cached(&full)?.execute(p.as_slice())?;
+        c.prepare_cached(sql)?.execute(p.as_slice())?;
         Ok(())
     };
     match transition {
-        Transition::Keep => set_state("", &[]),
+        Transition::Keep => set_state(set_state_sql!(""), &[]),
         Transition::InFlight {
             check_after,
             new_create,
         } => set_state(
-            ", state = 'in_flight', creates = creates + ?6, next_attempt_at = ?7",
+            set_state_sql!(", state = 'in_flight', creates = creates + ?6, next_attempt_at = ?7"),
             &[&i64::from(*new_create), check_after],
         ),
         Transition::Unsent => set_state(
-            ", state = 'pending', creates = creates - 1, next_attempt_at = NULL",
+            set_state_sql!(", state = 'pending', creates = creates - 1, next_attempt_at = NULL"),
             &[],
         ),
         Transition::Succeeded { obtained, group } => {
@@ -456,8 +465,10 @@ pub(super) fn record(
                 now
             ])?;
             set_state(
-                ", state = 'succeeded', obtained = ?6, group_id = ?7, needs_check = 0, \
-                 next_attempt_at = NULL, error = NULL, error_class = NULL",
+                set_state_sql!(
+                    ", state = 'succeeded', obtained = ?6, group_id = ?7, needs_check = 0, \
+                 next_attempt_at = NULL, error = NULL, error_class = NULL"
+                ),
                 &[&obtained.as_str(), &group.id],
             )
         }
@@ -466,11 +477,15 @@ pub(super) fn record(
             class,
             status: _,
         } => set_state(
-            ", state = 'failed', error = ?6, error_class = ?7, next_attempt_at = NULL",
+            set_state_sql!(
+                ", state = 'failed', error = ?6, error_class = ?7, next_attempt_at = NULL"
+            ),
             &[reason, class],
         ),
         Transition::Unknown { reason } => set_state(
-            ", state = 'unknown', error = ?6, error_class = 'ambiguous', needs_check = 1",
+            set_state_sql!(
+                ", state = 'unknown', error = ?6, error_class = 'ambiguous', needs_check = 1"
+            ),
             &[reason],
         ),
         Transition::Pending {
@@ -478,7 +493,9 @@ pub(super) fn record(
             needs_check,
             reason,
         } => set_state(
-            ", state = 'pending', next_attempt_at = ?6, needs_check = ?7, error = ?8",
+            set_state_sql!(
+                ", state = 'pending', next_attempt_at = ?6, needs_check = ?7, error = ?8"
+            ),
             &[next_attempt_at, needs_check, reason],
         ),
     }

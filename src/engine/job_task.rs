@@ -16,9 +16,6 @@ use crate::error::Result;
 use crate::job::Group;
 use crate::store::{Attempt, Job, Obtained, RequestKind, Transition};
 
-/// A create that waited longer than this for its request slot after being marked in
-/// flight is marked again, so that `check_after` still counts from its real send.
-const REMARK_AFTER: Duration = Duration::from_millis(250);
 
 fn unix_ms_in(d: Duration) -> i64 {
     jiff::Timestamp::now().as_millisecond() + d.as_millis() as i64
@@ -231,8 +228,13 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
 /// Marks the job in flight (committed) and takes a request slot; `None` if the run
 /// stops first, with the job as it was. See `pacing` for why the two orders.
 async fn start_create(ctx: &Ctx, job: &Job) -> Result<Option<OwnedSemaphorePermit>> {
+    // A create marked in flight may wait in line for its request slot. Its check after a
+    // crash must not come before the settle delay has passed since it was *sent*, so
+    // `check_after` gets a margin of a tenth of the delay, and a create that waited
+    // longer than that is marked again before it leaves.
+    let margin = ctx.cfg.settle / 10;
     let in_flight = |new_create| Transition::InFlight {
-        check_after: unix_ms_in(ctx.cfg.settle),
+        check_after: unix_ms_in(ctx.cfg.settle + margin),
         new_create,
     };
     let stop = &ctx.control.stop;
@@ -260,9 +262,7 @@ async fn start_create(ctx: &Ctx, job: &Job) -> Result<Option<OwnedSemaphorePermi
             .await?;
         return Ok(None);
     };
-    if marked_at.elapsed() > REMARK_AFTER {
-        // A crash must not check this job before the settle delay has passed since
-        // the request actually left.
+    if marked_at.elapsed() > margin {
         ctx.store
             .record(ctx.run_id, job.id, None, in_flight(false))
             .await?;

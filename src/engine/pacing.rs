@@ -11,9 +11,10 @@
 //! slot ([`Pacer::admit`]), is marked, and starts (a commit after its slot, as every
 //! create). Without one, the request slots decide, and a create marked while holding
 //! a slot would leave the API idle for a commit on every create. So it passes in two
-//! steps: [`Pacer::ready`] (the pause, and one of `concurrency` places in a waiting
-//! line), then, once marked, [`Pacer::slot`] (the request slot). The line is as long
-//! as the cap, so a marked create waits about one request for its slot.
+//! steps: [`Pacer::ready`] (the pause, and a place in a waiting line), then, once
+//! marked, [`Pacer::slot`] (the request slot). The line holds [`LINE_PER_SLOT`]
+//! creates per request slot: enough that a slot never waits for a commit, few enough
+//! that a crash leaves only that many unsent jobs to check.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -24,6 +25,11 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// Places in the waiting line per request slot. Measured (50,000 rows, no latency,
+/// concurrency 64): 1 → 1.70 s, 2 → 1.53 s, 3 → 1.50 s, 4 → 1.42 s; longer lines
+/// also mean fuller commits (1,900 → 1,000 transactions).
+pub const LINE_PER_SLOT: usize = 4;
 
 /// A create's place in the waiting line between [`Pacer::ready`] and [`Pacer::slot`].
 #[derive(Debug)]
@@ -57,7 +63,7 @@ impl Pacer {
         });
         Pacer {
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
-            ready: Arc::new(Semaphore::new(concurrency.max(1))),
+            ready: Arc::new(Semaphore::new(concurrency.max(1) * LINE_PER_SLOT)),
             limiter,
             paused_until: std::sync::Mutex::new(None),
             streak: AtomicU32::new(0),
@@ -228,27 +234,29 @@ mod tests {
     async fn creates_wait_in_a_line_as_long_as_the_cap_and_send_within_it() {
         let pacer = Arc::new(Pacer::new(2, None, 10));
         let stop = CancellationToken::new();
-        // Two requests in flight, two creates marked and waiting: a fifth waits for a place.
+        // Two requests in flight, a full line of creates marked and waiting: the next
+        // create waits for a place.
         let sending = [
             pacer.admit(&stop).await.unwrap(),
             pacer.admit(&stop).await.unwrap(),
         ];
-        let waiting = [
-            pacer.ready(&stop).await.unwrap(),
-            pacer.ready(&stop).await.unwrap(),
-        ];
-        let fifth = tokio::spawn({
+        let mut line = Vec::new();
+        for _ in 0..2 * LINE_PER_SLOT {
+            line.push(pacer.ready(&stop).await.unwrap());
+        }
+        let next = tokio::spawn({
             let (pacer, stop) = (pacer.clone(), stop.clone());
             async move { pacer.ready(&stop).await.is_some() }
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(!fifth.is_finished());
+        assert!(!next.is_finished());
         // A request ends: the first in line gets its slot and frees its place.
-        let [first, second] = waiting;
+        let first = line.remove(0);
+        let second = line.remove(0);
         drop(sending);
         let slot = pacer.slot(first, &stop).await;
         assert!(slot.is_some());
-        assert!(fifth.await.unwrap());
+        assert!(next.await.unwrap());
         // Stopping: a marked create that has no slot yet must not send.
         let blocker = pacer.admit(&stop).await.unwrap();
         let waiter = tokio::spawn({

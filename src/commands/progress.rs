@@ -9,9 +9,14 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 /// The bar being drawn, if any, so log lines can step around it.
 static BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
 
+/// Whether a bar would be shown (stderr is a terminal); its total costs a count.
+pub(super) fn wanted() -> bool {
+    std::io::stderr().is_terminal()
+}
+
 /// Starts a bar for `total` rows when stderr is a terminal.
 pub(super) fn start(total: u64) -> Option<ProgressBar> {
-    if total == 0 || !std::io::stderr().is_terminal() {
+    if total == 0 || !wanted() {
         return None;
     }
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());

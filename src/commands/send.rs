@@ -82,13 +82,18 @@ async fn session(
             );
         }
         let api = ApiClient::new(&cfg.api_base, &cfg.key, cfg.timeout, cfg.ca_cert.as_deref())?;
-        let pending = store
-            .state_counts()
-            .await?
-            .into_iter()
-            .find(|(s, _)| s == "pending")
-            .map_or(0, |(_, n)| n as u64);
-        let bar = super::progress::start(pending);
+        // Counting the pending jobs reads the whole table: only for a bar that shows.
+        let bar = if super::progress::wanted() {
+            let pending = store
+                .state_counts()
+                .await?
+                .into_iter()
+                .find(|(s, _)| s == "pending")
+                .map_or(0, |(_, n)| n as u64);
+            super::progress::start(pending)
+        } else {
+            None
+        };
         let on_done = bar
             .clone()
             .map(|b| Arc::new(move || b.inc(1)) as engine::OnDone);

@@ -16,7 +16,6 @@ use crate::error::Result;
 use crate::job::Group;
 use crate::store::{Attempt, Job, Obtained, RequestKind, Transition};
 
-
 fn unix_ms_in(d: Duration) -> i64 {
     jiff::Timestamp::now().as_millisecond() + d.as_millis() as i64
 }

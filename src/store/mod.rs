@@ -475,6 +475,84 @@ mod tests {
             .collect()
     }
 
+    /// Chunks of rows take one statement; rows whose key is taken (inside the chunk,
+    /// or by an earlier import) must still come out as duplicates, conflicts or fixes,
+    /// exactly as one statement per row would have it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn chunked_imports_sort_out_taken_keys_row_by_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let store = Store::open(&path).unwrap();
+        let run = store
+            .begin_run("enqueue", "{}".into(), false)
+            .await
+            .unwrap();
+        // Earlier: ord 50 as it will be re-imported, and ord 60, which then failed.
+        let earlier = rows(50, 1).into_iter().chain(rows(60, 1)).collect();
+        store.import(run, "a.csv".into(), earlier).await.unwrap();
+        store
+            .call(|c| {
+                c.execute(
+                    "UPDATE jobs SET state = 'failed' WHERE key = 'ord_00000060'",
+                    [],
+                )
+            })
+            .await
+            .unwrap();
+        // 300 rows (three full chunks): ord 0..300, except that row 120 repeats row 10
+        // exactly, row 130 reuses row 20's key with another customer, and row 60 is
+        // a fixed version of the failed job (another customer).
+        let mut batch = rows(0, 300);
+        batch[120] = rows(10, 1).remove(0);
+        batch[120].line = 121;
+        let mut other = rows(20, 1).remove(0);
+        other.line = 131;
+        if let Ok(p) = &mut other.outcome {
+            p.customer_id = "cus_other".into();
+        }
+        batch[130] = other;
+        if let Ok(p) = &mut batch[60].outcome {
+            p.customer_id = "cus_fixed".into();
+        }
+        let counts = store.import(run, "b.csv".into(), batch).await.unwrap();
+        assert_eq!(
+            counts,
+            ImportCounts {
+                rows: 300,
+                queued: 296, // 300 - 50 (already there) - 60 (fixed) - 120 - 130
+                fixed: 1,
+                duplicates: 2, // 50, 120
+                conflicts: 1,  // 130
+                invalid: 0,
+            }
+        );
+        let facts: Vec<(String, String, i64)> = store
+            .call(|c| {
+                c.prepare(
+                    "SELECT key, state || ' ' || customer_id, line FROM jobs \
+                     WHERE key IN ('ord_00000010', 'ord_00000020', 'ord_00000060', 'ord_00000120', \
+                     'ord_00000130') ORDER BY key",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            facts,
+            [
+                ("ord_00000010".into(), "pending cus_00000010".into(), 11),
+                ("ord_00000020".into(), "pending cus_00000020".into(), 21),
+                ("ord_00000060".into(), "pending cus_fixed".into(), 61),
+            ]
+        );
+        let total: i64 = store
+            .call(|c| c.query_row("SELECT count(*) FROM jobs", [], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(total, 298); // 0..300 without 120 and 130
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_failed_task_leaves_nothing_behind_and_the_store_goes_on() {
         let dir = tempfile::tempdir().unwrap();

@@ -20,7 +20,8 @@ use crate::job::{self, Payload, RowFields};
 pub struct ImportRow {
     /// The line the record starts on (1 is the header).
     pub line: u64,
-    /// The row's key, when it has one (even if the row is invalid).
+    /// The row's key, when it has one; left out for a valid row from a CSV (its body
+    /// has it).
     pub key: Option<String>,
     /// The request body, or why the row cannot be sent.
     pub outcome: Result<Payload, String>,
@@ -350,7 +351,6 @@ impl CsvSource {
             };
             *slot = Some(text);
         }
-        let key = fields.key();
         let outcome = if problems.is_empty() {
             job::validate(&fields, now).map_err(|p| p.join("; "))
         } else {
@@ -361,10 +361,10 @@ impl CsvSource {
         };
         // Only an invalid row's cells are kept (see store::ops::import), so only an
         // invalid row pays for collecting them.
-        let raw = if outcome.is_err() {
-            self.raw_cells()
+        let (key, raw) = if outcome.is_err() {
+            (fields.key(), self.raw_cells())
         } else {
-            BTreeMap::new()
+            (None, BTreeMap::new())
         };
         ImportRow::new(line, key, outcome, raw)
     }

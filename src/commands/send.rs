@@ -203,6 +203,9 @@ async fn finish(
 /// Streams a CSV into the store in batches; reading happens on a blocking thread.
 pub async fn import_csv(store: &Store, run_id: i64, path: &Path) -> Result<ImportCounts> {
     let (tx, mut rx) = mpsc::channel::<(String, Vec<ImportRow>)>(2);
+    // Imported batches go back to the reader, which frees them: freeing is much cheaper
+    // on the thread that allocated (glibc arenas), and that thread has time to spare.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Vec<ImportRow>>();
     let path_owned = path.to_owned();
     let reader = tokio::task::spawn_blocking(move || -> Result<()> {
         let mut source = CsvSource::open(&path_owned)?;
@@ -222,6 +225,7 @@ pub async fn import_csv(store: &Store, run_id: i64, path: &Path) -> Result<Impor
                 if tx.blocking_send((name.clone(), full)).is_err() {
                     return Ok(());
                 }
+                done_rx.try_iter().for_each(drop);
             }
         }
         if !batch.is_empty() {
@@ -231,7 +235,10 @@ pub async fn import_csv(store: &Store, run_id: i64, path: &Path) -> Result<Impor
     });
     let mut counts = ImportCounts::default();
     while let Some((name, rows)) = rx.recv().await {
-        counts += store.import(run_id, name, rows).await?;
+        let (batch_counts, rows) = store.import(run_id, name, rows).await?;
+        counts += batch_counts;
+        // The reader may be done already: then the rows are freed here.
+        let _ = done_tx.send(rows);
     }
     reader
         .await

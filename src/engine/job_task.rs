@@ -44,9 +44,10 @@ impl Tally {
         self.last_latency = Some(reply.latency);
     }
 
-    /// The one log line of a row that did not succeed.
-    fn warn(&self, job: &Job, outcome: &str, reason: &str) {
+    /// The one log line of a row that did not succeed (in the run's span).
+    fn warn(&self, span: &tracing::Span, job: &Job, outcome: &str, reason: &str) {
         tracing::warn!(
+            parent: span,
             key = %job.key,
             line = job.line,
             outcome,
@@ -100,7 +101,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                     &last_error
                 }
             );
-            tally.warn(&job, "unknown", &reason);
+            tally.warn(&ctx.span, &job, "unknown", &reason);
             return ctx
                 .store
                 .record(ctx.run_id, job.id, None, Transition::Unknown { reason })
@@ -125,7 +126,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                     checked_clean = true;
                 }
                 Check::OrderMissing(reason, attempt) => {
-                    tally.warn(&job, "failed", &reason);
+                    tally.warn(&ctx.span, &job, "failed", &reason);
                     let t = Transition::Failed {
                         reason,
                         class: "order_not_found".into(),
@@ -170,7 +171,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
             }
             Class::Definitive => {
                 let reason = reply.error.unwrap_or_default();
-                tally.warn(&job, "failed", &reason);
+                tally.warn(&ctx.span, &job, "failed", &reason);
                 let t = Transition::Failed {
                     reason,
                     class: format!("http_{}", reply.status.unwrap_or(0)),
@@ -188,7 +189,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                 ctx.store
                     .record(ctx.run_id, job.id, Some(attempt), t)
                     .await?;
-                ctx.control.stop(StopReason::Api(stop_message(&reason)));
+                ctx.stop(StopReason::Api(stop_message(&reason)));
                 return Ok(());
             }
             Class::Retry | Class::Ambiguous => {
@@ -285,7 +286,7 @@ async fn give_up_after(
             ""
         }
     );
-    tally.warn(job, "failed", &reason);
+    tally.warn(&ctx.span, job, "failed", &reason);
     let t = Transition::Failed {
         reason,
         class: "retries_exhausted".into(),
@@ -338,7 +339,7 @@ async fn check(ctx: &Ctx, job: &Job, order_id: &str, tally: &mut Tally) -> Resul
         Class::Ok => {
             let group = reply.value.flatten().unwrap_or_else(|| {
                 // The order names a group the lookup cannot show: record what we know.
-                tracing::warn!(order = order_id, group = %group_id, "order names a group that GET /groups does not return");
+                tracing::warn!(parent: &ctx.span, order = order_id, group = %group_id, "order names a group that GET /groups does not return");
                 Group {
                     raw: serde_json::json!({ "id": group_id }).to_string(),
                     id: group_id.clone(),
@@ -361,13 +362,19 @@ async fn check_failed<T>(ctx: &Ctx, job: &Job, attempt: Attempt, reply: Reply<T>
         .await?;
     let error = reply.error.unwrap_or_default();
     if reply.class == Class::Stop {
-        ctx.control.stop(StopReason::Api(stop_message(&error)));
+        ctx.stop(StopReason::Api(stop_message(&error)));
         return Ok(Check::Stopped);
     }
     Ok(Check::Retry(reply.retry_after, error))
 }
 
 impl Ctx {
+    /// Stops the run, logging in the run's span.
+    pub(super) fn stop(&self, reason: StopReason) {
+        let _in_run = self.span.enter();
+        self.control.stop(reason);
+    }
+
     /// Sends one request through the gate (cap, rate, pause) and feeds its reply to
     /// the pause and the breaker. `None`: the run stopped before it could start.
     pub(super) async fn paced<T>(
@@ -394,7 +401,7 @@ impl Ctx {
         if reply.class == Class::Stop {
             // At once, before anything is recorded: no other request may start meanwhile.
             let reason = reply.error.as_deref().unwrap_or_default();
-            self.control.stop(StopReason::Api(stop_message(reason)));
+            self.stop(StopReason::Api(stop_message(reason)));
         }
         if let (Some(wait), Some(429 | 503)) = (reply.retry_after, reply.status) {
             self.pacer.pause_for(wait);
@@ -406,7 +413,7 @@ impl Ctx {
         if !outage {
             self.pacer.note_healthy();
         } else if self.pacer.note_outage_failure() {
-            self.control.stop(StopReason::Api(format!(
+            self.stop(StopReason::Api(format!(
                 "the API looks unavailable: {} requests in a row failed (last: {}); pending \
                  rows stay pending for the next run",
                 self.cfg.breaker_threshold,

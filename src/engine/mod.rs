@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::api::ApiClient;
 use crate::error::{Error, Result};
@@ -121,6 +120,8 @@ impl Control {
 /// Everything a job task needs.
 #[derive(Debug)]
 pub(crate) struct Ctx {
+    /// The run's span, for the log lines of job tasks.
+    span: tracing::Span,
     store: Store,
     api: ApiClient,
     pacer: Pacer,
@@ -158,6 +159,7 @@ pub async fn drain(
     // Enough tasks to keep every permit busy while others sleep in backoff.
     let max_live = (cfg.concurrency * 8).max(256);
     let ctx = Arc::new(Ctx {
+        span: tracing::Span::current(),
         store: store.clone(),
         api,
         pacer,
@@ -182,8 +184,9 @@ pub async fn drain(
             if control.stop.is_cancelled() {
                 break 'feed;
             }
-            // Spawned tasks keep the run's span (its id on every log line).
-            tasks.spawn(job_task::process(ctx.clone(), job).in_current_span());
+            // Job tasks log in the run's span (its id on every line) through `Ctx::span`,
+            // rather than entering it on every poll.
+            tasks.spawn(job_task::process(ctx.clone(), job));
         }
     }
     let mut abandoned = false;

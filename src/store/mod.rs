@@ -4,7 +4,12 @@
 //! [`Store`] handle over a bounded channel; the owner runs whatever has queued up
 //! in one transaction (group commit) and answers each caller only after that
 //! transaction is durable. So "`in_flight` is written before a request leaves"
-//! holds while thousands of rows per second go by.
+//! holds while thousands of rows per second go by. If one task fails, its whole
+//! transaction is rolled back and every task in it is told so.
+//!
+//! A second thread, with its own connection, copies the WAL into the database file
+//! (checkpoints) so the owner never stops for it; [`Store::close`] ends a session
+//! with the WAL copied and emptied.
 
 mod ops;
 mod queries;

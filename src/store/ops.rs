@@ -90,23 +90,25 @@ pub(crate) fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
 }
 
-/// The request-body columns of `jobs`, in the order [`body_params`] binds and
+/// The request-body columns of `jobs`, in the order [`bind_body`] binds and
 /// [`read_body`] reads them.
 pub(super) const BODY_COLUMNS: &str =
     "customer_id, order_id, payment_intent_id, expires_at, mid_expire_at, metadata";
 
-/// Binds the body's fields to parameters 1–6 (metadata as JSON text, made by the reader).
+/// Binds the body's fields to parameters `at` to `at + 5` (metadata as JSON text,
+/// made by the reader).
 fn bind_body(
     stmt: &mut rusqlite::Statement<'_>,
+    at: usize,
     p: &Payload,
     metadata_json: Option<&str>,
 ) -> rusqlite::Result<()> {
-    stmt.raw_bind_parameter(1, &p.customer_id)?;
-    stmt.raw_bind_parameter(2, &p.order_id)?;
-    stmt.raw_bind_parameter(3, &p.payment_intent_id)?;
-    stmt.raw_bind_parameter(4, &p.expires_at)?;
-    stmt.raw_bind_parameter(5, &p.mid_expire_at)?;
-    stmt.raw_bind_parameter(6, metadata_json)
+    stmt.raw_bind_parameter(at, &p.customer_id)?;
+    stmt.raw_bind_parameter(at + 1, &p.order_id)?;
+    stmt.raw_bind_parameter(at + 2, &p.payment_intent_id)?;
+    stmt.raw_bind_parameter(at + 3, &p.expires_at)?;
+    stmt.raw_bind_parameter(at + 4, &p.mid_expire_at)?;
+    stmt.raw_bind_parameter(at + 5, metadata_json)
 }
 
 /// Reads the six body columns starting at column `at`; `None` for an invalid row.
@@ -313,12 +315,7 @@ fn insert_chunk(
     };
     for (k, (row, p)) in valid().enumerate() {
         let at = 4 + 7 * k;
-        stmt.raw_bind_parameter(at, &p.customer_id)?;
-        stmt.raw_bind_parameter(at + 1, &p.order_id)?;
-        stmt.raw_bind_parameter(at + 2, &p.payment_intent_id)?;
-        stmt.raw_bind_parameter(at + 3, &p.expires_at)?;
-        stmt.raw_bind_parameter(at + 4, &p.mid_expire_at)?;
-        stmt.raw_bind_parameter(at + 5, &row.metadata_json)?;
+        bind_body(&mut stmt, at, p, row.metadata_json.as_deref())?;
         stmt.raw_bind_parameter(at + 6, row.line as i64)?;
     }
     let inserted = stmt.raw_execute()?;
@@ -373,7 +370,7 @@ struct NewJob<'a> {
 impl NewJob<'_> {
     /// Inserts the job with [`INSERT_JOB`]; false if its key is already taken.
     fn insert(&self, stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<bool> {
-        bind_body(stmt, self.payload, self.metadata_json)?;
+        bind_body(stmt, 1, self.payload, self.metadata_json)?;
         stmt.raw_bind_parameter(7, self.source_id)?;
         stmt.raw_bind_parameter(8, self.line)?;
         stmt.raw_bind_parameter(9, self.run_id)?;
@@ -405,7 +402,7 @@ fn import_valid(
              next_attempt_at = NULL, error = NULL, error_class = NULL, last_status = NULL, \
              last_run_id = ?10, updated_ms = ?11 WHERE id = ?12",
         )?;
-        bind_body(&mut stmt, new.payload, new.metadata_json)?;
+        bind_body(&mut stmt, 1, new.payload, new.metadata_json)?;
         stmt.raw_bind_parameter(7, new.source_id)?;
         stmt.raw_bind_parameter(8, new.line)?;
         stmt.raw_bind_parameter(9, needs_check)?;

@@ -556,6 +556,52 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn run_facts_count_attempts_by_kind_and_class_and_span_the_send_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("k.db")).unwrap();
+        let run = store.begin_run("run", "{}".into(), true).await.unwrap();
+        store.import(run, "t.csv".into(), rows(0, 3)).await.unwrap();
+        let at = |ms: i64| jiff::Timestamp::from_millisecond(1_800_000_000_000 + ms).unwrap();
+        let attempts = [
+            (1, RequestKind::CheckOrder, 0, 5.0, "ok"),
+            (1, RequestKind::Create, 10, 7.9, "retry"),
+            (2, RequestKind::Create, 20, 3.0, "ok"),
+            (3, RequestKind::Create, 30, 40.6, "ok"),
+            (3, RequestKind::FetchGroup, 5, 1.0, "retry"),
+        ];
+        for (job, kind, start, latency, class) in attempts {
+            let attempt = Attempt {
+                kind,
+                started_at: at(start),
+                latency: std::time::Duration::from_secs_f64(latency / 1000.0),
+                status: Some(200),
+                class,
+                error: None,
+            };
+            store
+                .record(run, job, Some(attempt), Transition::Keep)
+                .await
+                .unwrap();
+        }
+        let facts = store.run_facts(run).await.unwrap().unwrap();
+        let owned = |v: &[(&str, i64)]| -> Vec<(String, i64)> {
+            v.iter().map(|(k, n)| ((*k).to_owned(), *n)).collect()
+        };
+        assert_eq!(
+            facts.attempts_by_kind,
+            owned(&[("check_order", 1), ("create", 3), ("fetch_group", 1)])
+        );
+        assert_eq!(facts.attempts_by_class, owned(&[("ok", 3), ("retry", 2)]));
+        // First start 0 ms; last end 30 + 40 (whole milliseconds) = 70 ms.
+        let (first, last) = facts.send_window_ms.unwrap();
+        assert_eq!(last - first, 70);
+        let mut latencies = facts.latencies_ms.clone();
+        latencies.sort_by(f64::total_cmp);
+        assert_eq!(latencies.len(), 5);
+        assert!((latencies[4] - 40.6).abs() < 1e-9, "{latencies:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn a_failed_task_leaves_nothing_behind_and_the_store_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("k.db")).unwrap();

@@ -134,6 +134,8 @@ impl Report {
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         let verdict = match self.exit_code {
+            // `enqueue` sends nothing: its success is that every row is queued.
+            Some(0) if self.command == "enqueue" => "every row imported, to be sent".to_owned(),
             Some(0) => "every job succeeded".to_owned(),
             Some(1) => "some rows did not succeed (see below)".to_owned(),
             Some(3) => "stopped by the API".to_owned(),
@@ -391,6 +393,21 @@ mod tests {
     #[test]
     fn json_report_snapshot() {
         insta::assert_snapshot!(Report::from_facts(facts()).to_json());
+    }
+
+    #[test]
+    fn an_import_that_went_well_does_not_claim_jobs_succeeded() {
+        let f = RunFacts {
+            command: "enqueue".into(),
+            exit_code: Some(0),
+            states: vec![("pending".into(), 3)],
+            ..facts()
+        };
+        let text = Report::from_facts(f).to_text();
+        assert!(
+            text.starts_with("kohort-batch enqueue #7: every row imported, to be sent"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -262,7 +262,7 @@ async fn start_create(ctx: &Ctx, job: &Job) -> Result<Option<OwnedSemaphorePermi
             .await?;
         return Ok(None);
     };
-    if marked_at.elapsed() > margin {
+    if !margin.is_zero() && marked_at.elapsed() > margin {
         ctx.store
             .record(ctx.run_id, job.id, None, in_flight(false))
             .await?;

@@ -270,6 +270,14 @@ fn migrate(conn: &mut Connection, from: i64, to: i64) -> rusqlite::Result<()> {
     if from >= to {
         return Ok(());
     }
+    if from > 0 {
+        tracing::info!(
+            from,
+            to,
+            "upgrading the database schema: a one-time step that can take a minute on a \
+             database of millions of jobs"
+        );
+    }
     // Migrations rebuild tables, which SQLite allows only with foreign keys off (a
     // setting that can't change inside a transaction); they are checked before commit.
     conn.pragma_update(None, "foreign_keys", "OFF")?;

@@ -602,6 +602,53 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn the_run_list_counts_each_runs_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("k.db")).unwrap();
+        let first = store
+            .begin_run("enqueue", "{}".into(), false)
+            .await
+            .unwrap();
+        store
+            .import(first, "a.csv".into(), rows(0, 5))
+            .await
+            .unwrap();
+        let second = store
+            .begin_run("enqueue", "{}".into(), false)
+            .await
+            .unwrap();
+        store
+            .import(second, "b.csv".into(), rows(5, 3))
+            .await
+            .unwrap();
+        store
+            .call(|c| c.execute("UPDATE jobs SET state = 'succeeded' WHERE id IN (1, 7)", []))
+            .await
+            .unwrap();
+        let _empty = store
+            .begin_run("enqueue", "{}".into(), false)
+            .await
+            .unwrap();
+        let listed: Vec<(i64, i64, i64)> = store
+            .list_runs(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.run_id, r.jobs, r.succeeded))
+            .collect();
+        assert_eq!(listed, [(3, 0, 0), (second, 3, 1), (first, 5, 1)]);
+        // The oldest listed run bounds what is counted.
+        let newest_two: Vec<i64> = store
+            .list_runs(2)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.jobs)
+            .collect();
+        assert_eq!(newest_two, [0, 3]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn a_failed_task_leaves_nothing_behind_and_the_store_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("k.db")).unwrap();

@@ -219,23 +219,43 @@ pub struct RunListEntry {
 
 pub(super) fn list_runs(c: &Connection, limit: usize) -> rusqlite::Result<Vec<RunListEntry>> {
     let mut stmt = c.prepare(
-        "SELECT r.id, r.command, r.started_at, r.finished_at, r.exit_code, \
-         (SELECT count(*) FROM jobs j WHERE j.last_run_id = r.id), \
-         (SELECT count(*) FROM jobs j WHERE j.last_run_id = r.id AND j.state = 'succeeded') \
-         FROM runs r ORDER BY r.id DESC LIMIT ?1",
+        "SELECT id, command, started_at, finished_at, exit_code FROM runs \
+         ORDER BY id DESC LIMIT ?1",
     )?;
-    let rows = stmt.query_map(params![limit as i64], |r| {
-        Ok(RunListEntry {
-            run_id: r.get(0)?,
-            command: r.get(1)?,
-            started_at: r.get(2)?,
-            finished_at: r.get(3)?,
-            exit_code: r.get(4)?,
-            jobs: r.get(5)?,
-            succeeded: r.get(6)?,
-        })
+    let mut runs: Vec<RunListEntry> = stmt
+        .query_map(params![limit as i64], |r| {
+            Ok(RunListEntry {
+                run_id: r.get(0)?,
+                command: r.get(1)?,
+                started_at: r.get(2)?,
+                finished_at: r.get(3)?,
+                exit_code: r.get(4)?,
+                jobs: 0,
+                succeeded: 0,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    // One pass over `jobs` for all the listed runs (a count per run would read the
+    // whole table once for each).
+    let Some(oldest) = runs.last().map(|r| r.run_id) else {
+        return Ok(runs);
+    };
+    let mut counts: std::collections::HashMap<i64, (i64, i64)> = Default::default();
+    let mut stmt = c.prepare(
+        "SELECT last_run_id, count(*), count(*) FILTER (WHERE state = 'succeeded') \
+         FROM jobs WHERE last_run_id >= ?1 GROUP BY last_run_id",
+    )?;
+    let rows = stmt.query_map(params![oldest], |r| {
+        Ok((r.get::<_, i64>(0)?, (r.get(1)?, r.get(2)?)))
     })?;
-    rows.collect()
+    for row in rows {
+        let (run, n) = row?;
+        counts.insert(run, n);
+    }
+    for run in &mut runs {
+        (run.jobs, run.succeeded) = counts.get(&run.run_id).copied().unwrap_or((0, 0));
+    }
+    Ok(runs)
 }
 
 pub(super) fn state_counts(c: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {

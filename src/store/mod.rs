@@ -477,14 +477,21 @@ mod tests {
             .collect()
     }
 
+    /// A fresh store in a temporary directory (kept alive by the returned guard), with
+    /// the path of its database file.
+    fn fresh() -> (tempfile::TempDir, PathBuf, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let store = Store::open(&path).unwrap();
+        (dir, path, store)
+    }
+
     /// Chunks of rows take one statement; rows whose key is taken (inside the chunk,
     /// or by an earlier import) must still come out as duplicates, conflicts or fixes,
     /// exactly as one statement per row would have it.
     #[tokio::test(flavor = "multi_thread")]
     async fn chunked_imports_sort_out_taken_keys_row_by_row() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k.db");
-        let store = Store::open(&path).unwrap();
+        let (_dir, _, store) = fresh();
         let run = store
             .begin_run("enqueue", "{}".into(), false)
             .await
@@ -557,8 +564,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn run_facts_count_attempts_by_kind_and_class_and_span_the_send_window() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("k.db")).unwrap();
+        let (_dir, _, store) = fresh();
         let run = store.begin_run("run", "{}".into(), true).await.unwrap();
         store.import(run, "t.csv".into(), rows(0, 3)).await.unwrap();
         let at = |ms: i64| jiff::Timestamp::from_millisecond(1_800_000_000_000 + ms).unwrap();
@@ -603,8 +609,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn the_run_list_counts_each_runs_jobs() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("k.db")).unwrap();
+        let (_dir, _, store) = fresh();
         let first = store
             .begin_run("enqueue", "{}".into(), false)
             .await
@@ -650,8 +655,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_failed_task_leaves_nothing_behind_and_the_store_goes_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("k.db")).unwrap();
+        let (_dir, _, store) = fresh();
         let half_done = store
             .call(|c| {
                 c.execute("INSERT INTO sources (name) VALUES ('half')", [])?;
@@ -677,9 +681,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn the_wal_is_copied_in_the_background_and_emptied_at_close() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k.db");
-        let store = Store::open(&path).unwrap();
+        let (_dir, path, store) = fresh();
         let run = store
             .begin_run("enqueue", "{}".into(), false)
             .await

@@ -37,10 +37,51 @@ pub use types::{
 /// Most tasks run in one transaction before it is committed.
 const MAX_BATCH: usize = 2048;
 
-type Finish = Box<dyn FnOnce(Option<&str>) + Send>;
-/// A unit of work and how to answer its caller once its transaction ends; `Err`
-/// carries the error text when the work failed (the transaction is then rolled back).
-type Task = Box<dyn FnOnce(&Connection) -> (Finish, Result<(), String>) + Send>;
+/// A unit of work for the owner thread, answered once its transaction has ended.
+trait Work: Send {
+    /// Runs inside the current transaction; `Err` carries the error text (the
+    /// transaction is then rolled back).
+    fn run(&mut self, conn: &Connection) -> Result<(), String>;
+    /// Answers the caller; `commit_error` says why the transaction did not commit.
+    fn finish(self: Box<Self>, commit_error: Option<&str>);
+}
+
+type Task = Box<dyn Work>;
+
+/// A [`Store::call`]: the function, then its result until the caller is answered.
+struct Call<F, T> {
+    f: Option<F>,
+    result: Option<rusqlite::Result<T>>,
+    reply: oneshot::Sender<Result<T, String>>,
+}
+
+impl<F, T> Work for Call<F, T>
+where
+    F: FnOnce(&Connection) -> rusqlite::Result<T> + Send,
+    T: Send,
+{
+    fn run(&mut self, conn: &Connection) -> Result<(), String> {
+        let Some(f) = self.f.take() else {
+            return Ok(());
+        };
+        let result = f(conn);
+        let outcome = match &result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        self.result = Some(result);
+        outcome
+    }
+
+    fn finish(self: Box<Self>, commit_error: Option<&str>) {
+        let result = match (self.result, commit_error) {
+            (Some(Ok(_)), Some(e)) | (None, Some(e)) => Err(format!("not saved: {e}")),
+            (Some(r), _) => r.map_err(|e| e.to_string()),
+            (None, None) => Err("the work never ran".to_owned()),
+        };
+        let _ = self.reply.send(result);
+    }
+}
 
 /// What the owner thread is asked to do.
 enum Message {
@@ -109,21 +150,11 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let (reply_tx, reply_rx) = oneshot::channel::<Result<T, String>>();
-        let task: Task = Box::new(move |conn: &Connection| {
-            let result = f(conn);
-            let failed = match &result {
-                Ok(_) => Ok(()),
-                Err(e) => Err(e.to_string()),
-            };
-            let finish: Finish = Box::new(move |commit_error: Option<&str>| {
-                let result = match (result, commit_error) {
-                    (Ok(_), Some(e)) => Err(format!("not saved: {e}")),
-                    (r, _) => r.map_err(|e| e.to_string()),
-                };
-                let _ = reply_tx.send(result);
-            });
-            (finish, failed)
+        let (reply, reply_rx) = oneshot::channel::<Result<T, String>>();
+        let task: Task = Box::new(Call {
+            f: Some(f),
+            result: None,
+            reply,
         });
         let closed = || Error::Internal("the database thread has stopped".into());
         self.tx
@@ -239,8 +270,13 @@ impl Store {
         attempt: Option<Attempt>,
         transition: Transition,
     ) -> Result<()> {
-        self.call(move |c| ops::record(c, run_id, job_id, attempt.as_ref(), &transition))
-            .await
+        self.call(move |c| {
+            ops::record(c, run_id, job_id, attempt.as_ref(), &transition)?;
+            // Both were made on the caller's thread: they go back to be freed there.
+            Ok((attempt, transition))
+        })
+        .await
+        .map(drop)
     }
 
     /// Everything the report needs about one run (`None`: no such run).
@@ -375,10 +411,10 @@ fn owner_loop(
     path: &Path,
     checkpointer: Checkpointer,
 ) {
-    let mut finishers: Vec<Finish> = Vec::with_capacity(MAX_BATCH);
+    let mut batch: Vec<Task> = Vec::with_capacity(MAX_BATCH);
     let mut closing: Option<oneshot::Sender<()>> = None;
     while closing.is_none() {
-        let first = match rx.blocking_recv() {
+        let mut first = match rx.blocking_recv() {
             None => break,
             Some(Message::Close(done)) => {
                 closing = Some(done);
@@ -389,24 +425,21 @@ fn owner_loop(
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let msg = e.to_string();
             tracing::error!(db = %path.display(), error = %msg, "cannot begin a transaction");
-            first(&conn).0(Some(&msg));
+            first.finish(Some(&msg));
             continue;
         }
         // Tasks run without savepoints of their own (they cost a copy of every page a
         // task touches): the first task that fails ends the batch, and the whole
         // transaction is rolled back. For the engine that is what a crash just before
         // the commit would be, which the exactly-once protocol is built to survive.
-        let mut failure: Option<String> = None;
-        let (finish, outcome) = first(&conn);
-        finishers.push(finish);
-        failure = failure.or(outcome.err());
+        let mut failure = first.run(&conn).err();
+        batch.push(first);
         let mut yielded = false;
-        while failure.is_none() && finishers.len() < MAX_BATCH {
+        while failure.is_none() && batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(Message::Task(task)) => {
-                    let (finish, outcome) = task(&conn);
-                    finishers.push(finish);
-                    failure = outcome.err();
+                Ok(Message::Task(mut task)) => {
+                    failure = task.run(&conn).err();
+                    batch.push(task);
                 }
                 Ok(Message::Close(done)) => {
                     closing = Some(done);
@@ -434,8 +467,8 @@ fn owner_loop(
         if end.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         }
-        for finish in finishers.drain(..) {
-            finish(end.as_ref().err().map(String::as_str));
+        for task in batch.drain(..) {
+            task.finish(end.as_ref().err().map(String::as_str));
         }
     }
     // The session is over (or every handle is gone): leave no WAL behind.

@@ -8,9 +8,14 @@ use crate::source::ImportRow;
 
 /// Now, in the fixed-width text form stored everywhere (sorts as time does).
 pub(crate) fn now_text() -> String {
-    jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
-        .to_string()
+    ts_text(jiff::Timestamp::now())
+}
+
+/// A time as the text columns hold it: RFC 3339 in UTC with microseconds, e.g.
+/// `2026-11-24T13:51:21.015000Z` (the same as `strftime("%Y-%m-%dT%H:%M:%S%.6fZ")`,
+/// without parsing a format on every row).
+fn ts_text(ts: jiff::Timestamp) -> String {
+    format!("{ts:.6}")
 }
 
 fn process_alive(pid: i64) -> bool {
@@ -520,7 +525,6 @@ pub(super) fn record(
     attempt: Option<&Attempt>,
     transition: &Transition,
 ) -> rusqlite::Result<()> {
-    let now = now_text();
     let now_ms = now_ms();
     let (bump, status) = match attempt {
         Some(a) => {
@@ -532,7 +536,7 @@ pub(super) fn record(
                 job_id,
                 run_id,
                 a.kind.as_str(),
-                a.started_at.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+                ts_text(a.started_at),
                 a.started_at.as_millisecond(),
                 a.latency.as_secs_f64() * 1000.0,
                 a.status,
@@ -544,10 +548,12 @@ pub(super) fn record(
         None => (0, None),
     };
     let set_state = |sql: &'static str, extra: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<()> {
-        let mut p: Vec<&dyn rusqlite::ToSql> = vec![&bump, &status, &run_id, &now_ms, &job_id];
-        p.extend_from_slice(extra);
-        c.prepare_cached(sql)?.execute(p.as_slice())?;
-        Ok(())
+        let mut stmt = c.prepare_cached(sql)?;
+        let common: [&dyn rusqlite::ToSql; 5] = [&bump, &status, &run_id, &now_ms, &job_id];
+        for (i, value) in common.iter().chain(extra).enumerate() {
+            stmt.raw_bind_parameter(i + 1, value)?;
+        }
+        stmt.raw_execute().map(drop)
     };
     match transition {
         Transition::Keep => set_state(set_state_sql!(""), &[]),
@@ -584,7 +590,7 @@ pub(super) fn record(
                 group.created_at,
                 obtained.as_str(),
                 group.raw,
-                now
+                now_text()
             ])?;
             set_state(
                 set_state_sql!(
@@ -620,5 +626,36 @@ pub(super) fn record(
             ),
             &[next_attempt_at, needs_check, reason],
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use jiff::Timestamp;
+
+    use super::ts_text;
+
+    #[test]
+    fn time_text_is_the_strftime_format() {
+        for (secs, nanos) in [
+            (0, 0),
+            (1_795_000_000, 0),
+            (1_795_000_000, 999_999_999),
+            (1_795_000_000, 1_500),
+            (1_795_000_000, 123_456_789),
+            (4_102_444_799, 999_999_000),
+        ] {
+            let ts = Timestamp::new(secs, nanos).unwrap();
+            let expected = ts.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+            assert_eq!(ts_text(ts), expected, "{secs}.{nanos:09}");
+        }
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..10_000 {
+            let ts = Timestamp::new(rng.i64(0..4_102_444_800), rng.i32(0..1_000_000_000)).unwrap();
+            assert_eq!(
+                ts_text(ts),
+                ts.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+            );
+        }
     }
 }

@@ -1,13 +1,14 @@
 //! The engine: drains every pending job through the API, paced and recorded.
 //!
 //! It sees jobs, outcomes, a [`Store`] handle and an [`ApiClient`]; it knows no SQL
-//! and no CLI. Jobs are read from the store page by page and each gets a task; the
-//! number of live tasks is bounded, so memory does not grow with the queue.
+//! and no CLI. A fixed pool of workers takes the pending jobs in id order, read from
+//! the store a page at a time, so memory does not grow with the queue.
 
 mod job_task;
 pub mod pacing;
 pub mod retry;
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::ApiClient;
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::{Job, Store};
 pub use pacing::Pacer;
 pub use retry::RetryPolicy;
 
@@ -150,13 +151,8 @@ pub async fn drain(
     run_id: i64,
     on_done: Option<OnDone>,
 ) -> Result<Drained> {
-    let tick = || {
-        if let Some(f) = &on_done {
-            f();
-        }
-    };
     let pacer = Pacer::new(cfg.concurrency, cfg.rate, cfg.breaker_threshold);
-    // Enough tasks to keep every permit busy while others sleep in backoff.
+    // Enough workers to keep every permit busy while others sleep in backoff.
     let max_live = (cfg.concurrency * 8).max(256);
     let ctx = Arc::new(Ctx {
         span: tracing::Span::current(),
@@ -167,28 +163,42 @@ pub async fn drain(
         control: control.clone(),
         run_id,
     });
-    let mut tasks = JoinSet::new();
-    let mut first_error: Option<Error> = None;
-    let mut after = 0;
-    'feed: while !control.stop.is_cancelled() {
-        let page = store.pending_jobs(after, 512).await?;
-        if page.is_empty() {
-            break;
-        }
-        for job in page {
-            after = job.id;
-            while tasks.len() >= max_live {
-                collect(tasks.join_next().await, &mut first_error, &control);
-                tick();
+    // `max_live` workers take the pending jobs in id order, each seeing its job
+    // through before it takes the next; the worker that finds the page empty reads the
+    // next one. (A task per job cost an allocation and copies of its 4 KiB future per
+    // row, and three times the thread wake-ups: the loop that spawned the tasks ran on
+    // another thread and waited for each to end.)
+    let feed = Arc::new(tokio::sync::Mutex::new(Feed {
+        store: store.clone(),
+        page: VecDeque::new(),
+        after: 0,
+        done: false,
+    }));
+    let mut workers = JoinSet::new();
+    for _ in 0..max_live {
+        let ctx = ctx.clone();
+        let feed = feed.clone();
+        let on_done = on_done.clone();
+        workers.spawn(async move {
+            loop {
+                if ctx.control.stop.is_cancelled() {
+                    return Ok(());
+                }
+                let Some(job) = feed.lock().await.next().await? else {
+                    return Ok(());
+                };
+                if ctx.control.stop.is_cancelled() {
+                    return Ok(()); // the job stays pending
+                }
+                let result = job_task::process(ctx.clone(), job).await;
+                if let Some(f) = &on_done {
+                    f();
+                }
+                result?;
             }
-            if control.stop.is_cancelled() {
-                break 'feed;
-            }
-            // Job tasks log in the run's span (its id on every line) through `Ctx::span`,
-            // rather than entering it on every poll.
-            tasks.spawn(job_task::process(ctx.clone(), job));
-        }
+        });
     }
+    let mut first_error: Option<Error> = None;
     let mut abandoned = false;
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
@@ -202,12 +212,9 @@ pub async fn drain(
             }
         };
         tokio::select! {
-            next = tasks.join_next() => match next {
+            next = workers.join_next() => match next {
                 None => break,
-                some => {
-                    collect(some, &mut first_error, &control);
-                    tick();
-                }
+                some => collect(some, &mut first_error, &control),
             },
             () = control.abandon.cancelled() => { abandoned = true; break; }
             () = timer => if deadline.is_some() { abandoned = true; break; },
@@ -215,11 +222,11 @@ pub async fn drain(
     }
     if abandoned {
         tracing::warn!(
-            tasks = tasks.len(),
+            workers = workers.len(),
             "abandoning requests still in flight; their jobs stay in_flight and the next run checks them"
         );
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
+        workers.abort_all();
+        while workers.join_next().await.is_some() {}
     }
     store.flush().await?;
     if let Some(e) = first_error {
@@ -229,6 +236,34 @@ pub async fn drain(
         stopped: control.reason(),
         abandoned,
     })
+}
+
+/// Pages of pending jobs, handed out one at a time in id order.
+struct Feed {
+    store: Store,
+    page: VecDeque<Job>,
+    /// The id of the last job read.
+    after: i64,
+    /// A read found no more jobs.
+    done: bool,
+}
+
+impl Feed {
+    /// Jobs read from the store at a time (memory stays flat however long the queue).
+    const PAGE: usize = 512;
+
+    /// The next pending job, or `None` when every one has been handed out.
+    async fn next(&mut self) -> Result<Option<Job>> {
+        if self.page.is_empty() && !self.done {
+            let page = self.store.pending_jobs(self.after, Self::PAGE).await?;
+            match page.last() {
+                Some(last) => self.after = last.id,
+                None => self.done = true,
+            }
+            self.page = page.into();
+        }
+        Ok(self.page.pop_front())
+    }
 }
 
 fn collect(

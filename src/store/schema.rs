@@ -234,6 +234,52 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE attempts_v5 RENAME TO attempts;
     CREATE INDEX attempts_run ON attempts(run_id);
     "#,
+    // 6: groups stored in the order they are recorded. Keyed by job id, they did not
+    // append after all: jobs finish in any order among the few hundred in flight, so
+    // each commit rewrote dozens of pages near the table's end (most of a run's WAL).
+    // Now the table appends and a small unique index finds a job's group. Attempts and
+    // groups no longer declare foreign keys, like jobs since migration 5: their parents
+    // are never deleted, and each declared key cost a lookup on every insert.
+    r#"
+    CREATE TABLE groups_v6 (
+        job_id      INTEGER NOT NULL UNIQUE, -- jobs(id); one group per job
+        id          TEXT NOT NULL,     -- pg_...
+        share_id    TEXT,
+        status      TEXT,
+        customer_id TEXT,
+        order_id    TEXT,
+        expires_at  TEXT,
+        created_at  TEXT,
+        obtained    TEXT NOT NULL,
+        raw         TEXT NOT NULL,     -- the group object exactly as received
+        recorded_at TEXT NOT NULL
+    );
+    INSERT INTO groups_v6 (job_id, id, share_id, status, customer_id, order_id, expires_at,
+                           created_at, obtained, raw, recorded_at)
+        SELECT job_id, id, share_id, status, customer_id, order_id, expires_at, created_at,
+               obtained, raw, recorded_at
+        FROM groups ORDER BY job_id;
+    DROP TABLE groups;
+    ALTER TABLE groups_v6 RENAME TO groups;
+    CREATE TABLE attempts_v6 (
+        id          INTEGER PRIMARY KEY,
+        job_id      INTEGER NOT NULL,  -- jobs(id)
+        run_id      INTEGER NOT NULL,  -- runs(id)
+        kind        TEXT NOT NULL CHECK (kind = 'create' OR kind = 'check_order'
+                      OR kind = 'fetch_group'),
+        started_at  TEXT NOT NULL,
+        started_ms  INTEGER NOT NULL,  -- the same instant, unix ms (for rates)
+        latency_ms  REAL NOT NULL,
+        status      INTEGER,           -- HTTP status; NULL for transport errors
+        class       TEXT NOT NULL,     -- outcome class, see api::classify
+        error       TEXT
+    );
+    INSERT INTO attempts_v6 SELECT id, job_id, run_id, kind, started_at, started_ms,
+        latency_ms, status, class, error FROM attempts;
+    DROP TABLE attempts;
+    ALTER TABLE attempts_v6 RENAME TO attempts;
+    CREATE INDEX attempts_run ON attempts(run_id);
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -422,6 +468,88 @@ mod tests {
             )
             .unwrap();
         assert_eq!(linked, 1);
+    }
+
+    #[test]
+    fn groups_keep_their_jobs_and_append_in_recording_order() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, 0, 5).unwrap();
+        conn.execute_batch(
+            "INSERT INTO runs (id, command, started_at, pid, options) VALUES (1, 'run', 't', 1, '{}');
+             INSERT INTO sources (id, name) VALUES (1, 'a.csv');
+             INSERT INTO jobs (id, customer_id, order_id, raw, source_id, state, updated_ms)
+                 VALUES (1, 'c', 'o1', '', 1, 'succeeded', 0), (2, 'c', 'o2', '', 1, 'pending', 0),
+                        (3, 'c', 'o3', '', 1, 'succeeded', 0);
+             INSERT INTO groups (job_id, id, share_id, obtained, raw, recorded_at)
+                 VALUES (3, 'pg_3', 'KHT-3', 'created', '{\"id\":\"pg_3\"}', 't3'),
+                        (1, 'pg_1', NULL, 'recovered', '{}', 't1');
+             INSERT INTO attempts (id, job_id, run_id, kind, started_at, started_ms, latency_ms, status, class)
+                 VALUES (10, 3, 1, 'create', 't', 5, 1.5, 201, 'success'),
+                        (11, 1, 1, 'check_order', 't', 6, 2.5, 200, 'success');",
+        )
+        .unwrap();
+        migrate(&mut conn, 5, VERSION).unwrap();
+        let groups: Vec<(i64, String, Option<String>, String, String)> = conn
+            .prepare("SELECT job_id, id, share_id, obtained, raw FROM groups ORDER BY rowid")
+            .unwrap()
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            groups,
+            vec![
+                (1, "pg_1".into(), None, "recovered".into(), "{}".into()),
+                (
+                    3,
+                    "pg_3".into(),
+                    Some("KHT-3".into()),
+                    "created".into(),
+                    r#"{"id":"pg_3"}"#.into()
+                ),
+            ]
+        );
+        // One group per job; a new group goes after the others, whatever its job.
+        let dup = conn.execute(
+            "INSERT INTO groups (job_id, id, obtained, raw, recorded_at) VALUES (3, 'pg_x', 'created', '{}', 't')",
+            [],
+        );
+        assert!(dup.is_err(), "{dup:?}");
+        conn.execute(
+            "INSERT INTO groups (job_id, id, obtained, raw, recorded_at) VALUES (2, 'pg_2', 'created', '{}', 't')",
+            [],
+        )
+        .unwrap();
+        let last: i64 = conn
+            .query_row(
+                "SELECT job_id FROM groups ORDER BY rowid DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(last, 2);
+        let attempts: Vec<(i64, i64, String)> = conn
+            .prepare("SELECT id, job_id, kind FROM attempts WHERE run_id = 1 ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            attempts,
+            vec![(10, 3, "create".into()), (11, 1, "check_order".into())]
+        );
+        let declared: i64 = conn
+            .query_row(
+                "SELECT (SELECT count(*) FROM pragma_foreign_key_list('attempts')) \
+                      + (SELECT count(*) FROM pragma_foreign_key_list('groups'))",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(declared, 0);
     }
 
     #[test]

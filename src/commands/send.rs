@@ -159,6 +159,8 @@ async fn finish(
         ),
         Ok(None) => (Exit::Success, None, None),
     };
+    // The writing is done: the WAL can be copied while the report is read.
+    store.checkpoint_soon();
     let mut facts = store
         .run_facts(run_id)
         .await?

@@ -86,6 +86,8 @@ where
 /// What the owner thread is asked to do.
 enum Message {
     Task(Task),
+    /// Start copying the WAL into the database file now, in the background.
+    Checkpoint,
     /// Checkpoint the WAL into the database file and stop; answered when done.
     Close(oneshot::Sender<()>),
 }
@@ -314,6 +316,14 @@ impl Store {
         self.call(|_| Ok(())).await
     }
 
+    /// Starts copying the WAL into the database file in the background, so that little
+    /// is left for [`close`](Self::close) (call it once the writing is done).
+    pub fn checkpoint_soon(&self) {
+        // A full queue means the owner is busy writing anyway; the final checkpoint
+        // then does it all.
+        let _ = self.tx.try_send(Message::Checkpoint);
+    }
+
     /// Ends the session: everything queued is committed, the WAL is copied into the
     /// database file and emptied, and the owner thread stops (every handle then
     /// fails). Returns when that is done, so the process can exit.
@@ -338,6 +348,8 @@ const WRITER_CHECKPOINT_PAGES: i32 = 4 * CHECKPOINT_PAGES;
 /// writer (which every caller waits on) does not do it between transactions.
 struct Checkpointer {
     thread: std::thread::JoinHandle<()>,
+    /// Wakes the thread (the WAL hook holds another; the thread ends when both are gone).
+    wake: Option<std::sync::mpsc::SyncSender<()>>,
 }
 
 impl Checkpointer {
@@ -353,6 +365,7 @@ impl Checkpointer {
         let copied = Arc::new(AtomicI32::new(0));
         let seen = copied.clone();
         let mut last = 0;
+        let wake_now = wake.clone();
         writer.wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, pages: i32| {
             if pages < last {
                 // The WAL restarted from its beginning: nothing in it is copied yet.
@@ -395,11 +408,22 @@ impl Checkpointer {
                     Some(format!("cannot start the checkpoint thread: {e}")),
                 )
             })?;
-        Ok(Checkpointer { thread })
+        Ok(Checkpointer {
+            thread,
+            wake: Some(wake_now),
+        })
+    }
+
+    /// Asks for a pass now (if one is already asked for, that one will do).
+    fn wake(&self) {
+        if let Some(wake) = &self.wake {
+            let _ = wake.try_send(());
+        }
     }
 
     /// Unhooks the writer and waits for a checkpoint in progress to end.
-    fn stop(self, writer: &mut Connection) {
+    fn stop(mut self, writer: &mut Connection) {
+        self.wake = None;
         let _ = writer.wal_hook(None::<fn(&mut rusqlite::hooks::Wal, i32) -> rusqlite::Result<()>>);
         let _ = self.thread.join();
     }
@@ -416,6 +440,10 @@ fn owner_loop(
     while closing.is_none() {
         let mut first = match rx.blocking_recv() {
             None => break,
+            Some(Message::Checkpoint) => {
+                checkpointer.wake();
+                continue;
+            }
             Some(Message::Close(done)) => {
                 closing = Some(done);
                 break;
@@ -441,6 +469,7 @@ fn owner_loop(
                     failure = task.run(&conn).err();
                     batch.push(task);
                 }
+                Ok(Message::Checkpoint) => checkpointer.wake(),
                 Ok(Message::Close(done)) => {
                     closing = Some(done);
                     break;
@@ -743,5 +772,36 @@ mod tests {
             .query_row("SELECT count(*) FROM jobs", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 120_000);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_checkpoint_can_be_asked_for_before_the_close() {
+        let (_dir, path, store) = fresh();
+        let run = store
+            .begin_run("enqueue", "{}".into(), false)
+            .await
+            .unwrap();
+        // Fewer WAL pages than wake the checkpointer by themselves.
+        store
+            .import(run, "t.csv".into(), rows(0, 2_000))
+            .await
+            .unwrap();
+        let db_len = || std::fs::metadata(&path).map_or(0, |m| m.len());
+        let before = db_len();
+        store.checkpoint_soon();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while db_len() <= before && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(db_len() > before, "still {} bytes", db_len());
+        // The store goes on working, and closes as before.
+        let (counts, _) = store
+            .import(run, "t.csv".into(), rows(2_000, 10))
+            .await
+            .unwrap();
+        assert_eq!(counts.queued, 10);
+        store.close().await;
+        let wal = path.with_file_name("k.db-wal");
+        assert_eq!(std::fs::metadata(&wal).map_or(0, |m| m.len()), 0);
     }
 }

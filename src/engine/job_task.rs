@@ -104,8 +104,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
             tally.warn(&ctx.span, &job, "unknown", &reason);
             return ctx
                 .store
-                .record(ctx.run_id, job.id, None, Transition::Unknown { reason })
-                .await;
+                .record_last(ctx.run_id, job.id, None, Transition::Unknown { reason });
         }
         let check_due = order.is_some()
             && (needs_check
@@ -119,7 +118,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                         Obtained::Existing
                     };
                     let t = Transition::Succeeded { obtained, group };
-                    return ctx.store.record(ctx.run_id, job.id, Some(attempt), t).await;
+                    return ctx.store.record_last(ctx.run_id, job.id, Some(attempt), t);
                 }
                 Check::Absent => {
                     needs_check = false;
@@ -132,7 +131,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                         class: "order_not_found".into(),
                         status: attempt.status,
                     };
-                    return ctx.store.record(ctx.run_id, job.id, Some(attempt), t).await;
+                    return ctx.store.record_last(ctx.run_id, job.id, Some(attempt), t);
                 }
                 Check::Stopped => return Ok(()),
                 Check::Retry(hint, error) => {
@@ -143,8 +142,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                             continue;
                         }
                         None => {
-                            return give_up_after(&ctx, &job, &tally, &last_error, needs_check)
-                                .await;
+                            return give_up_after(&ctx, &job, &tally, &last_error, needs_check);
                         }
                     }
                 }
@@ -167,7 +165,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                     obtained: Obtained::Created,
                     group,
                 };
-                return ctx.store.record(ctx.run_id, job.id, Some(attempt), t).await;
+                return ctx.store.record_last(ctx.run_id, job.id, Some(attempt), t);
             }
             Class::Definitive => {
                 let reason = reply.error.unwrap_or_default();
@@ -177,7 +175,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                     class: format!("http_{}", reply.status.unwrap_or(0)),
                     status: reply.status,
                 };
-                return ctx.store.record(ctx.run_id, job.id, Some(attempt), t).await;
+                return ctx.store.record_last(ctx.run_id, job.id, Some(attempt), t);
             }
             Class::Stop => {
                 let reason = reply.error.unwrap_or_default();
@@ -202,7 +200,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                     if ambiguous {
                         needs_check = true;
                     }
-                    return give_up_after(&ctx, &job, &tally, &last_error, needs_check).await;
+                    return give_up_after(&ctx, &job, &tally, &last_error, needs_check);
                 };
                 let mut wait = reply.retry_after.unwrap_or(delay);
                 if ambiguous {
@@ -270,7 +268,7 @@ async fn start_create(ctx: &Ctx, job: &Job) -> Result<Option<OwnedSemaphorePermi
     Ok(Some(permit))
 }
 
-async fn give_up_after(
+fn give_up_after(
     ctx: &Ctx,
     job: &Job,
     tally: &Tally,
@@ -292,7 +290,7 @@ async fn give_up_after(
         class: "retries_exhausted".into(),
         status: None,
     };
-    ctx.store.record(ctx.run_id, job.id, None, t).await
+    ctx.store.record_last(ctx.run_id, job.id, None, t)
 }
 
 fn stop_message(reason: &str) -> String {

@@ -5,7 +5,9 @@
 //! in one transaction (group commit) and answers each caller only after that
 //! transaction is durable. So "`in_flight` is written before a request leaves"
 //! holds while thousands of rows per second go by. If one task fails, its whole
-//! transaction is rolled back and every task in it is told so.
+//! transaction is rolled back and every task in it is told so. A job's last record
+//! in a run need not be waited for: it goes to an outbox, written with the next
+//! transaction (a crash before then leaves the job `in_flight`, to be checked).
 //!
 //! A second thread, with its own connection, copies the WAL into the database file
 //! (checkpoints) so the owner never stops for it; [`Store::close`] ends a session
@@ -83,11 +85,70 @@ where
     }
 }
 
+/// A job's last record in a run, waiting for the next transaction.
+#[derive(Debug)]
+struct Record {
+    run_id: i64,
+    job_id: i64,
+    attempt: Option<Attempt>,
+    transition: Transition,
+}
+
+/// Last records whose callers do not wait (see [`Store::record_last`]). The owner
+/// writes them at the start and at the end of its next transaction.
+#[derive(Debug, Default)]
+struct Outbox {
+    records: std::sync::Mutex<Vec<Record>>,
+    /// Why a transaction holding outbox records failed. Their jobs stay `in_flight`
+    /// (checked by the next run, as after a crash); every later call fails with this.
+    failed: std::sync::Mutex<Option<String>>,
+}
+
+impl Outbox {
+    /// Adds a record; true if the outbox was empty.
+    fn push(&self, record: Record) -> bool {
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        records.push(record);
+        records.len() == 1
+    }
+
+    /// Writes every waiting record in the current transaction; returns how many.
+    fn write(&self, conn: &Connection) -> Result<usize, String> {
+        let records = std::mem::take(&mut *self.records.lock().unwrap_or_else(|e| e.into_inner()));
+        for r in &records {
+            ops::record(conn, r.run_id, r.job_id, r.attempt.as_ref(), &r.transition)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(records.len())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    fn fail(&self, why: &str) {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.get_or_insert_with(|| format!("job outcomes were not saved: {why}"));
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
 /// What the owner thread is asked to do.
 enum Message {
     Task(Task),
     /// Start copying the WAL into the database file now, in the background.
     Checkpoint,
+    /// Records wait in the outbox (sent when the first one arrives in an empty outbox).
+    Outbox,
     /// Checkpoint the WAL into the database file and stop; answered when done.
     Close(oneshot::Sender<()>),
 }
@@ -97,6 +158,7 @@ enum Message {
 pub struct Store {
     tx: mpsc::Sender<Message>,
     path: PathBuf,
+    outbox: Arc<Outbox>,
 }
 
 impl Store {
@@ -130,13 +192,16 @@ impl Store {
         let checkpointer = Checkpointer::start(&mut conn, path).map_err(db_err)?;
         let (tx, rx) = mpsc::channel::<Message>(4096);
         let thread_path = path.to_owned();
+        let outbox = Arc::new(Outbox::default());
+        let owner_outbox = outbox.clone();
         std::thread::Builder::new()
             .name("kohort-store".into())
-            .spawn(move || owner_loop(conn, rx, &thread_path, checkpointer))
+            .spawn(move || owner_loop(conn, rx, &thread_path, checkpointer, &owner_outbox))
             .map_err(|e| Error::Internal(format!("cannot start the database thread: {e}")))?;
         Ok(Store {
             tx,
             path: path.to_owned(),
+            outbox,
         })
     }
 
@@ -152,6 +217,7 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
+        self.outbox_ok()?;
         let (reply, reply_rx) = oneshot::channel::<Result<T, String>>();
         let task: Task = Box::new(Call {
             f: Some(f),
@@ -311,9 +377,49 @@ impl Store {
         self.call(queries::jobs).await
     }
 
-    /// Waits until everything queued so far is committed.
+    /// Records a job's last change in this run (an attempt, if any, and a final state)
+    /// without waiting: it is written with the next transaction, whatever that is. A
+    /// crash before then leaves the job `in_flight`, as a crash just before an awaited
+    /// record would, and the next run checks it. A failure to write it makes every
+    /// later call fail, [`flush`](Self::flush) included.
+    pub fn record_last(
+        &self,
+        run_id: i64,
+        job_id: i64,
+        attempt: Option<Attempt>,
+        transition: Transition,
+    ) -> Result<()> {
+        self.outbox_ok()?;
+        let first = self.outbox.push(Record {
+            run_id,
+            job_id,
+            attempt,
+            transition,
+        });
+        // One message wakes an idle owner; later records ride with whatever comes
+        // next. A full queue means the owner is busy and reaches the outbox soon.
+        if first
+            && let Err(mpsc::error::TrySendError::Closed(_)) = self.tx.try_send(Message::Outbox)
+        {
+            return Err(Error::Internal("the database thread has stopped".into()));
+        }
+        Ok(())
+    }
+
+    fn outbox_ok(&self) -> Result<()> {
+        match self.outbox.failure() {
+            None => Ok(()),
+            Some(message) => Err(Error::Database {
+                path: self.path.clone(),
+                message,
+            }),
+        }
+    }
+
+    /// Waits until everything queued so far (the outbox too) is committed.
     pub async fn flush(&self) -> Result<()> {
-        self.call(|_| Ok(())).await
+        self.call(|_| Ok(())).await?;
+        self.outbox_ok()
     }
 
     /// Starts copying the WAL into the database file in the background, so that little
@@ -434,11 +540,12 @@ fn owner_loop(
     mut rx: mpsc::Receiver<Message>,
     path: &Path,
     checkpointer: Checkpointer,
+    outbox: &Outbox,
 ) {
     let mut batch: Vec<Task> = Vec::with_capacity(MAX_BATCH);
     let mut closing: Option<oneshot::Sender<()>> = None;
     while closing.is_none() {
-        let mut first = match rx.blocking_recv() {
+        match rx.blocking_recv() {
             None => break,
             Some(Message::Checkpoint) => {
                 checkpointer.wake();
@@ -448,30 +555,86 @@ fn owner_loop(
                 closing = Some(done);
                 break;
             }
-            Some(Message::Task(task)) => task,
-        };
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let msg = e.to_string();
-            tracing::error!(db = %path.display(), error = %msg, "cannot begin a transaction");
-            first.finish(Some(&msg));
-            continue;
+            Some(Message::Outbox) => {}
+            Some(Message::Task(task)) => batch.push(task),
         }
-        // Tasks run without savepoints of their own (they cost a copy of every page a
-        // task touches): the first task that fails ends the batch, and the whole
-        // transaction is rolled back. For the engine that is what a crash just before
-        // the commit would be, which the exactly-once protocol is built to survive.
-        let mut failure = first.run(&conn).err();
-        batch.push(first);
+        let more = Some((&mut rx, &mut closing));
+        transaction(&conn, &mut batch, more, outbox, path, &checkpointer);
+    }
+    // Last records that came after the last transaction.
+    transaction(&conn, &mut batch, None, outbox, path, &checkpointer);
+    // The session is over (or every handle is gone): leave no WAL behind.
+    checkpointer.stop(&mut conn);
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+        tracing::warn!(db = %path.display(), error = %e, "final checkpoint failed; the next run completes it");
+    }
+    drop(conn);
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
+
+/// One transaction: the outbox's records, `batch` (at most one task so far) and, with
+/// `more`, whatever else has queued up; then every task is answered.
+fn transaction(
+    conn: &Connection,
+    batch: &mut Vec<Task>,
+    more: Option<(
+        &mut mpsc::Receiver<Message>,
+        &mut Option<oneshot::Sender<()>>,
+    )>,
+    outbox: &Outbox,
+    path: &Path,
+    checkpointer: &Checkpointer,
+) {
+    if batch.is_empty() && more.is_none() && outbox.is_empty() {
+        return;
+    }
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let msg = e.to_string();
+        tracing::error!(db = %path.display(), error = %msg, "cannot begin a transaction");
+        // The outbox keeps its records for the next transaction.
+        for task in batch.drain(..) {
+            task.finish(Some(&msg));
+        }
+        return;
+    }
+    // Tasks run without savepoints of their own (they cost a copy of every page a
+    // task touches): the first task that fails ends the batch, and the whole
+    // transaction is rolled back. For the engine that is what a crash just before
+    // the commit would be, which the exactly-once protocol is built to survive.
+    let mut outbox_written = false;
+    let mut write_outbox = |failure: &mut Option<String>| {
+        if failure.is_none() {
+            match outbox.write(conn) {
+                Ok(n) => outbox_written |= n > 0,
+                Err(e) => {
+                    outbox_written = true;
+                    *failure = Some(e);
+                }
+            }
+        }
+    };
+    let mut failure = None;
+    write_outbox(&mut failure);
+    for task in batch.iter_mut() {
+        if failure.is_none() {
+            failure = task.run(conn).err();
+        }
+    }
+    if let Some((rx, closing)) = more {
         let mut yielded = false;
         while failure.is_none() && batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(Message::Task(mut task)) => {
-                    failure = task.run(&conn).err();
+                    failure = task.run(conn).err();
                     batch.push(task);
                 }
+                // Written below, before the commit.
+                Ok(Message::Outbox) => {}
                 Ok(Message::Checkpoint) => checkpointer.wake(),
                 Ok(Message::Close(done)) => {
-                    closing = Some(done);
+                    *closing = Some(done);
                     break;
                 }
                 // Once, give the senders a moment: a commit costs about as much as many
@@ -483,31 +646,26 @@ fn owner_loop(
                 Err(_) => break,
             }
         }
-        let end = match failure {
-            None => conn.execute_batch("COMMIT").map_err(|e| {
-                let msg = e.to_string();
-                tracing::error!(db = %path.display(), error = %msg, "commit failed");
-                msg
-            }),
-            Some(e) => Err(format!(
-                "rolled back with the rest of its transaction, in which a write failed: {e}"
-            )),
-        };
-        if end.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        for task in batch.drain(..) {
-            task.finish(end.as_ref().err().map(String::as_str));
+    }
+    write_outbox(&mut failure);
+    let end = match failure {
+        None => conn.execute_batch("COMMIT").map_err(|e| {
+            let msg = e.to_string();
+            tracing::error!(db = %path.display(), error = %msg, "commit failed");
+            msg
+        }),
+        Some(e) => Err(format!(
+            "rolled back with the rest of its transaction, in which a write failed: {e}"
+        )),
+    };
+    if let Err(e) = &end {
+        let _ = conn.execute_batch("ROLLBACK");
+        if outbox_written {
+            outbox.fail(e);
         }
     }
-    // The session is over (or every handle is gone): leave no WAL behind.
-    checkpointer.stop(&mut conn);
-    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-        tracing::warn!(db = %path.display(), error = %e, "final checkpoint failed; the next run completes it");
-    }
-    drop(conn);
-    if let Some(done) = closing {
-        let _ = done.send(());
+    for task in batch.drain(..) {
+        task.finish(end.as_ref().err().map(String::as_str));
     }
 }
 
@@ -739,6 +897,59 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(names, ["whole"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn last_records_are_written_without_waiting_and_a_failure_stops_the_store() {
+        let (_dir, _, store) = fresh();
+        let run = store.begin_run("run", "{}".into(), true).await.unwrap();
+        store.import(run, "t.csv".into(), rows(0, 3)).await.unwrap();
+        let succeeded = |id: &str| Transition::Succeeded {
+            obtained: Obtained::Created,
+            group: crate::job::Group {
+                id: id.into(),
+                raw: format!(r#"{{"id":"{id}"}}"#),
+                ..Default::default()
+            },
+        };
+        // Two records wait in the outbox; an awaited call's transaction writes them.
+        store.record_last(run, 1, None, succeeded("pg_1")).unwrap();
+        store.record_last(run, 2, None, succeeded("pg_2")).unwrap();
+        let states = || async {
+            store
+                .call(|c| {
+                    c.prepare("SELECT state FROM jobs ORDER BY id")?
+                        .query_map([], |r| r.get::<_, String>(0))?
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .await
+                .unwrap()
+        };
+        assert_eq!(states().await, ["succeeded", "succeeded", "pending"]);
+        // With no other call, the owner wakes for the outbox by itself.
+        store.record_last(run, 3, None, succeeded("pg_3")).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let n: i64 = rusqlite::Connection::open(store.path())
+                .unwrap()
+                .query_row("SELECT count(*) FROM groups", [], |r| r.get(0))
+                .unwrap();
+            if n == 3 || std::time::Instant::now() > deadline {
+                assert_eq!(n, 3);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // A last record that cannot be written makes every later call fail.
+        store
+            .call(|c| c.execute_batch("DROP TABLE groups"))
+            .await
+            .unwrap();
+        store.record_last(run, 1, None, succeeded("pg_9")).unwrap();
+        let err = store.flush().await.unwrap_err().to_string();
+        assert!(err.contains("not saved") && err.contains("groups"), "{err}");
+        assert!(store.record_last(run, 2, None, succeeded("pg_8")).is_err());
+        assert!(store.run_facts(run).await.is_err());
     }
 
     #[tokio::test(flavor = "multi_thread")]

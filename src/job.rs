@@ -61,6 +61,54 @@ impl Payload {
     }
 }
 
+/// A request body ready to send: the JSON text of a [`Payload`], and the ids the
+/// engine decides by. Cheap to clone for each attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendBody {
+    json: bytes::Bytes,
+    order_id: Option<String>,
+    payment_intent: bool,
+}
+
+impl SendBody {
+    /// `json` must be what [`Payload::to_json`] gives for a payload with this
+    /// `orderId` and (if `payment_intent`) a `paymentIntentId`.
+    pub fn new(
+        json: impl Into<bytes::Bytes>,
+        order_id: Option<String>,
+        payment_intent: bool,
+    ) -> Self {
+        SendBody {
+            json: json.into(),
+            order_id,
+            payment_intent,
+        }
+    }
+
+    /// The JSON text to send.
+    pub fn json(&self) -> bytes::Bytes {
+        self.json.clone()
+    }
+
+    /// As [`Payload::checkable_order`].
+    pub fn checkable_order(&self) -> Option<&str> {
+        match (&self.order_id, self.payment_intent) {
+            (Some(order), false) => Some(order),
+            _ => None,
+        }
+    }
+}
+
+impl From<&Payload> for SendBody {
+    fn from(p: &Payload) -> Self {
+        SendBody::new(
+            p.to_json(),
+            p.order_id.clone(),
+            p.payment_intent_id.is_some(),
+        )
+    }
+}
+
 /// A group as the API returned it, with the fields a merchant needs picked out.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Group {

@@ -11,12 +11,12 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use jiff::Timestamp;
-use reqwest::header::{AUTHORIZATION, HeaderValue, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 
 pub use classify::{Class, Exchange, Transport, classify};
 
 use crate::error::{Error, Result};
-use crate::job::{Group, Payload};
+use crate::job::{Group, SendBody};
 
 /// An API key. Its `Debug` and `Display` never show it.
 #[derive(Clone)]
@@ -113,8 +113,12 @@ impl ApiClient {
     }
 
     /// `POST /groups`.
-    pub async fn create_group(&self, body: &Payload) -> Reply<Group> {
-        let req = self.http.post(self.groups_url.clone()).json(body);
+    pub async fn create_group(&self, body: &SendBody) -> Reply<Group> {
+        let req = self
+            .http
+            .post(self.groups_url.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .body(body.json());
         self.exchange(req, wire::parse_group).await
     }
 

@@ -88,7 +88,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                 return Ok(()); // stopping: the job stays pending
             }
         }
-        let order = job.payload.checkable_order();
+        let order = job.body.checkable_order();
         if needs_check && order.is_none() && !ctx.cfg.resend_unknown {
             let reason = format!(
                 "the outcome of an earlier create is unknown ({}) and this row has no orderId \
@@ -153,7 +153,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
         let Some(permit) = start_create(&ctx, &job).await? else {
             return Ok(());
         };
-        let reply = ctx.api.create_group(&job.payload).await;
+        let reply = ctx.api.create_group(&job.body).await;
         drop(permit);
         ctx.observe(&reply);
         tally.note(&reply);

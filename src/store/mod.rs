@@ -952,6 +952,94 @@ mod tests {
         assert!(store.run_facts(run).await.is_err());
     }
 
+    /// Payloads with every optional field present or not, text that needs escaping,
+    /// and metadata of any shape.
+    fn arb_payloads() -> impl proptest::strategy::Strategy<Value = Vec<Payload>> {
+        use proptest::prelude::*;
+        let text = "[a-zA-Z0-9_ \"\\\\/\u{e9}\u{1F600}\n\t\u{1}]{0,12}";
+        let value = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            text.prop_map(serde_json::Value::String),
+            proptest::collection::vec(text, 0..3).prop_map(serde_json::Value::from),
+        ];
+        let metadata = proptest::option::of(
+            proptest::collection::btree_map(text, value, 0..4)
+                .prop_map(|m| m.into_iter().collect::<serde_json::Map<_, _>>()),
+        );
+        let payload = (
+            text,
+            proptest::option::of(text),
+            proptest::option::of(text),
+            proptest::option::of(text),
+            metadata,
+        )
+            .prop_map(
+                |(customer_id, payment_intent_id, expires_at, mid_expire_at, metadata)| Payload {
+                    customer_id,
+                    order_id: None,
+                    payment_intent_id,
+                    expires_at,
+                    mid_expire_at,
+                    metadata,
+                },
+            );
+        (proptest::collection::vec((payload, any::<bool>()), 1..40)).prop_map(|list| {
+            list.into_iter()
+                .enumerate()
+                .map(|(i, (mut p, with_order))| {
+                    // Unique keys, so that every row becomes a job.
+                    if with_order || p.payment_intent_id.is_none() {
+                        p.order_id = Some(format!("ord_{i}"));
+                    } else {
+                        p.payment_intent_id = Some(format!("pi_{i}"));
+                    }
+                    p
+                })
+                .collect()
+        })
+    }
+
+    #[test]
+    fn bodies_read_back_as_the_payload_serializes_them() {
+        use proptest::prelude::*;
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let mut runner =
+            proptest::test_runner::TestRunner::new(proptest::test_runner::Config::with_cases(24));
+        runner
+            .run(&arb_payloads(), |payloads| {
+                let (_dir, _, store) = fresh();
+                let rows: Vec<ImportRow> = payloads
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        ImportRow::new(
+                            i as u64 + 2,
+                            Some(p.key().to_owned()),
+                            Ok(p.clone()),
+                            BTreeMap::new(),
+                        )
+                    })
+                    .collect();
+                let jobs = runtime.block_on(async {
+                    let run = store
+                        .begin_run("enqueue", "{}".into(), false)
+                        .await
+                        .unwrap();
+                    store.import(run, "t.csv".into(), rows).await.unwrap();
+                    store.pending_jobs(0, 1_000).await.unwrap()
+                });
+                prop_assert_eq!(jobs.len(), payloads.len());
+                for (job, p) in jobs.iter().zip(&payloads) {
+                    prop_assert_eq!(&job.body, &crate::job::SendBody::from(p));
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn the_wal_is_copied_in_the_background_and_emptied_at_close() {
         let (_dir, path, store) = fresh();

@@ -3,7 +3,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::types::{Attempt, ImportCounts, Job, Transition};
-use crate::job::Payload;
+use crate::job::{Payload, SendBody};
 use crate::source::ImportRow;
 
 /// Now, in the fixed-width text form stored everywhere (sorts as time does).
@@ -482,7 +482,7 @@ pub(super) fn pending_jobs(
          FROM jobs WHERE state = 'pending' AND id > ?1 ORDER BY id LIMIT ?2"
     ))?;
     let rows = stmt.query_map(params![after_id, limit as i64], |r| {
-        let payload = read_body(r, 7)?.ok_or_else(|| {
+        let body = send_body(r, 7)?.ok_or_else(|| {
             rusqlite::Error::FromSqlConversionFailure(
                 7,
                 rusqlite::types::Type::Null,
@@ -492,7 +492,7 @@ pub(super) fn pending_jobs(
         Ok(Job {
             id: r.get(0)?,
             key: r.get(1)?,
-            payload,
+            body,
             attempts: r.get(2)?,
             creates: r.get(3)?,
             needs_check: r.get(4)?,
@@ -501,6 +501,67 @@ pub(super) fn pending_jobs(
         })
     })?;
     rows.collect()
+}
+
+/// The six body columns starting at column `at` as the JSON text to send, written
+/// straight from the columns (no [`Payload`] in between): the same text
+/// [`Payload::to_json`] gives. `None` for an invalid row.
+fn send_body(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<SendBody>> {
+    let text =
+        |i: usize| -> rusqlite::Result<Option<&str>> { Ok(r.get_ref(at + i)?.as_str_or_null()?) };
+    let Some(customer_id) = text(0)? else {
+        return Ok(None);
+    };
+    let mut json = Vec::with_capacity(160);
+    json.push(b'{');
+    let mut field = |name: &str, value: &str| {
+        if json.len() > 1 {
+            json.push(b',');
+        }
+        json.push(b'"');
+        json.extend_from_slice(name.as_bytes());
+        json.extend_from_slice(b"\":");
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut json, value);
+    };
+    field("customerId", customer_id);
+    let order_id = text(1)?;
+    let payment_intent = text(2)?;
+    for (name, value) in [
+        ("orderId", order_id),
+        ("paymentIntentId", payment_intent),
+        ("expiresAt", text(3)?),
+        ("midExpireAt", text(4)?),
+    ] {
+        if let Some(v) = value {
+            field(name, v);
+        }
+    }
+    if let Some(metadata) = text(5)? {
+        // Written by kohort-batch from a parsed object; checked all the same, as it is
+        // sent as it is.
+        let valid = serde_json::from_str::<serde::de::IgnoredAny>(metadata)
+            .map_err(|e| e.to_string())
+            .and_then(|_| match metadata.trim_start().starts_with('{') {
+                true => Ok(()),
+                false => Err("not a JSON object".to_owned()),
+            });
+        if let Err(e) = valid {
+            return Err(rusqlite::Error::FromSqlConversionFailure(
+                at + 5,
+                rusqlite::types::Type::Text,
+                format!("the stored metadata is not a JSON object: {e}").into(),
+            ));
+        }
+        json.extend_from_slice(b",\"metadata\":");
+        json.extend_from_slice(metadata.as_bytes());
+    }
+    json.push(b'}');
+    Ok(Some(SendBody::new(
+        json,
+        order_id.map(str::to_owned),
+        payment_intent.is_some(),
+    )))
 }
 
 /// `UPDATE jobs` for a state change: the columns every change sets (?1–?5), then

@@ -6,7 +6,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 
 pub use crate::job::Group as GroupRec;
-use crate::job::Payload;
+use crate::job::SendBody;
 
 /// A job's state, as in the design's state diagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -95,7 +95,8 @@ impl RequestKind {
 pub struct Job {
     pub id: i64,
     pub key: String,
-    pub payload: Payload,
+    /// The `POST /groups` body.
+    pub body: SendBody,
     /// HTTP exchanges over all runs.
     pub attempts: u32,
     /// `POST /groups` requests sent over all runs.

@@ -4,20 +4,20 @@
 use std::time::Duration;
 
 use kohort_batch::api::{ApiClient, ApiKey, Class};
-use kohort_batch::job::Payload;
+use kohort_batch::job::{Payload, SendBody};
 use kohort_batch::sandbox::SandboxConfig;
 
 use crate::util::*;
 
-fn payload(order: &str) -> Payload {
-    Payload {
+fn payload(order: &str) -> SendBody {
+    SendBody::from(&Payload {
         customer_id: "cus_1".into(),
         order_id: Some(order.into()),
         payment_intent_id: None,
         expires_at: None,
         mid_expire_at: None,
         metadata: None,
-    }
+    })
 }
 
 fn client(base: &str, timeout: Duration) -> ApiClient {

@@ -137,7 +137,8 @@ fn job_counts(
 /// a run of a million rows).
 fn attempt_facts(c: &Connection, run_id: i64, facts: &mut RunFacts) -> rusqlite::Result<()> {
     let mut by_kind: std::collections::BTreeMap<String, i64> = Default::default();
-    let mut by_class: std::collections::HashMap<String, i64> = Default::default();
+    // A handful of distinct names: a few comparisons find one, cheaper than hashing.
+    let mut by_class: std::collections::BTreeMap<String, i64> = Default::default();
     let mut window: Option<(i64, i64)> = None;
     let mut stmt =
         c.prepare("SELECT kind, class, latency_ms, started_ms FROM attempts WHERE run_id = ?1")?;

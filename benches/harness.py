@@ -9,6 +9,7 @@ table on stdout and bench-out/results.json.
     python3 benches/harness.py            # everything (a few minutes)
     python3 benches/harness.py --quick    # smaller inputs, for a smoke test
     python3 benches/harness.py --only overhead rate
+    python3 benches/harness.py --only overhead --bin /tmp/kb-old   # another build, for A/B
 """
 
 import argparse
@@ -287,7 +288,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smaller inputs (a smoke test, not the targets)")
     ap.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these")
     ap.add_argument("--no-build", action="store_true", help="use the existing release binary")
+    ap.add_argument("--bin", type=Path, help="measure this binary (it serves the sandbox too); implies --no-build")
     args = ap.parse_args()
+    global BIN
+    if args.bin:
+        BIN = args.bin.resolve()
+        args.no_build = True
     for tool in ("wrk", "sqlite3"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing: apt-get install {tool}")

@@ -706,16 +706,32 @@ mod tests {
         (dir, path, store)
     }
 
+    /// Begins an `enqueue` run (no lock); returns its id.
+    async fn enqueue_run(store: &Store) -> i64 {
+        let run = store.begin_run("enqueue", "{}".into(), false);
+        run.await.unwrap()
+    }
+
+    /// Waits up to 20 s for `done`, which is about the database thread or the
+    /// checkpointer catching up; panics with `what` if it does not happen.
+    fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still not so after 20 s: {what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// Chunks of rows take one statement; rows whose key is taken (inside the chunk,
     /// or by an earlier import) must still come out as duplicates, conflicts or fixes,
     /// exactly as one statement per row would have it.
     #[tokio::test(flavor = "multi_thread")]
     async fn chunked_imports_sort_out_taken_keys_row_by_row() {
         let (_dir, _, store) = fresh();
-        let run = store
-            .begin_run("enqueue", "{}".into(), false)
-            .await
-            .unwrap();
+        let run = enqueue_run(&store).await;
         // Earlier: ord 50 as it will be re-imported, and ord 60, which then failed.
         let earlier = rows(50, 1).into_iter().chain(rows(60, 1)).collect();
         store.import(run, "a.csv".into(), earlier).await.unwrap();
@@ -830,18 +846,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn the_run_list_counts_each_runs_jobs() {
         let (_dir, _, store) = fresh();
-        let first = store
-            .begin_run("enqueue", "{}".into(), false)
-            .await
-            .unwrap();
+        let first = enqueue_run(&store).await;
         store
             .import(first, "a.csv".into(), rows(0, 5))
             .await
             .unwrap();
-        let second = store
-            .begin_run("enqueue", "{}".into(), false)
-            .await
-            .unwrap();
+        let second = enqueue_run(&store).await;
         store
             .import(second, "b.csv".into(), rows(5, 3))
             .await
@@ -850,10 +860,7 @@ mod tests {
             .call(|c| c.execute("UPDATE jobs SET state = 'succeeded' WHERE id IN (1, 7)", []))
             .await
             .unwrap();
-        let _empty = store
-            .begin_run("enqueue", "{}".into(), false)
-            .await
-            .unwrap();
+        let _empty = enqueue_run(&store).await;
         let listed: Vec<(i64, i64, i64)> = store
             .list_runs(10)
             .await
@@ -928,18 +935,13 @@ mod tests {
         assert_eq!(states().await, ["succeeded", "succeeded", "pending"]);
         // With no other call, the owner wakes for the outbox by itself.
         store.record_last(run, 3, None, succeeded("pg_3")).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        loop {
+        eventually("three groups", || {
             let n: i64 = rusqlite::Connection::open(store.path())
                 .unwrap()
                 .query_row("SELECT count(*) FROM groups", [], |r| r.get(0))
                 .unwrap();
-            if n == 3 || std::time::Instant::now() > deadline {
-                assert_eq!(n, 3);
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+            n == 3
+        });
         // A last record that cannot be written makes every later call fail.
         store
             .call(|c| c.execute_batch("DROP TABLE groups"))
@@ -1024,10 +1026,7 @@ mod tests {
                     })
                     .collect();
                 let jobs = runtime.block_on(async {
-                    let run = store
-                        .begin_run("enqueue", "{}".into(), false)
-                        .await
-                        .unwrap();
+                    let run = enqueue_run(&store).await;
                     store.import(run, "t.csv".into(), rows).await.unwrap();
                     store.pending_jobs(0, 1_000).await.unwrap()
                 });
@@ -1043,10 +1042,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn the_wal_is_copied_in_the_background_and_emptied_at_close() {
         let (_dir, path, store) = fresh();
-        let run = store
-            .begin_run("enqueue", "{}".into(), false)
-            .await
-            .unwrap();
+        let run = enqueue_run(&store).await;
         // Well over CHECKPOINT_PAGES of WAL, well under WRITER_CHECKPOINT_PAGES: only the
         // checkpointer thread copies pages into the database file before the close.
         for batch in 0..30 {
@@ -1058,11 +1054,7 @@ mod tests {
         }
         let db_len = || std::fs::metadata(&path).map_or(0, |m| m.len());
         let wal = path.with_file_name("k.db-wal");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while db_len() < 4 << 20 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        assert!(db_len() >= 4 << 20, "database file {} bytes", db_len());
+        eventually("a database file of 4 MiB", || db_len() >= 4 << 20);
         store.close().await;
         assert_eq!(std::fs::metadata(&wal).map_or(0, |m| m.len()), 0);
         assert!(store.flush().await.is_err(), "a closed store refuses work");
@@ -1076,10 +1068,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_checkpoint_can_be_asked_for_before_the_close() {
         let (_dir, path, store) = fresh();
-        let run = store
-            .begin_run("enqueue", "{}".into(), false)
-            .await
-            .unwrap();
+        let run = enqueue_run(&store).await;
         // Fewer WAL pages than wake the checkpointer by themselves.
         store
             .import(run, "t.csv".into(), rows(0, 2_000))
@@ -1088,11 +1077,7 @@ mod tests {
         let db_len = || std::fs::metadata(&path).map_or(0, |m| m.len());
         let before = db_len();
         store.checkpoint_soon();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while db_len() <= before && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        assert!(db_len() > before, "still {} bytes", db_len());
+        eventually("pages copied into the database file", || db_len() > before);
         // The store goes on working, and closes as before.
         let (counts, _) = store
             .import(run, "t.csv".into(), rows(2_000, 10))

@@ -13,10 +13,7 @@ use kohort_batch::cli::PrecheckArg;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn happy_path_creates_one_group_per_order_and_records_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig::default()).await;
-    let csv = write(dir.path(), "o.csv", &csv_rows(40));
+    let Scene { dir, db, csv, sb } = Scene::new(SandboxConfig::default(), &csv_rows(40)).await;
     let mut a = args(&sb.url());
     a.report_json = Some(dir.path().join("report.json"));
     assert_eq!(run(&a, &db, &[csv]).await, Exit::Success);
@@ -154,14 +151,7 @@ async fn retry_after_on_429_delays_the_next_attempt() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_array_message_from_a_400_is_recorded_readably() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig::default()).await;
-    let csv = write(
-        dir.path(),
-        "o.csv",
-        "customerId,orderId\ncus_reject_1,ord_1\ncus_unknown_2,ord_2\ncus_3,ord_unknown_3\ncus_4,ord_4\n",
-    );
+    let Scene { dir: _dir, db, csv, sb } = Scene::new(SandboxConfig::default(), "customerId,orderId\ncus_reject_1,ord_1\ncus_unknown_2,ord_2\ncus_3,ord_unknown_3\ncus_4,ord_4\n").await;
     let mut a = args(&sb.url());
     a.precheck = PrecheckArg::Ambiguous;
     assert_eq!(run(&a, &db, &[csv]).await, Exit::RowsFailed);
@@ -183,14 +173,7 @@ async fn an_array_message_from_a_400_is_recorded_readably() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_rows_are_recorded_with_line_numbers_and_never_sent() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig::default()).await;
-    let csv = write(
-        dir.path(),
-        "o.csv",
-        "customerId,orderId,expiresAt,metadata\r\ncus_1,ord_1,,\r\n,ord_2,,\r\ncus_3,ord_3,yesterday,\r\ncus_4,ord_4,,\"[1]\"\r\ncus_5,ord_5,,\r\n",
-    );
+    let Scene { dir: _dir, db, csv, sb } = Scene::new(SandboxConfig::default(), "customerId,orderId,expiresAt,metadata\r\ncus_1,ord_1,,\r\n,ord_2,,\r\ncus_3,ord_3,yesterday,\r\ncus_4,ord_4,,\"[1]\"\r\ncus_5,ord_5,,\r\n").await;
     assert_eq!(run(&args(&sb.url()), &db, &[csv]).await, Exit::RowsFailed);
     let invalid = column(
         &db,
@@ -215,10 +198,12 @@ async fn invalid_rows_are_recorded_with_line_numbers_and_never_sent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rerun_of_the_same_csv_sends_nothing_new() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig::default()).await;
-    let csv = write(dir.path(), "o.csv", &csv_rows(25));
+    let Scene {
+        dir: _dir,
+        db,
+        csv,
+        sb,
+    } = Scene::new(SandboxConfig::default(), &csv_rows(25)).await;
     assert_eq!(
         run(&args(&sb.url()), &db, std::slice::from_ref(&csv)).await,
         Exit::Success
@@ -236,14 +221,16 @@ async fn a_rerun_of_the_same_csv_sends_nothing_new() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_key_twice_is_a_duplicate_or_a_conflict() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig::default()).await;
-    let csv = write(
-        dir.path(),
-        "o.csv",
+    let Scene {
+        dir: _dir,
+        db,
+        csv,
+        sb,
+    } = Scene::new(
+        SandboxConfig::default(),
         "customerId,orderId\ncus_1,ord_1\ncus_1,ord_1\ncus_2,ord_1\n",
-    );
+    )
+    .await;
     assert_eq!(run(&args(&sb.url()), &db, &[csv]).await, Exit::RowsFailed);
     assert_one_group_each(&sb, ["ord_1".to_owned()]);
     let issue = column(&db, "SELECT line || ': ' || reason FROM import_issues");
@@ -283,10 +270,12 @@ async fn concurrency_cap_holds_at_the_server() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn request_starts_follow_the_rate_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig::default()).await;
-    let csv = write(dir.path(), "o.csv", &csv_rows(30));
+    let Scene {
+        dir: _dir,
+        db,
+        csv,
+        sb,
+    } = Scene::new(SandboxConfig::default(), &csv_rows(30)).await;
     let mut a = args(&sb.url());
     a.rate = 20.0;
     a.concurrency = 16;
@@ -310,10 +299,12 @@ async fn request_starts_follow_the_rate_limit() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_401_stops_the_run_with_exit_3_and_fails_no_row() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig::default()).await;
-    let csv = write(dir.path(), "o.csv", &csv_rows(20));
+    let Scene {
+        dir: _dir,
+        db,
+        csv,
+        sb,
+    } = Scene::new(SandboxConfig::default(), &csv_rows(20)).await;
     let (url, dbs, csvs) = (
         sb.url(),
         db.display().to_string(),

@@ -21,14 +21,7 @@ fn served(sb: &kohort_batch::sandbox::Sandbox, suffix: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn orders_that_already_have_a_group_are_recorded_not_created() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig::default()).await;
-    let csv = write(
-        dir.path(),
-        "o.csv",
-        "customerId,orderId\ncus_1,ord_checkout_1\ncus_2,ord_checkout_2\ncus_3,ord_3\ncus_4,ord_unknown_4\n",
-    );
+    let Scene { dir: _dir, db, csv, sb } = Scene::new(SandboxConfig::default(), "customerId,orderId\ncus_1,ord_checkout_1\ncus_2,ord_checkout_2\ncus_3,ord_3\ncus_4,ord_unknown_4\n").await;
     assert_eq!(run(&args(&sb.url()), &db, &[csv]).await, Exit::RowsFailed);
     assert_eq!(served(&sb, "POST /groups 201"), 1, "only ord_3 is created");
     assert_eq!(
@@ -75,10 +68,7 @@ async fn survives(
     std::path::PathBuf,
     tempfile::TempDir,
 ) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(fault).await;
-    let csv = write(dir.path(), "o.csv", &csv_rows(rows));
+    let Scene { dir, db, csv, sb } = Scene::new(fault, &csv_rows(rows)).await;
     let mut a = args(&sb.url());
     a.precheck = precheck;
     a.concurrency = 8;

@@ -250,14 +250,11 @@ async fn a_key_file_others_can_read_draws_a_warning() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_carry_one_line_per_failed_row_and_none_per_success() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig::default()).await;
-    let csv = write(
-        dir.path(),
-        "o.csv",
+    let Scene { dir, db, csv, sb } = Scene::new(
+        SandboxConfig::default(),
         &format!("{}cus_unknown_9,ord_00009,x\n", csv_rows(8)),
-    );
+    )
+    .await;
     let metrics = dir.path().join("m.prom");
     let args = vec![
         "--log-format".into(),

@@ -64,6 +64,25 @@ pub fn csv_rows(n: usize) -> String {
     s
 }
 
+/// What most tests start from: a scratch directory with a database path and one
+/// input CSV in it, and a sandbox on loopback.
+pub struct Scene {
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+    pub csv: PathBuf,
+    pub sb: Sandbox,
+}
+
+impl Scene {
+    pub async fn new(cfg: SandboxConfig, csv: &str) -> Scene {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("k.db");
+        let csv = write(dir.path(), "o.csv", csv);
+        let sb = sandbox(cfg).await;
+        Scene { dir, db, csv, sb }
+    }
+}
+
 pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();

@@ -106,10 +106,12 @@ async fn invalid_inbox_rows_are_recorded_with_their_inbox_id() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn enqueue_fills_the_queue_without_sending() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig::default()).await;
-    let csv = write(dir.path(), "o.csv", &csv_rows(15));
+    let Scene {
+        dir: _dir,
+        db,
+        csv,
+        sb,
+    } = Scene::new(SandboxConfig::default(), &csv_rows(15)).await;
     assert_eq!(commands::enqueue(&db, &[csv]).await.unwrap(), Exit::Success);
     assert_eq!(sb.stats(false).requests.len(), 0);
     assert_eq!(
@@ -333,10 +335,7 @@ async fn validate_prints_bodies_and_every_invalid_row_and_writes_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn report_rebuilds_a_run_from_the_database() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig::default()).await;
-    let csv = write(dir.path(), "o.csv", &csv_rows(5));
+    let Scene { dir, db, csv, sb } = Scene::new(SandboxConfig::default(), &csv_rows(5)).await;
     let mut a = args(&sb.url());
     a.report_json = Some(dir.path().join("r.json"));
     assert_eq!(run(&a, &db, &[csv]).await, Exit::Success);
@@ -378,14 +377,16 @@ async fn report_rebuilds_a_run_from_the_database() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn export_groups_lists_share_ids_per_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig::default()).await;
-    let csv = write(
-        dir.path(),
-        "o.csv",
+    let Scene {
+        dir: _dir,
+        db,
+        csv,
+        sb,
+    } = Scene::new(
+        SandboxConfig::default(),
         "customerId,orderId\ncus_1,ord_1\ncus_2,ord_checkout_2\n",
-    );
+    )
+    .await;
     assert_eq!(run(&args(&sb.url()), &db, &[csv]).await, Exit::Success);
     let dbs = db.display().to_string();
     let out = bin_async(owned(&["export", "groups", "--db", &dbs]), with_key()).await;
@@ -423,18 +424,15 @@ async fn export_groups_lists_share_ids_per_order() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn exported_failures_fixed_in_a_spreadsheet_import_and_succeed() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig::default()).await;
-    let csv = write(
-        dir.path(),
-        "o.csv",
+    let Scene { dir, db, csv, sb } = Scene::new(
+        SandboxConfig::default(),
         "customer_id,order_id,expires_at,metadata.campaign\n\
          cus_1,ord_1,,spring\n\
          cus_2,ord_2,next week,spring\n\
          cus_unknown_3,ord_3,,vip\n\
          cus_4,ord_4,,\n",
-    );
+    )
+    .await;
     assert_eq!(run(&args(&sb.url()), &db, &[csv]).await, Exit::RowsFailed);
     let export = dir.path().join("failures.csv");
     let dbs = db.display().to_string();

@@ -103,21 +103,24 @@ fn job_counts(
 ) -> rusqlite::Result<(Vec<(String, i64)>, Vec<(String, i64)>)> {
     let states = JobState::ALL.map(JobState::as_str);
     let obtained = Obtained::ALL.map(Obtained::as_str);
-    let filters =
-        states
-            .iter()
-            .map(|s| format!("count(*) FILTER (WHERE state = '{s}')"))
-            .chain(obtained.iter().map(|o| {
-                format!("count(*) FILTER (WHERE state = 'succeeded' AND obtained = '{o}')")
-            }))
-            .collect::<Vec<_>>()
-            .join(", ");
-    let sql = format!("SELECT {filters} FROM jobs WHERE last_run_id = ?1");
-    let n: Vec<i64> = c.query_row(&sql, params![run_id], |r| {
-        (0..states.len() + obtained.len())
-            .map(|i| r.get(i))
-            .collect()
-    })?;
+    let mut by_state = [0i64; JobState::ALL.len()];
+    let mut by_obtained = [0i64; Obtained::ALL.len()];
+    // One pass, tallied here: a GROUP BY sorts the whole table, and a count(*) FILTER
+    // per name evaluates nine aggregates on every row.
+    let mut stmt = c.prepare("SELECT state, obtained FROM jobs WHERE last_run_id = ?1")?;
+    let mut rows = stmt.query(params![run_id])?;
+    while let Some(r) = rows.next()? {
+        let state = r.get_ref(0)?.as_str()?;
+        if let Some(i) = states.iter().position(|s| *s == state) {
+            by_state[i] += 1;
+            if state == "succeeded"
+                && let Some(o) = r.get_ref(1)?.as_str_or_null()?
+                && let Some(j) = obtained.iter().position(|name| *name == o)
+            {
+                by_obtained[j] += 1;
+            }
+        }
+    }
     let listed = |names: &[&str], counts: &[i64]| -> Vec<(String, i64)> {
         names
             .iter()
@@ -126,10 +129,7 @@ fn job_counts(
             .map(|(name, n)| ((*name).to_owned(), *n))
             .collect()
     };
-    Ok((
-        listed(&states, &n[..states.len()]),
-        listed(&obtained, &n[states.len()..]),
-    ))
+    Ok((listed(&states, &by_state), listed(&obtained, &by_obtained)))
 }
 
 /// The run's attempts by kind and by class, their latencies and the send window, in

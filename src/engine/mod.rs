@@ -118,10 +118,10 @@ impl Control {
     }
 }
 
-/// Everything a job task needs.
+/// Everything a worker needs to see a job through.
 #[derive(Debug)]
 pub(crate) struct Ctx {
-    /// The run's span, for the log lines of job tasks.
+    /// The run's span, for the log lines about jobs.
     span: tracing::Span,
     store: Store,
     api: ApiClient,
@@ -153,7 +153,7 @@ pub async fn drain(
 ) -> Result<Drained> {
     let pacer = Pacer::new(cfg.concurrency, cfg.rate, cfg.breaker_threshold);
     // Enough workers to keep every permit busy while others sleep in backoff.
-    let max_live = (cfg.concurrency * 8).max(256);
+    let pool_size = (cfg.concurrency * 8).max(256);
     let ctx = Arc::new(Ctx {
         span: tracing::Span::current(),
         store: store.clone(),
@@ -163,7 +163,7 @@ pub async fn drain(
         control: control.clone(),
         run_id,
     });
-    // `max_live` workers take the pending jobs in id order, each seeing its job
+    // `pool_size` workers take the pending jobs in id order, each seeing its job
     // through before it takes the next; the worker that finds the page empty reads the
     // next one. (A task per job cost an allocation and copies of its 4 KiB future per
     // row, and three times the thread wake-ups: the loop that spawned the tasks ran on
@@ -175,7 +175,7 @@ pub async fn drain(
         done: false,
     }));
     let mut workers = JoinSet::new();
-    for _ in 0..max_live {
+    for _ in 0..pool_size {
         let ctx = ctx.clone();
         let feed = feed.clone();
         let on_done = on_done.clone();
@@ -275,7 +275,7 @@ fn collect(
         None | Some(Ok(Ok(()))) => return,
         Some(Ok(Err(e))) => e,
         Some(Err(join)) if join.is_cancelled() => return,
-        Some(Err(join)) => Error::Internal(format!("a job task panicked: {join}")),
+        Some(Err(join)) => Error::Internal(format!("a worker panicked: {join}")),
     };
     tracing::error!(error = %err, "stopping the run: cannot record outcomes");
     control.stop.cancel();

@@ -95,7 +95,8 @@ struct Record {
 }
 
 /// Last records whose callers do not wait (see [`Store::record_last`]). The owner
-/// writes them at the start and at the end of its next transaction.
+/// writes them before each task of its next transaction and before its commit, so a
+/// call sent after a record returned always sees that record.
 #[derive(Debug, Default)]
 struct Outbox {
     records: std::sync::Mutex<Vec<Record>>,
@@ -615,9 +616,11 @@ fn transaction(
             }
         }
     };
+    // The outbox is written before each task runs: a caller that recorded something
+    // and then sent a call must read its own write (records and calls stay in order).
     let mut failure = None;
-    write_outbox(&mut failure);
     for task in batch.iter_mut() {
+        write_outbox(&mut failure);
         if failure.is_none() {
             failure = task.run(conn).err();
         }
@@ -627,7 +630,10 @@ fn transaction(
         while failure.is_none() && batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(Message::Task(mut task)) => {
-                    failure = task.run(conn).err();
+                    write_outbox(&mut failure);
+                    if failure.is_none() {
+                        failure = task.run(conn).err();
+                    }
                     batch.push(task);
                 }
                 // Written below, before the commit.

@@ -63,13 +63,14 @@ pub enum Error {
 
     /// Another process is running a batch on this database.
     #[error(
-        "database {path} is in use by another kohort-batch run (pid {pid}, started {started_at}); \
-         wait for it to finish, or stop it first"
+        "database {path} is in use by another kohort-batch run ({holder}); wait for it to \
+         finish, or stop it first. The lock ({lock}) is held by the kernel and released when \
+         that process ends, however it ends: never delete it by hand"
     )]
     Locked {
         path: PathBuf,
-        pid: i64,
-        started_at: String,
+        lock: PathBuf,
+        holder: String,
     },
 
     /// A bug or an unexpected state. Please report it.
@@ -120,8 +121,8 @@ mod tests {
         assert_eq!(Error::usage("x").exit(), Exit::Usage);
         let locked = Error::Locked {
             path: "a.db".into(),
-            pid: 1,
-            started_at: "now".into(),
+            lock: "a.db.lock".into(),
+            holder: "run 3, pid 1 on h, started now".into(),
         };
         assert_eq!(locked.exit(), Exit::Locked);
         assert!(locked.to_string().contains("pid 1"));

@@ -67,6 +67,7 @@ enum Check {
     OrderMissing(String, Attempt),
     /// Try again later (after `delay_hint`, if the API gave one).
     Retry(Option<Duration>, String),
+    /// Leave the job as it is: the run stops, or another run claimed the job.
     Stopped,
 }
 
@@ -184,9 +185,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                     needs_check: false,
                     reason: Some(reason.clone()),
                 };
-                ctx.store
-                    .record(ctx.run_id, job.id, Some(attempt), t)
-                    .await?;
+                ctx.record(&job, Some(attempt), t).await?;
                 ctx.stop(StopReason::Api(stop_message(&reason)));
                 return Ok(());
             }
@@ -194,9 +193,9 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                 let ambiguous = reply.class == Class::Ambiguous;
                 last_error = reply.error.clone().unwrap_or_default();
                 let Some(delay) = backoff.next() else {
-                    ctx.store
-                        .record(ctx.run_id, job.id, Some(attempt), Transition::Keep)
-                        .await?;
+                    if !ctx.record(&job, Some(attempt), Transition::Keep).await? {
+                        return Ok(());
+                    }
                     if ambiguous {
                         needs_check = true;
                     }
@@ -214,9 +213,9 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                     needs_check,
                     reason: reply.error.clone(),
                 };
-                ctx.store
-                    .record(ctx.run_id, job.id, Some(attempt), t)
-                    .await?;
+                if !ctx.record(&job, Some(attempt), t).await? {
+                    return Ok(());
+                }
                 not_before = Some(next);
             }
         }
@@ -241,29 +240,26 @@ async fn start_create(ctx: &Ctx, job: &Job) -> Result<Option<OwnedSemaphorePermi
         let Some(permit) = ctx.pacer.admit(stop).await else {
             return Ok(None);
         };
-        ctx.store
-            .record(ctx.run_id, job.id, None, in_flight(true))
-            .await?;
-        return Ok(Some(permit));
+        let mine = ctx.record(job, None, in_flight(true)).await?;
+        return Ok(mine.then_some(permit));
     }
     // The request slots decide: mark while waiting for one.
     let Some(ready) = ctx.pacer.ready(stop).await else {
         return Ok(None);
     };
     let marked_at = Instant::now();
-    ctx.store
-        .record(ctx.run_id, job.id, None, in_flight(true))
-        .await?;
+    if !ctx.record(job, None, in_flight(true)).await? {
+        return Ok(None);
+    }
     let Some(permit) = ctx.pacer.slot(ready, stop).await else {
-        ctx.store
-            .record(ctx.run_id, job.id, None, Transition::Unsent)
-            .await?;
+        ctx.record(job, None, Transition::Unsent).await?;
         return Ok(None);
     };
-    if !margin.is_zero() && marked_at.elapsed() > margin {
-        ctx.store
-            .record(ctx.run_id, job.id, None, in_flight(false))
-            .await?;
+    if !margin.is_zero()
+        && marked_at.elapsed() > margin
+        && !ctx.record(job, None, in_flight(false)).await?
+    {
+        return Ok(None);
     }
     Ok(Some(permit))
 }
@@ -321,9 +317,9 @@ async fn check(ctx: &Ctx, job: &Job, order_id: &str, tally: &mut Tally) -> Resul
             return check_failed(ctx, job, attempt, reply).await;
         }
     };
-    ctx.store
-        .record(ctx.run_id, job.id, Some(attempt), Transition::Keep)
-        .await?;
+    if !ctx.record(job, Some(attempt), Transition::Keep).await? {
+        return Ok(Check::Stopped);
+    }
     let Some(group_id) = group_id else {
         return Ok(Check::Absent);
     };
@@ -355,9 +351,9 @@ async fn check(ctx: &Ctx, job: &Job, order_id: &str, tally: &mut Tally) -> Resul
 
 /// A check that got no usable answer: record it, then stop the run or retry later.
 async fn check_failed<T>(ctx: &Ctx, job: &Job, attempt: Attempt, reply: Reply<T>) -> Result<Check> {
-    ctx.store
-        .record(ctx.run_id, job.id, Some(attempt), Transition::Keep)
-        .await?;
+    if !ctx.record(job, Some(attempt), Transition::Keep).await? {
+        return Ok(Check::Stopped);
+    }
     let error = reply.error.unwrap_or_default();
     if reply.class == Class::Stop {
         ctx.stop(StopReason::Api(stop_message(&error)));
@@ -367,6 +363,17 @@ async fn check_failed<T>(ctx: &Ctx, job: &Job, attempt: Attempt, reply: Reply<T>
 }
 
 impl Ctx {
+    /// Records an attempt and a state change of `job`; false (and counted) when the
+    /// job is no longer this run's (another run claimed it since): leave it be.
+    async fn record(&self, job: &Job, attempt: Option<Attempt>, t: Transition) -> Result<bool> {
+        let applied = self.store.record(self.run_id, job.id, attempt, t).await?;
+        if !applied {
+            self.claims_lost
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(applied)
+    }
+
     /// Stops the run, logging in the run's span.
     pub(super) fn stop(&self, reason: StopReason) {
         let _in_run = self.span.enter();

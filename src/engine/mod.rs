@@ -129,6 +129,8 @@ pub(crate) struct Ctx {
     cfg: EngineConfig,
     control: Arc<Control>,
     run_id: i64,
+    /// Jobs left alone because a newer run claimed them (see [`Store::record`]).
+    claims_lost: std::sync::atomic::AtomicU64,
 }
 
 /// How a drain ended.
@@ -137,6 +139,9 @@ pub struct Drained {
     pub stopped: Option<StopReason>,
     /// Requests were still in flight when the run gave up waiting for them.
     pub abandoned: bool,
+    /// Jobs this run left alone because another run claimed them since (only ever
+    /// non-zero if two runs worked on one database at once).
+    pub claims_lost: u64,
 }
 
 /// Called once per job whose task ended (a progress bar's tick).
@@ -162,6 +167,7 @@ pub async fn drain(
         cfg,
         control: control.clone(),
         run_id,
+        claims_lost: Default::default(),
     });
     // `pool_size` workers take the pending jobs in id order, each seeing its job
     // through before it takes the next; the worker that finds the page empty reads the
@@ -170,6 +176,7 @@ pub async fn drain(
     // another thread and waited for each to end.)
     let feed = Arc::new(tokio::sync::Mutex::new(Feed {
         store: store.clone(),
+        run_id,
         page: VecDeque::new(),
         after: 0,
         done: false,
@@ -232,15 +239,25 @@ pub async fn drain(
     if let Some(e) = first_error {
         return Err(e);
     }
+    let claims_lost = ctx.claims_lost.load(std::sync::atomic::Ordering::Relaxed);
+    if claims_lost > 0 {
+        tracing::warn!(
+            jobs = claims_lost,
+            "left jobs to another run that claimed them while this one ran; two runs worked \
+             on this database at once (see the README: How exactly-once is kept)"
+        );
+    }
     Ok(Drained {
         stopped: control.reason(),
         abandoned,
+        claims_lost,
     })
 }
 
 /// Pages of pending jobs, handed out one at a time in id order.
 struct Feed {
     store: Store,
+    run_id: i64,
     page: VecDeque<Job>,
     /// The id of the last job read.
     after: i64,
@@ -252,10 +269,14 @@ impl Feed {
     /// Jobs read from the store at a time (memory stays flat however long the queue).
     const PAGE: usize = 512;
 
-    /// The next pending job, or `None` when every one has been handed out.
+    /// The next pending job (claimed for the run), or `None` when every one has been
+    /// handed out.
     async fn next(&mut self) -> Result<Option<Job>> {
         if self.page.is_empty() && !self.done {
-            let page = self.store.pending_jobs(self.after, Self::PAGE).await?;
+            let page = self
+                .store
+                .claim_pending(self.run_id, self.after, Self::PAGE)
+                .await?;
             match page.last() {
                 Some(last) => self.after = last.id,
                 None => self.done = true,

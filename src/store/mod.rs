@@ -13,6 +13,7 @@
 //! (checkpoints) so the owner never stops for it; [`Store::close`] ends a session
 //! with the WAL copied and emptied.
 
+mod lock;
 mod ops;
 mod queries;
 mod queue;
@@ -29,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{Error, Result};
 use crate::source::ImportRow;
 
+pub use lock::lock_path;
 pub(crate) use ops::now_text;
 pub use queries::{FailureReason, JobExport, RunFacts, RunListEntry};
 pub use queue::RetryFilter;
@@ -117,6 +119,7 @@ impl Outbox {
     fn write(&self, conn: &Connection) -> Result<usize, String> {
         let records = std::mem::take(&mut *self.records.lock().unwrap_or_else(|e| e.into_inner()));
         for r in &records {
+            // A record refused because another run claimed the job is logged by `record`.
             ops::record(conn, r.run_id, r.job_id, r.attempt.as_ref(), &r.transition)
                 .map_err(|e| e.to_string())?;
         }
@@ -160,6 +163,8 @@ pub struct Store {
     tx: mpsc::Sender<Message>,
     path: PathBuf,
     outbox: Arc<Outbox>,
+    /// The run lock, while this handle's run sends (see [`Store::begin_run`]).
+    lock: Arc<std::sync::Mutex<Option<lock::RunLock>>>,
 }
 
 impl Store {
@@ -203,6 +208,7 @@ impl Store {
             tx,
             path: path.to_owned(),
             outbox,
+            lock: Arc::default(),
         })
     }
 
@@ -239,19 +245,25 @@ impl Store {
             })
     }
 
-    /// Starts a run. An `exclusive` run (one that sends) takes the database lock, or
-    /// reports its holder, and turns jobs left `in_flight` by a crash into pending jobs
-    /// that are checked before any re-send. Returns the run id.
+    /// Starts a run. An `exclusive` run (one that sends) first takes the run lock
+    /// (see `lock.rs`), or fails with [`Error::Locked`] naming its holder, and turns
+    /// jobs left `in_flight` by a crash into pending jobs that are checked before any
+    /// re-send. Returns the run id.
     pub async fn begin_run(&self, command: &str, options: String, exclusive: bool) -> Result<i64> {
+        let held = if exclusive {
+            Some(lock::RunLock::acquire(&self.path)?)
+        } else {
+            None
+        };
         let command = command.to_owned();
-        let result = self
+        let (run_id, started_at) = self
             .call(move |c| ops::begin_run(c, &command, &options, exclusive))
             .await?;
-        result.map_err(|(pid, started_at)| Error::Locked {
-            path: self.path.clone(),
-            pid,
-            started_at,
-        })
+        if let Some(mut held) = held {
+            held.describe(run_id, &started_at);
+            *self.lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(held);
+        }
+        Ok(run_id)
     }
 
     /// Records the end of a run and releases the lock.
@@ -261,8 +273,11 @@ impl Store {
         exit_code: u8,
         stopped: Option<String>,
     ) -> Result<()> {
-        self.call(move |c| ops::finish_run(c, run_id, exit_code, stopped.as_deref()))
-            .await
+        let result = self
+            .call(move |c| ops::finish_run(c, run_id, exit_code, stopped.as_deref()))
+            .await;
+        self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
+        result
     }
 
     /// Imports a batch of rows in one transaction. The rows come back, to be freed by
@@ -325,27 +340,36 @@ impl Store {
             .await
     }
 
-    /// Up to `limit` pending jobs with an id above `after_id`, in id order.
-    pub async fn pending_jobs(&self, after_id: i64, limit: usize) -> Result<Vec<Job>> {
-        self.call(move |c| ops::pending_jobs(c, after_id, limit))
+    /// Claims up to `limit` pending jobs with an id above `after_id` for the run, and
+    /// returns them in id order. Only the run that claimed a job may mark it in flight
+    /// or record its outcome; a newer run takes over the claims of older ones.
+    pub async fn claim_pending(
+        &self,
+        run_id: i64,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<Job>> {
+        self.call(move |c| ops::claim_pending(c, run_id, after_id, limit))
             .await
     }
 
     /// Records one HTTP exchange (if any) and the job's new state in one transaction.
+    /// False when the job's state was left alone because another run claimed it since
+    /// (the attempt is recorded all the same): the caller must leave the job be.
     pub async fn record(
         &self,
         run_id: i64,
         job_id: i64,
         attempt: Option<Attempt>,
         transition: Transition,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         self.call(move |c| {
-            ops::record(c, run_id, job_id, attempt.as_ref(), &transition)?;
+            let applied = ops::record(c, run_id, job_id, attempt.as_ref(), &transition)?;
             // Both were made on the caller's thread: they go back to be freed there.
-            Ok((attempt, transition))
+            Ok((applied, attempt, transition))
         })
         .await
-        .map(drop)
+        .map(|(applied, _, _)| applied)
     }
 
     /// Everything the report needs about one run (`None`: no such run).
@@ -916,7 +940,8 @@ mod tests {
     async fn last_records_are_written_without_waiting_and_a_failure_stops_the_store() {
         let (_dir, _, store) = fresh();
         let run = store.begin_run("run", "{}".into(), true).await.unwrap();
-        store.import(run, "t.csv".into(), rows(0, 3)).await.unwrap();
+        store.import(run, "t.csv".into(), rows(0, 4)).await.unwrap();
+        assert_eq!(store.claim_pending(run, 0, 10).await.unwrap().len(), 4);
         let succeeded = |id: &str| Transition::Succeeded {
             obtained: Obtained::Created,
             group: crate::job::Group {
@@ -938,7 +963,10 @@ mod tests {
                 .await
                 .unwrap()
         };
-        assert_eq!(states().await, ["succeeded", "succeeded", "pending"]);
+        assert_eq!(
+            states().await,
+            ["succeeded", "succeeded", "pending", "pending"]
+        );
         // With no other call, the owner wakes for the outbox by itself.
         store.record_last(run, 3, None, succeeded("pg_3")).unwrap();
         eventually("three groups", || {
@@ -953,7 +981,7 @@ mod tests {
             .call(|c| c.execute_batch("DROP TABLE groups"))
             .await
             .unwrap();
-        store.record_last(run, 1, None, succeeded("pg_9")).unwrap();
+        store.record_last(run, 4, None, succeeded("pg_9")).unwrap();
         let err = store.flush().await.unwrap_err().to_string();
         assert!(err.contains("not saved") && err.contains("groups"), "{err}");
         assert!(store.record_last(run, 2, None, succeeded("pg_8")).is_err());
@@ -1034,7 +1062,7 @@ mod tests {
                 let jobs = runtime.block_on(async {
                     let run = enqueue_run(&store).await;
                     store.import(run, "t.csv".into(), rows).await.unwrap();
-                    store.pending_jobs(0, 1_000).await.unwrap()
+                    store.claim_pending(run, 0, 1_000).await.unwrap()
                 });
                 prop_assert_eq!(jobs.len(), payloads.len());
                 for (job, p) in jobs.iter().zip(&payloads) {

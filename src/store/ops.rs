@@ -18,37 +18,15 @@ fn ts_text(ts: jiff::Timestamp) -> String {
     format!("{ts:.6}")
 }
 
-fn process_alive(pid: i64) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Takes the lock and records a run. `Ok(Err((pid, started_at)))` names a live holder.
+/// Records a run; for an `exclusive` run (its caller holds the run lock) also the
+/// lock row, which only names the holder (for older versions and for people). Returns
+/// the run id and its start time.
 pub(super) fn begin_run(
     c: &Connection,
     command: &str,
     options: &str,
     exclusive: bool,
-) -> rusqlite::Result<Result<i64, (i64, String)>> {
-    if !exclusive {
-        // Import-only sessions (enqueue) never send, so they do not take the lock.
-        c.execute(
-            "INSERT INTO runs (command, started_at, pid, options) VALUES (?1, ?2, ?3, ?4)",
-            params![command, now_text(), i64::from(std::process::id()), options],
-        )?;
-        return Ok(Ok(c.last_insert_rowid()));
-    }
-    let holder: Option<(i64, String)> = c
-        .query_row("SELECT pid, started_at FROM lock WHERE id = 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
-    if let Some((pid, started_at)) = holder {
-        if process_alive(pid) {
-            return Ok(Err((pid, started_at)));
-        }
-        tracing::warn!(pid, %started_at, "taking over a lock left by a process that is gone");
-        c.execute("DELETE FROM lock", [])?;
-    }
+) -> rusqlite::Result<(i64, String)> {
     let started = now_text();
     let pid = i64::from(std::process::id());
     c.execute(
@@ -56,6 +34,11 @@ pub(super) fn begin_run(
         params![command, started, pid, options],
     )?;
     let run_id = c.last_insert_rowid();
+    if !exclusive {
+        // Import-only sessions (enqueue) never send, so they do not take the lock.
+        return Ok((run_id, started));
+    }
+    c.execute("DELETE FROM lock", [])?;
     c.execute(
         "INSERT INTO lock (id, pid, run_id, started_at) VALUES (1, ?1, ?2, ?3)",
         params![pid, run_id, started],
@@ -73,7 +56,7 @@ pub(super) fn begin_run(
             "found jobs interrupted mid-request by an earlier run; they are checked before any re-send"
         );
     }
-    Ok(Ok(run_id))
+    Ok((run_id, started))
 }
 
 pub(super) fn finish_run(
@@ -472,16 +455,21 @@ pub(super) fn add_import_counts(
     Ok(())
 }
 
-pub(super) fn pending_jobs(
+/// Claims up to `limit` pending jobs with an id above `after_id` for `run_id`, and
+/// returns them in id order, as they are now. A job claimed by an older run (one
+/// that ended, or crashed) is taken over; one claimed by a newer run is left to it.
+pub(super) fn claim_pending(
     c: &Connection,
+    run_id: i64,
     after_id: i64,
     limit: usize,
 ) -> rusqlite::Result<Vec<Job>> {
     let mut stmt = c.prepare_cached(&format!(
-        "SELECT id, key, attempts, creates, needs_check, next_attempt_at, line, {BODY_COLUMNS} \
-         FROM jobs WHERE state = 'pending' AND id > ?1 ORDER BY id LIMIT ?2"
+        "UPDATE jobs SET claim_run = ?1 WHERE id IN (SELECT id FROM jobs WHERE state = 'pending' \
+         AND id > ?2 AND (claim_run IS NULL OR claim_run <= ?1) ORDER BY id LIMIT ?3) \
+         RETURNING id, key, attempts, creates, needs_check, next_attempt_at, line, {BODY_COLUMNS}"
     ))?;
-    let rows = stmt.query_map(params![after_id, limit as i64], |r| {
+    let rows = stmt.query_map(params![run_id, after_id, limit as i64], |r| {
         let body = send_body(r, 7)?.ok_or_else(|| {
             rusqlite::Error::FromSqlConversionFailure(
                 7,
@@ -500,7 +488,10 @@ pub(super) fn pending_jobs(
             line: r.get(6)?,
         })
     })?;
-    rows.collect()
+    let mut jobs = rows.collect::<rusqlite::Result<Vec<Job>>>()?;
+    // RETURNING gives no order.
+    jobs.sort_unstable_by_key(|j| j.id);
+    Ok(jobs)
 }
 
 /// The six body columns starting at column `at` as the JSON text to send, written
@@ -565,27 +556,38 @@ fn send_body(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<SendBo
 }
 
 /// `UPDATE jobs` for a state change: the columns every change sets (?1–?5), then
-/// `$extra` (from ?6), as one literal (no formatting per call).
+/// `$extra` (from ?6), as one literal (no formatting per call). Only the run that
+/// claimed the job (?3) may change it, and only from the states in `$from`.
 macro_rules! set_state_sql {
-    ($extra:literal) => {
+    ($extra:literal, $from:expr) => {
         concat!(
             "UPDATE jobs SET attempts = attempts + ?1, \
              last_status = CASE WHEN ?1 = 1 THEN ?2 ELSE last_status END, \
              last_run_id = ?3, updated_ms = ?4",
             $extra,
-            " WHERE id = ?5"
+            " WHERE id = ?5 AND claim_run = ?3 AND ",
+            $from
         )
     };
 }
 
-/// Records one attempt and the job's state change together.
+/// The states a job a run is working on can be in.
+macro_rules! working {
+    () => {
+        "(state = 'pending' OR state = 'in_flight')"
+    };
+}
+
+/// Records one attempt and the job's state change together. Returns false, with the
+/// attempt recorded but the job unchanged, when the job is no longer this run's: its
+/// claim was taken by a newer run (or it is not in a state this change starts from).
 pub(super) fn record(
     c: &Connection,
     run_id: i64,
     job_id: i64,
     attempt: Option<&Attempt>,
     transition: &Transition,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<bool> {
     let now_ms = now_ms();
     let (bump, status) = match attempt {
         Some(a) => {
@@ -608,58 +610,53 @@ pub(super) fn record(
         }
         None => (0, None),
     };
-    let set_state = |sql: &'static str, extra: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<()> {
+    let set_state = |sql: &'static str, extra: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<bool> {
         let mut stmt = c.prepare_cached(sql)?;
         let common: [&dyn rusqlite::ToSql; 5] = [&bump, &status, &run_id, &now_ms, &job_id];
         for (i, value) in common.iter().chain(extra).enumerate() {
             stmt.raw_bind_parameter(i + 1, value)?;
         }
-        stmt.raw_execute().map(drop)
+        Ok(stmt.raw_execute()? == 1)
     };
-    match transition {
-        Transition::Keep => set_state(set_state_sql!(""), &[]),
+    let applied = match transition {
+        Transition::Keep => set_state(set_state_sql!("", working!()), &[])?,
         Transition::InFlight {
             check_after,
-            new_create,
+            new_create: true,
         } => set_state(
-            set_state_sql!(", state = 'in_flight', creates = creates + ?6, next_attempt_at = ?7"),
-            &[&i64::from(*new_create), check_after],
-        ),
+            set_state_sql!(
+                ", state = 'in_flight', creates = creates + 1, next_attempt_at = ?6",
+                "state = 'pending'"
+            ),
+            &[check_after],
+        )?,
+        Transition::InFlight {
+            check_after,
+            new_create: false,
+        } => set_state(
+            set_state_sql!(", next_attempt_at = ?6", "state = 'in_flight'"),
+            &[check_after],
+        )?,
         Transition::Unsent => set_state(
-            set_state_sql!(", state = 'pending', creates = creates - 1, next_attempt_at = NULL"),
+            set_state_sql!(
+                ", state = 'pending', creates = creates - 1, next_attempt_at = NULL",
+                "state = 'in_flight'"
+            ),
             &[],
-        ),
+        )?,
         Transition::Succeeded { obtained, group } => {
-            c.prepare_cached(
-                "INSERT INTO groups (id, job_id, share_id, status, customer_id, order_id, \
-                 expires_at, created_at, obtained, raw, recorded_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
-                 ON CONFLICT (job_id) DO UPDATE SET id = excluded.id, \
-                 share_id = excluded.share_id, status = excluded.status, \
-                 customer_id = excluded.customer_id, order_id = excluded.order_id, \
-                 expires_at = excluded.expires_at, created_at = excluded.created_at, \
-                 obtained = excluded.obtained, raw = excluded.raw, recorded_at = excluded.recorded_at",
-            )?
-            .execute(params![
-                group.id,
-                job_id,
-                group.share_id,
-                group.status,
-                group.customer_id,
-                group.order_id,
-                group.expires_at,
-                group.created_at,
-                obtained.as_str(),
-                group.raw,
-                now_text()
-            ])?;
-            set_state(
+            let applied = set_state(
                 set_state_sql!(
                     ", state = 'succeeded', obtained = ?6, group_id = ?7, needs_check = 0, \
-                 next_attempt_at = NULL, error = NULL, error_class = NULL"
+                     next_attempt_at = NULL, error = NULL, error_class = NULL",
+                    working!()
                 ),
                 &[&obtained.as_str(), &group.id],
-            )
+            )?;
+            if applied {
+                insert_group(c, job_id, obtained.as_str(), group)?;
+            }
+            applied
         }
         Transition::Failed {
             reason,
@@ -667,27 +664,91 @@ pub(super) fn record(
             status: _,
         } => set_state(
             set_state_sql!(
-                ", state = 'failed', error = ?6, error_class = ?7, next_attempt_at = NULL"
+                ", state = 'failed', error = ?6, error_class = ?7, next_attempt_at = NULL",
+                working!()
             ),
             &[reason, class],
-        ),
+        )?,
         Transition::Unknown { reason } => set_state(
             set_state_sql!(
-                ", state = 'unknown', error = ?6, error_class = 'ambiguous', needs_check = 1"
+                ", state = 'unknown', error = ?6, error_class = 'ambiguous', needs_check = 1",
+                working!()
             ),
             &[reason],
-        ),
+        )?,
         Transition::Pending {
             next_attempt_at,
             needs_check,
             reason,
         } => set_state(
             set_state_sql!(
-                ", state = 'pending', next_attempt_at = ?6, needs_check = ?7, error = ?8"
+                ", state = 'pending', next_attempt_at = ?6, needs_check = ?7, error = ?8",
+                working!()
             ),
             &[next_attempt_at, needs_check, reason],
-        ),
+        )?,
+    };
+    if !applied {
+        let group = match transition {
+            Transition::Succeeded { group, .. } => Some(group.id.as_str()),
+            _ => None,
+        };
+        tracing::warn!(
+            job = job_id,
+            run = run_id,
+            change = transition.name(),
+            group,
+            "not recorded: this job was claimed by another run since (a second run on this \
+             database; the run lock should prevent that). That run records its outcome, \
+             checking for a group first"
+        );
     }
+    Ok(applied)
+}
+
+/// Stores a job's group. A job has one group: should a second one ever be recorded
+/// for it, the first is kept and the second is logged, never written over.
+fn insert_group(
+    c: &Connection,
+    job_id: i64,
+    obtained: &str,
+    group: &crate::job::Group,
+) -> rusqlite::Result<()> {
+    let inserted = c
+        .prepare_cached(
+            "INSERT INTO groups (id, job_id, share_id, status, customer_id, order_id, \
+             expires_at, created_at, obtained, raw, recorded_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+             ON CONFLICT (job_id) DO NOTHING",
+        )?
+        .execute(params![
+            group.id,
+            job_id,
+            group.share_id,
+            group.status,
+            group.customer_id,
+            group.order_id,
+            group.expires_at,
+            group.created_at,
+            obtained,
+            group.raw,
+            now_text()
+        ])?;
+    if inserted == 0 {
+        let kept: String = c
+            .prepare_cached("SELECT id FROM groups WHERE job_id = ?1")?
+            .query_row(params![job_id], |r| r.get(0))?;
+        if kept != group.id {
+            tracing::error!(
+                job = job_id,
+                kept = %kept,
+                second = %group.id,
+                "a second group was recorded for one job; the first is kept. Check both in \
+                 the KohortPay dashboard"
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -280,6 +280,14 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE attempts_v6 RENAME TO attempts;
     CREATE INDEX attempts_run ON attempts(run_id);
     "#,
+    // 7: jobs claimed by their run, and conflicting rows kept. A job is marked in
+    // flight only from pending by the run that claimed it, and only that run records
+    // its outcome (should the run lock ever fail, a second run's sends are refused, not
+    // duplicated). A conflicting row's data is kept for `export failures`.
+    r#"
+    ALTER TABLE jobs ADD COLUMN claim_run INTEGER;  -- runs(id): the run that took the job to send it
+    ALTER TABLE import_issues ADD COLUMN raw TEXT;  -- conflicts: the row, input column -> cell (JSON)
+    "#,
 ];
 
 /// The schema version this build writes.

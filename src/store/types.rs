@@ -157,6 +157,21 @@ pub enum Transition {
     },
 }
 
+impl Transition {
+    /// The change's name, for log lines.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transition::Keep => "attempt",
+            Transition::InFlight { .. } => "in_flight",
+            Transition::Unsent => "unsent",
+            Transition::Succeeded { .. } => "succeeded",
+            Transition::Failed { .. } => "failed",
+            Transition::Unknown { .. } => "unknown",
+            Transition::Pending { .. } => "pending",
+        }
+    }
+}
+
 /// What one import batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ImportCounts {

@@ -180,6 +180,22 @@ pub fn validate(row: &RowFields, now: Timestamp) -> Result<Payload, Vec<String>>
     if order_id.is_none() && payment_intent_id.is_none() {
         problems.push("orderId and paymentIntentId are both empty: give at least one".to_owned());
     }
+    for (field, value) in [
+        ("customerId", &customer_id),
+        ("orderId", &order_id),
+        ("paymentIntentId", &payment_intent_id),
+    ] {
+        if let Some(c) = value
+            .as_deref()
+            .and_then(|v| v.chars().find(|c| c.is_control()))
+        {
+            problems.push(format!(
+                "{field} contains a control character ({}): ids are one line of text; \
+                 in a CSV file, check for an unclosed quote",
+                control_name(c)
+            ));
+        }
+    }
 
     let expires_at = match clean(&row.expires_at) {
         None => None,
@@ -260,6 +276,16 @@ pub fn validate(row: &RowFields, now: Timestamp) -> Result<Payload, Vec<String>>
         mid_expire_at: mid_expire_at.map(format_ts),
         metadata,
     })
+}
+
+/// How a message names a control character.
+fn control_name(c: char) -> String {
+    match c {
+        '\n' => "a line break".to_owned(),
+        '\r' => "a carriage return".to_owned(),
+        '\t' => "a tab".to_owned(),
+        other => format!("U+{:04X}", u32::from(other)),
+    }
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -369,6 +395,24 @@ mod tests {
         r.mid_expire_at = Some("2026-12-01T00:00:00Z".into());
         let problems = validate(&r, now()).unwrap_err();
         assert!(problems[0].contains("not before expiresAt"), "{problems:?}");
+    }
+
+    #[test]
+    fn ids_with_control_characters_are_invalid() {
+        for (customer, order, field, named) in [
+            ("cus_2", "\"ord_2\ncus_3,ord_3", "orderId", "a line break"),
+            ("cus_\u{1b}[31m", "ord_1", "customerId", "U+001B"),
+            ("cus_1", "ord\t1", "orderId", "a tab"),
+        ] {
+            let problems = validate(&row(customer, order), now()).unwrap_err();
+            assert!(
+                problems[0].starts_with(field) && problems[0].contains(named),
+                "{problems:?}"
+            );
+        }
+        let mut r = row("cus_1", "ord_1");
+        r.payment_intent_id = Some("pi\r1".into());
+        assert!(validate(&r, now()).unwrap_err()[0].contains("paymentIntentId"));
     }
 
     #[test]

@@ -228,6 +228,9 @@ impl CsvSource {
             headers.push(text.trim_start_matches('\u{feff}').to_owned());
         }
         let columns: Vec<Column> = headers.iter().map(|h| column_for(h)).collect();
+        if let Some(message) = same_field_twice(&headers, &columns) {
+            return Err(header_err(message));
+        }
         let has = |c: Column| columns.contains(&c);
         let mut missing = Vec::new();
         if !has(Column::CustomerId) {
@@ -351,11 +354,18 @@ impl CsvSource {
             };
             *slot = Some(text);
         }
+        let spanning = self.fields_spanning_lines(line);
+        let said_here = |p: &String| {
+            spanning
+                .iter()
+                .any(|(name, _)| p.starts_with(&format!("{name} contains a control character")))
+        };
+        problems.extend(spanning.iter().map(|(_, message)| message.clone()));
         let outcome = if problems.is_empty() {
             job::validate(&fields, now).map_err(|p| p.join("; "))
         } else {
             if let Err(more) = job::validate(&fields, now) {
-                problems.extend(more);
+                problems.extend(more.into_iter().filter(|p| !said_here(p)));
             }
             Err(problems.join("; "))
         };
@@ -369,6 +379,54 @@ impl CsvSource {
         ImportRow::new(line, key, outcome, raw)
     }
 
+    /// Quoted fields of the current record (which starts on `line`) that span lines
+    /// and cannot be what the file meant: an id (ids are one line), or any field whose
+    /// later lines look like rows of this file (as many commas as the header). Both are
+    /// what an unclosed quote does: it folds the rows after it into one field. Gives
+    /// the column's canonical name (or header) and the message.
+    fn fields_spanning_lines(&self, line: u64) -> Vec<(String, String)> {
+        let mut found = Vec::new();
+        let mut begins = line;
+        let commas = self.headers.len().saturating_sub(1);
+        for (i, cell) in self.record.iter().enumerate() {
+            let breaks = line_breaks(cell);
+            if breaks == 0 {
+                continue;
+            }
+            let (Some(header), Some(column)) = (self.headers.get(i), self.columns.get(i)) else {
+                break;
+            };
+            let is_id = matches!(
+                column,
+                Column::CustomerId | Column::OrderId | Column::PaymentIntentId
+            );
+            let looks_like_rows = || {
+                cell.split(|b| *b == b'\n' || *b == b'\r')
+                    .skip(1)
+                    .any(|seg| commas > 0 && seg.iter().filter(|b| **b == b',').count() == commas)
+            };
+            if is_id || looks_like_rows() {
+                let name = canonical_header(header).unwrap_or_else(|| header.clone());
+                let what = if is_id {
+                    "an id cannot span lines"
+                } else {
+                    "its lines look like rows of this file"
+                };
+                found.push((
+                    name.clone(),
+                    format!(
+                        "{name} is a quoted field that begins on line {begins} and spans {} \
+                         lines ({what}): check for an unclosed quote on line {begins}",
+                        // Lines with content: an unclosed quote runs to the file's end.
+                        line_breaks(cell.trim_ascii_end()) + 1
+                    ),
+                ));
+            }
+            begins += breaks;
+        }
+        found
+    }
+
     /// The current record's input cells by header, as written.
     fn raw_cells(&self) -> BTreeMap<String, String> {
         self.headers
@@ -379,6 +437,44 @@ impl CsvSource {
             .map(|((header, _), cell)| (header.clone(), String::from_utf8_lossy(cell).into_owned()))
             .collect()
     }
+}
+
+/// Two header columns that name one field (after case, space and snake/camel
+/// folding): the message naming both, or `None`. Which one to send is the person's
+/// call, never a silent pick.
+fn same_field_twice(headers: &[String], columns: &[Column]) -> Option<String> {
+    for (j, column) in columns.iter().enumerate() {
+        if matches!(column, Column::ExportOnly | Column::Unknown) {
+            continue;
+        }
+        if let Some(i) = columns[..j].iter().position(|c| c == column) {
+            let field = canonical_header(&headers[j]).unwrap_or_else(|| headers[j].clone());
+            return Some(format!(
+                "columns {} ({:?}) and {} ({:?}) both give {field}: keep one of them (rename \
+                 or delete the other) and run again; nothing was imported",
+                i + 1,
+                headers[i],
+                j + 1,
+                headers[j]
+            ));
+        }
+    }
+    None
+}
+
+/// Line breaks in a field (CR, LF or CRLF, each one), as [`LineTap`] counts them.
+fn line_breaks(cell: &[u8]) -> u64 {
+    let mut n = 0;
+    let mut prev_cr = false;
+    for &b in cell {
+        match b {
+            b'\n' if prev_cr => {}
+            b'\n' | b'\r' => n += 1,
+            _ => {}
+        }
+        prev_cr = b == b'\r';
+    }
+    n
 }
 
 fn csv_error_text(e: &csv::Error) -> String {
@@ -493,6 +589,89 @@ mod tests {
         );
         assert_eq!(out[1].key.as_deref(), Some("ord_2"));
         assert!(out[2].outcome.is_ok());
+    }
+
+    #[test]
+    fn an_unclosed_quote_in_an_id_swallows_no_row_silently() {
+        let out = rows(b"customerId,orderId\ncus_1,ord_1\ncus_2,\"ord_2\ncus_3,ord_3\n");
+        assert_eq!(out.len(), 2);
+        assert!(out[0].outcome.is_ok());
+        assert_eq!(out[1].line, 3);
+        let why = out[1].outcome.as_ref().unwrap_err();
+        assert!(
+            why.contains("orderId is a quoted field that begins on line 3 and spans 2 lines")
+                && why.contains("check for an unclosed quote on line 3"),
+            "{why}"
+        );
+        assert!(!why.contains("control character"), "said once: {why}");
+        // The swallowed row is kept with the invalid one (exported for repair).
+        assert!(out[1].raw["orderId"].contains("cus_3,ord_3"));
+    }
+
+    #[test]
+    fn a_stray_quote_in_metadata_that_folds_rows_is_reported() {
+        let text = b"customerId,orderId,metadata.note\n\
+            cus_1,ord_1,\"oops\n\
+            cus_2,ord_2,fine\n\
+            cus_3,ord_3,x\"\n\
+            cus_4,ord_4,fine\n";
+        let out = rows(text);
+        assert_eq!(out.len(), 2, "{out:?}");
+        let why = out[0].outcome.as_ref().unwrap_err();
+        assert!(
+            why.contains("metadata.note is a quoted field that begins on line 2 and spans 3 lines")
+                && why.contains("look like rows"),
+            "{why}"
+        );
+        // A legitimate multi-line field whose lines do not look like rows is fine.
+        let out = rows(b"customerId,orderId,metadata.note\ncus_1,ord_1,\"line one\nline, two\"\n");
+        assert!(out[0].outcome.is_ok(), "{:?}", out[0].outcome);
+        // Line numbers count the breaks of earlier fields.
+        let out = rows(b"customerId,metadata.a,orderId\ncus_1,\"a\nb\",\"ord\n1\"\n");
+        let why = out[0].outcome.as_ref().unwrap_err();
+        assert!(why.contains("begins on line 3"), "{why}");
+    }
+
+    #[test]
+    fn two_columns_for_one_field_are_an_error_naming_both() {
+        for (header, first, second, field) in [
+            (
+                "customerId,orderId,orderId",
+                "2 (\"orderId\")",
+                "3 (\"orderId\")",
+                "orderId",
+            ),
+            (
+                "customerId,Order ID,Customer ID",
+                "1 (\"customerId\")",
+                "3 (\"Customer ID\")",
+                "customerId",
+            ),
+            (
+                "customerId,order_id,orderId",
+                "2 (\"order_id\")",
+                "3 (\"orderId\")",
+                "orderId",
+            ),
+            (
+                "customerId,orderId,metadata.a,Metadata.a",
+                "3 (\"metadata.a\")",
+                "4 (\"Metadata.a\")",
+                "metadata.a",
+            ),
+        ] {
+            let text = format!("{header}\ncus_1,ord_1,x,y\n");
+            let err = source(text.as_bytes()).unwrap_err();
+            assert_eq!(err.exit(), crate::Exit::Usage);
+            let err = err.to_string();
+            assert!(
+                err.contains("t.csv, line 1")
+                    && err.contains(&format!("columns {first} and {second} both give {field}")),
+                "{header}: {err}"
+            );
+        }
+        // Export-only and unknown columns may repeat.
+        assert!(source(b"customerId,orderId,error,error,x,x\n").is_ok());
     }
 
     #[test]

@@ -55,6 +55,42 @@ impl Payload {
         }
     }
 
+    /// The row this body came from, as input columns (canonical names) and cells:
+    /// metadata of string values as `metadata.KEY` columns (how a CSV gives it),
+    /// any other metadata as the JSON `metadata` column.
+    pub fn input_cells(&self) -> std::collections::BTreeMap<String, String> {
+        let mut cells = std::collections::BTreeMap::new();
+        for (name, value) in [
+            ("customerId", Some(&self.customer_id)),
+            ("orderId", self.order_id.as_ref()),
+            ("paymentIntentId", self.payment_intent_id.as_ref()),
+            ("expiresAt", self.expires_at.as_ref()),
+            ("midExpireAt", self.mid_expire_at.as_ref()),
+        ] {
+            if let Some(v) = value {
+                cells.insert(name.to_owned(), v.clone());
+            }
+        }
+        match &self.metadata {
+            Some(m) if m.values().all(Value::is_string) => {
+                for (k, v) in m {
+                    cells.insert(
+                        format!("metadata.{k}"),
+                        v.as_str().unwrap_or_default().to_owned(),
+                    );
+                }
+            }
+            Some(m) => {
+                cells.insert(
+                    "metadata".to_owned(),
+                    serde_json::to_string(m).unwrap_or_default(),
+                );
+            }
+            None => {}
+        }
+        cells
+    }
+
     /// The canonical JSON text stored and compared.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()

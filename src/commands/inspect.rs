@@ -186,6 +186,26 @@ async fn for_each_job(
     }
 }
 
+/// Every row `export failures` gives: failed, unknown and invalid jobs, then the
+/// rows that conflicted with an imported key.
+async fn for_each_failure(
+    store: &Store,
+    mut each: impl FnMut(JobExport) -> Result<()>,
+) -> Result<()> {
+    for_each_job(store, &["failed", "unknown", "invalid"], &mut each).await?;
+    let mut after = 0;
+    loop {
+        let page = store.conflicts_page(after, PAGE).await?;
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
+        after = last.id;
+        for row in page {
+            each(row)?;
+        }
+    }
+}
+
 /// Writes records as CSV or as one JSON array, streaming.
 struct Sink {
     format: ExportFormat,
@@ -320,10 +340,9 @@ pub async fn export(
             sink.finish()?;
         }
         ExportWhat::Failures => {
-            const STATES: &[&str] = &["failed", "unknown", "invalid"];
             // First pass: which metadata.KEY columns the failed rows had.
             let mut extra = BTreeSet::new();
-            for_each_job(&store, STATES, |j| {
+            for_each_failure(&store, |j| {
                 extra.extend(
                     row_cells(&j)
                         .into_keys()
@@ -345,7 +364,7 @@ pub async fn export(
             header.extend(extra);
             header.extend(["error", "line", "state", "source"].map(String::from));
             let mut sink = Sink::new(format, header.clone(), open_output(output)?)?;
-            for_each_job(&store, STATES, |j| {
+            for_each_failure(&store, |j| {
                 let raw = row_cells(&j);
                 let cells: Vec<String> = header
                     .iter()
@@ -377,30 +396,8 @@ fn row_cells(j: &JobExport) -> HashMap<String, String> {
             .filter_map(|(k, v)| canonical_header(&k).map(|c| (c, v)))
             .collect();
     }
-    let body = match j.payload.as_ref().map(serde_json::to_value) {
-        Some(Ok(serde_json::Value::Object(map))) => map,
-        _ => serde_json::Map::new(),
-    };
-    let mut cells = HashMap::new();
-    for (k, v) in body {
-        match v {
-            serde_json::Value::String(s) => {
-                cells.insert(k, s);
-            }
-            serde_json::Value::Object(m)
-                if k == "metadata" && m.values().all(|v| v.is_string()) =>
-            {
-                for (mk, mv) in m {
-                    cells.insert(
-                        format!("metadata.{mk}"),
-                        mv.as_str().unwrap_or_default().to_owned(),
-                    );
-                }
-            }
-            other => {
-                cells.insert(k, other.to_string());
-            }
-        }
-    }
-    cells
+    j.payload
+        .as_ref()
+        .map(|p| p.input_cells().into_iter().collect())
+        .unwrap_or_default()
 }

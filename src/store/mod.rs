@@ -340,6 +340,13 @@ impl Store {
             .await
     }
 
+    /// Up to `limit` conflicting rows (not imported: their key was taken by other
+    /// data) with an id above `after_id`, as jobs in state `conflict`.
+    pub async fn conflicts_page(&self, after_id: i64, limit: usize) -> Result<Vec<JobExport>> {
+        self.call(move |c| queries::conflicts_page(c, after_id, limit))
+            .await
+    }
+
     /// Claims up to `limit` pending jobs with an id above `after_id` for the run, and
     /// returns them in id order. Only the run that claimed a job may mark it in flight
     /// or record its outcome; a newer run takes over the claims of older ones.

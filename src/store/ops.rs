@@ -422,11 +422,20 @@ fn import_valid(
                 "key {key} was already imported with different data (that job is {state}); \
                  this row was not sent. Remove the row, or give it its own orderId"
             );
+            // The row itself is kept, for `export failures`: nothing a person wrote is lost.
+            let raw = serde_json::to_string(&new.payload.input_cells()).unwrap_or_default();
             c.prepare_cached(
-                "INSERT INTO import_issues (run_id, source, line, key, kind, reason) \
-                 VALUES (?1, (SELECT name FROM sources WHERE id = ?2), ?3, ?4, 'conflict', ?5)",
+                "INSERT INTO import_issues (run_id, source, line, key, kind, reason, raw) \
+                 VALUES (?1, (SELECT name FROM sources WHERE id = ?2), ?3, ?4, 'conflict', ?5, ?6)",
             )?
-            .execute(params![new.run_id, new.source_id, new.line, key, reason])?;
+            .execute(params![
+                new.run_id,
+                new.source_id,
+                new.line,
+                key,
+                reason,
+                raw
+            ])?;
         }
     }
     Ok(())

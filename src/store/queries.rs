@@ -344,3 +344,44 @@ pub(super) fn jobs_page(
     let rows = stmt.query_map(params![after_id, limit as i64], job_export)?;
     rows.collect()
 }
+
+/// Up to `limit` rows that were not imported because their key was taken by other
+/// data, with an id above `after_id`, as [`JobExport`]s in state `conflict` (the id is
+/// the import issue's). A row re-imported unchanged is listed once, at its newest.
+pub(super) fn conflicts_page(
+    c: &Connection,
+    after_id: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<JobExport>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT i.id, i.key, i.source, i.line, i.reason, coalesce(i.raw, '') FROM import_issues i \
+         WHERE i.kind = 'conflict' AND i.id > ?1 AND NOT EXISTS (SELECT 1 FROM import_issues l \
+         WHERE l.kind = 'conflict' AND l.key IS i.key AND l.raw IS i.raw AND l.id > i.id) \
+         ORDER BY i.id LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![after_id, limit as i64], |r| {
+        Ok(JobExport {
+            id: r.get(0)?,
+            key: r.get(1)?,
+            row_key: None,
+            state: "conflict".to_owned(),
+            obtained: None,
+            customer_id: None,
+            order_id: None,
+            payment_intent_id: None,
+            group_id: None,
+            share_id: None,
+            group_status: None,
+            expires_at: None,
+            created_at: None,
+            error: r.get(4)?,
+            source: r.get(2)?,
+            line: r.get(3)?,
+            raw: r.get(5)?,
+            payload: None,
+            attempts: 0,
+            creates: 0,
+        })
+    })?;
+    rows.collect()
+}

@@ -7,6 +7,7 @@
 )]
 
 mod api_client;
+mod beyond_one_process;
 mod core_run;
 mod crash;
 mod deploy;

@@ -133,9 +133,9 @@ fn malformed_csv_table() {
             Ok(&[(2, Some("outside the allowed window")), (3, Some("outside the allowed window")), (4, None)]),
         ),
         (
-            "an unclosed quote swallows the rest into one field",
+            "an unclosed quote that swallows the next row is reported, not sent",
             b"customerId,orderId\ncus_1,ord_1\ncus_2,\"ord_2\ncus_3,ord_3\n".to_vec(),
-            Ok(&[(2, None), (3, None)]),
+            Ok(&[(2, None), (3, Some("check for an unclosed quote on line 3"))]),
         ),
     ];
     for (name, input, want) in cases {

@@ -10,6 +10,7 @@ use crate::cli::{PrecheckArg, SandboxArgs, SendArgs};
 use crate::engine::{EngineConfig, Precheck, RetryPolicy};
 use crate::error::{Error, Result};
 use crate::sandbox::SandboxConfig;
+use crate::text::human;
 
 /// Everything a sending command needs.
 #[derive(Debug, Clone)]
@@ -22,6 +23,57 @@ pub struct SendConfig {
     pub engine: EngineConfig,
     pub report_json: Option<PathBuf>,
     pub metrics_file: Option<PathBuf>,
+    /// How long a database write waits for another process's transaction.
+    pub busy_timeout: Duration,
+}
+
+/// The accepted range of each bounded setting, as the README's option table gives
+/// them: (flag, lowest, highest).
+pub mod limits {
+    use std::time::Duration;
+
+    pub const TIMEOUT: (Duration, Duration) =
+        (Duration::from_millis(1), Duration::from_secs(3_600));
+    pub const SETTLE: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(86_400));
+    pub const GRACE: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(3_600));
+    pub const MAX_PAUSE: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(86_400));
+    pub const BUSY_TIMEOUT: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(3_600));
+    /// Requests per second, when not 0 (no limit).
+    pub const RATE: (f64, f64) = (0.001, 100_000.0);
+    pub const CONCURRENCY: (usize, usize) = (1, 1_024);
+    pub const MAX_ATTEMPTS: (u32, u32) = (1, 100);
+    pub const BREAKER: (u32, u32) = (1, 1_000_000);
+}
+
+/// A duration flag parsed and checked against its accepted range.
+pub fn bounded_duration(
+    flag: &str,
+    text: &str,
+    (lo, hi): (Duration, Duration),
+) -> Result<Duration> {
+    let d = parse_duration(flag, text)?;
+    if d < lo || d > hi {
+        return Err(Error::usage(format!(
+            "--{flag} {text}: accepted from {} to {}",
+            human(lo),
+            human(hi)
+        )));
+    }
+    Ok(d)
+}
+
+/// A number flag checked against its accepted range.
+fn bounded<T: PartialOrd + std::fmt::Display + Copy>(
+    flag: &str,
+    value: T,
+    (lo, hi): (T, T),
+) -> Result<T> {
+    if value < lo || value > hi {
+        return Err(Error::usage(format!(
+            "--{flag} {value}: accepted from {lo} to {hi}"
+        )));
+    }
+    Ok(value)
 }
 
 /// Parses a duration written the usual way: `30s`, `500ms`, `2m`, `1h30m`, `1.5s`;
@@ -34,11 +86,8 @@ pub fn parse_duration(flag: &str, text: &str) -> Result<Duration> {
         ))
     };
     if let Ok(secs) = t.parse::<f64>() {
-        return if secs.is_finite() && secs >= 0.0 {
-            Ok(Duration::from_secs_f64(secs))
-        } else {
-            Err(bad())
-        };
+        // NaN, negative and too large for a Duration are all refused here.
+        return Duration::try_from_secs_f64(secs).map_err(|_| bad());
     }
     let d: jiff::SignedDuration = t.parse().map_err(|_| bad())?;
     if d.is_negative() {
@@ -76,28 +125,35 @@ fn probability(flag: &str, p: f64) -> Result<f64> {
     }
 }
 
-/// Checks the API base URL: https, or plain http to a loopback address only.
+/// Checks the API base URL with a real URL parser: https, or plain http to a
+/// loopback host only; no user name or password in it (they would be stored, printed
+/// and sent as a second credential).
 pub fn check_api_base(base: &str) -> Result<String> {
     let base = base.trim().trim_end_matches('/');
-    let (scheme, rest) = base.split_once("://").ok_or_else(|| {
+    let url = url::Url::parse(base).map_err(|e| {
         Error::usage(format!(
-            "--api-base {base:?} is not a URL like https://api.kohortpay.com"
+            "--api-base {base:?} is not a URL like https://api.kohortpay.com ({e})"
         ))
     })?;
-    let authority = rest.split('/').next().unwrap_or_default();
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split(']').next().unwrap_or_default()
-    } else {
-        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
-    };
-    if host.is_empty() {
-        return Err(Error::usage(format!("--api-base {base:?} has no host")));
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(Error::usage(
+            "--api-base must not carry a user name or password (user@host): the key goes in \
+             KOHORTPAY_API_KEY or --api-key-file, and nothing else is needed"
+                .to_owned(),
+        ));
     }
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    match scheme {
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(Error::usage(format!(
+            "--api-base {base}: give the API's base address without ?query or #fragment"
+        )));
+    }
+    let loopback = match url.host() {
+        None => return Err(Error::usage(format!("--api-base {base:?} has no host"))),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+    };
+    match url.scheme() {
         "https" => Ok(base.to_owned()),
         "http" if loopback => Ok(base.to_owned()),
         "http" => Err(Error::usage(format!(
@@ -119,9 +175,24 @@ pub fn load_key(file: Option<&Path>, env_key: Option<String>, live: bool) -> Res
                 path: path.to_owned(),
                 source,
             })?;
-            text.trim().to_owned()
+            let key = text.trim().to_owned();
+            if key.is_empty() {
+                return Err(Error::usage(format!(
+                    "the API key file {} is empty: write the secret key (sk_test_… or \
+                     sk_live_…) into it, alone on one line",
+                    path.display()
+                )));
+            }
+            check_key_form(&key, &format!("the API key file {}", path.display()))?;
+            key
         }
-        None => env_key.map(|k| k.trim().to_owned()).unwrap_or_default(),
+        None => {
+            let key = env_key.map(|k| k.trim().to_owned()).unwrap_or_default();
+            if !key.is_empty() {
+                check_key_form(&key, "KOHORTPAY_API_KEY")?;
+            }
+            key
+        }
     };
     if key.is_empty() {
         return Err(Error::usage(
@@ -137,6 +208,30 @@ pub fn load_key(file: Option<&Path>, env_key: Option<String>, live: bool) -> Res
         ));
     }
     Ok(key)
+}
+
+/// Refuses a key that cannot be a secret key before anything is sent (the message
+/// never shows the key).
+fn check_key_form(key: &str, origin: &str) -> Result<()> {
+    if key.contains('=') || key.chars().any(char::is_whitespace) {
+        return Err(Error::usage(format!(
+            "{origin} does not hold a bare key (it has '=' or spaces, like NAME=value or \
+             two words): put only the secret key in it, e.g. sk_test_…"
+        )));
+    }
+    if key.starts_with("pk_") {
+        return Err(Error::usage(format!(
+            "{origin} holds a publishable key (pk_…), which cannot create groups: use the \
+             secret key (sk_test_… or sk_live_…) from the KohortPay dashboard"
+        )));
+    }
+    if !key.starts_with("sk_test_") && !key.starts_with("sk_live_") {
+        return Err(Error::usage(format!(
+            "{origin} does not hold a KohortPay secret key: those start with sk_test_ or \
+             sk_live_"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(unix)]
@@ -156,57 +251,121 @@ fn warn_if_exposed(path: &Path) {
 #[cfg(not(unix))]
 fn warn_if_exposed(_path: &Path) {}
 
-/// Resolves the options of a sending command.
-pub fn resolve_send(args: &SendArgs, db: PathBuf, env_key: Option<String>) -> Result<SendConfig> {
+/// The settings of a sending command other than the database and the key, checked
+/// as `run` checks them (`config` shows these).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub api_base: String,
+    pub timeout: Duration,
+    pub engine: EngineConfig,
+    pub busy_timeout: Duration,
+}
+
+/// Resolves and checks every setting of a sending command but the key: ranges, the
+/// URL, and that every file named exists (or, for outputs, can be written) before
+/// anything is opened or sent.
+pub fn resolve_settings(args: &SendArgs) -> Result<Settings> {
     let api_base = check_api_base(&args.api_base)?;
-    let timeout = parse_duration("timeout", &args.timeout)?;
-    if timeout.is_zero() {
-        return Err(Error::usage("--timeout must be above zero"));
-    }
+    let timeout = bounded_duration("timeout", &args.timeout, limits::TIMEOUT)?;
     let settle = match &args.settle {
-        Some(s) => parse_duration("settle", s)?,
+        Some(s) => bounded_duration("settle", s, limits::SETTLE)?,
         None => timeout * 2,
     };
-    if args.concurrency == 0 {
-        return Err(Error::usage("--concurrency must be at least 1"));
-    }
+    let concurrency = bounded("concurrency", args.concurrency, limits::CONCURRENCY)?;
     if !args.rate.is_finite() || args.rate < 0.0 {
         return Err(Error::usage(format!(
             "--rate {} is not a request rate: give requests per second, like 5 or 0.5 (0 for no limit)",
             args.rate
         )));
     }
-    if args.max_attempts == 0 {
-        return Err(Error::usage("--max-attempts must be at least 1"));
+    let rate = if args.rate == 0.0 {
+        None
+    } else {
+        Some(bounded("rate", args.rate, limits::RATE)?)
+    };
+    let max_attempts = bounded("max-attempts", args.max_attempts, limits::MAX_ATTEMPTS)?;
+    let breaker = bounded("breaker", args.breaker, limits::BREAKER)?;
+    let grace = bounded_duration("grace", &args.grace, limits::GRACE)?;
+    let max_pause = bounded_duration("max-pause", &args.max_pause, limits::MAX_PAUSE)?;
+    let busy_timeout = bounded_duration("busy-timeout", &args.busy_timeout, limits::BUSY_TIMEOUT)?;
+    if let Some(ca) = &args.ca_cert {
+        std::fs::File::open(ca).map_err(|source| Error::File {
+            action: "read the CA certificate (--ca-cert)",
+            path: ca.clone(),
+            source,
+        })?;
     }
-    let key = load_key(args.api_key_file.as_deref(), env_key, args.live)?;
+    for (flag, path) in [
+        ("report-json", &args.report_json),
+        ("metrics-file", &args.metrics_file),
+    ] {
+        if let Some(path) = path {
+            check_writable(flag, path)?;
+        }
+    }
     let retry = RetryPolicy {
-        max_attempts: args.max_attempts,
+        max_attempts,
         ..RetryPolicy::default()
     };
-    Ok(SendConfig {
-        db,
+    Ok(Settings {
         api_base,
-        key,
         timeout,
-        ca_cert: args.ca_cert.clone(),
+        busy_timeout,
         engine: EngineConfig {
-            concurrency: args.concurrency,
-            rate: (args.rate > 0.0).then_some(args.rate),
+            concurrency,
+            rate,
             retry,
-            max_attempts: args.max_attempts,
+            max_attempts,
             precheck: match args.precheck {
                 PrecheckArg::Always => Precheck::Always,
                 PrecheckArg::Ambiguous => Precheck::Ambiguous,
             },
             settle,
-            breaker_threshold: args.breaker.max(1),
+            breaker_threshold: breaker,
             resend_unknown: args.include_unknown,
-            grace: parse_duration("grace", &args.grace)?,
+            grace,
+            max_pause,
             seed: args.seed,
         },
+    })
+}
+
+/// An output file must be creatable where it is named: its directory exists and
+/// takes a new file (tried with a temporary file, removed at once).
+pub fn check_writable(flag: &str, path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if path.is_dir() {
+        return Err(Error::usage(format!(
+            "--{flag} {} is a directory: name a file in it",
+            path.display()
+        )));
+    }
+    tempfile::NamedTempFile::new_in(dir).map(drop).map_err(|e| {
+        Error::usage(format!(
+            "--{flag} {}: cannot write in {} ({e}); create the directory or pick another path",
+            path.display(),
+            dir.display()
+        ))
+    })
+}
+
+/// Resolves the options of a sending command.
+pub fn resolve_send(args: &SendArgs, db: PathBuf, env_key: Option<String>) -> Result<SendConfig> {
+    let settings = resolve_settings(args)?;
+    let key = load_key(args.api_key_file.as_deref(), env_key, args.live)?;
+    Ok(SendConfig {
+        db,
+        api_base: settings.api_base,
+        key,
+        timeout: settings.timeout,
+        ca_cert: args.ca_cert.clone(),
+        engine: settings.engine,
         report_json: args.report_json.clone(),
         metrics_file: args.metrics_file.clone(),
+        busy_timeout: settings.busy_timeout,
     })
 }
 

@@ -17,6 +17,7 @@
 //! | [`sandbox`] | the simulated API (axum) with fault knobs and stats | — |
 //! | [`commands`] | one function per subcommand, wiring the above | everything |
 //! | [`error`] | the top-level error and the exit codes | — |
+//! | [`text`] | text for people: durations, plurals, escaping of input text | — |
 //!
 //! Data flows CSV → `source` → `store` (jobs) → `engine` → `api` → `store`
 //! (attempts, groups, states) → `report`. The engine only ever drains `jobs`, so a
@@ -34,6 +35,7 @@ pub mod report;
 pub mod sandbox;
 pub mod source;
 pub mod store;
+pub mod text;
 
 use std::process::ExitCode;
 

@@ -94,9 +94,15 @@ impl Report {
                 .map_or(0, |(_, c)| *c)
         };
         let total: i64 = f.attempts_by_kind.iter().map(|(_, c)| c).sum();
-        let rate_per_sec = match f.send_window_ms {
-            Some((a, b)) if b > a => total as f64 / ((b - a) as f64 / 1000.0),
-            _ => 0.0,
+        // Over the time actually spent sending: the send window less any pauses. A
+        // window under 10 ms says nothing about a rate.
+        let sending_ms = f
+            .send_window_ms
+            .map_or(0, |(a, b)| (b - a).saturating_sub(f.paused_ms.max(0)));
+        let rate_per_sec = if sending_ms >= 10 {
+            total as f64 / (sending_ms as f64 / 1000.0)
+        } else {
+            0.0
         };
         let mut failures = f.failures;
         failures.extend(f.conflicts.iter().cloned());
@@ -328,6 +334,7 @@ mod tests {
             finished_at: Some("2026-11-24T08:00:12.500000Z".into()),
             exit_code: Some(1),
             stopped: None,
+            paused_ms: 0,
             imported: Some(ImportCounts {
                 rows: 210,
                 queued: 203,

@@ -77,21 +77,26 @@ pub fn classify(exchange: Exchange) -> Class {
     }
 }
 
+/// The longest `Retry-After` taken as given: anything longer means the same to a
+/// run (stop, and come back later), and keeps every sum with it far from overflow.
+pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(7 * 86_400);
+
 /// Parses a `Retry-After` value: delay-seconds or an HTTP date (relative to `now`).
-/// A date in the past means "now" (zero).
+/// A date in the past means "now" (zero); any value is capped at [`RETRY_AFTER_CAP`].
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    if let Ok(secs) = value.parse::<f64>()
+    let d = if let Ok(secs) = value.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else if let Ok(secs) = value.parse::<f64>()
         && secs.is_finite()
         && secs >= 0.0
     {
-        return Some(Duration::from_secs_f64(secs.min(86_400.0)));
-    }
-    let when = httpdate::parse_http_date(value).ok()?;
-    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+        Duration::try_from_secs_f64(secs).unwrap_or(RETRY_AFTER_CAP)
+    } else {
+        let when = httpdate::parse_http_date(value).ok()?;
+        when.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(d.min(RETRY_AFTER_CAP))
 }
 
 #[cfg(test)]
@@ -179,6 +184,13 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon", now), None);
+        for huge in ["18446744073709551615", "1e300", "99999999999999999999999"] {
+            assert_eq!(
+                parse_retry_after(huge, now),
+                Some(RETRY_AFTER_CAP),
+                "{huge}"
+            );
+        }
         assert_eq!(parse_retry_after("-3", now), None);
     }
 }

@@ -18,7 +18,14 @@ use crate::error::Error;
 pub const DEFAULT_CONFIG: &str = "/etc/kohort-batch/config.toml";
 
 /// Keys whose values are durations, checked here so the error names the file.
-const DURATION_KEYS: &[&str] = &["timeout", "settle", "grace", "late-after"];
+const DURATION_KEYS: &[&str] = &[
+    "timeout",
+    "settle",
+    "grace",
+    "late-after",
+    "max-pause",
+    "busy-timeout",
+];
 
 /// Why the command line could not be turned into a [`Cli`].
 #[derive(Debug)]

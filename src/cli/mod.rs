@@ -231,6 +231,16 @@ pub struct SendArgs {
     #[arg(long, default_value = "30s")]
     pub grace: String,
 
+    /// The longest `Retry-After` the run waits out; a longer one stops the run (exit
+    /// 3) with its rows pending, to be sent by a later run.
+    #[arg(long, default_value = "5m")]
+    pub max_pause: String,
+
+    /// How long a write waits for another process's transaction on the database
+    /// (a producer's insert) before the run stops with exit 74.
+    #[arg(long, default_value = "60s")]
+    pub busy_timeout: String,
+
     /// Seed for retry jitter (reproducible tests).
     #[arg(long, hide = true)]
     pub seed: Option<u64>,

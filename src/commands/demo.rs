@@ -87,6 +87,8 @@ pub async fn demo() -> Result<Exit> {
         metrics_file: None,
         ca_cert: None,
         grace: "5s".into(),
+        max_pause: "5m".into(),
+        busy_timeout: "60s".into(),
         seed: Some(7),
     };
     let mut cfg = config::resolve_send(&args, db.clone(), Some("sk_test_demo".into()))?;

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use jiff::Timestamp;
 use tokio::sync::mpsc;
@@ -111,10 +112,12 @@ async fn session(
     }
     .instrument(tracing::info_span!("run", run = run_id))
     .await;
+    let paused = outcome.as_ref().map_or(Duration::ZERO, |d| d.paused);
     let outcome = outcome.map(|d| d.stopped);
     let outputs = Outputs {
         report_json: cfg.report_json.as_deref(),
         metrics_file: cfg.metrics_file.as_deref(),
+        paused,
     };
     finish(&store, run_id, outcome, true, outputs).await
 }
@@ -124,6 +127,8 @@ async fn session(
 struct Outputs<'a> {
     report_json: Option<&'a Path>,
     metrics_file: Option<&'a Path>,
+    /// How long requests were held by pauses (recorded with the run).
+    paused: Duration,
 }
 
 /// `enqueue`: import CSV rows as pending jobs; nothing is sent, no lock is taken.
@@ -174,10 +179,28 @@ async fn finish(
     } else {
         exit
     };
-    store
-        .finish_run(run_id, exit.code(), stopped.clone())
+    // A run stopped early says how much is left for the next one.
+    let stopped = match stopped {
+        Some(why) if matches!(exit, Exit::StoppedByApi | Exit::Interrupted) => {
+            let pending = store
+                .state_counts()
+                .await?
+                .into_iter()
+                .filter(|(s, _)| s == "pending" || s == "in_flight")
+                .map(|(_, n)| n.max(0) as u64)
+                .sum::<u64>();
+            Some(format!(
+                "{why}; {} pending, for the next run",
+                crate::text::count(pending, "row stays", "rows stay")
+            ))
+        }
+        other => other,
+    };
+    let finished_at = store
+        .finish_run(run_id, exit.code(), stopped.clone(), outputs.paused)
         .await?;
-    facts.finished_at = Some(crate::store::now_text());
+    facts.finished_at = Some(finished_at);
+    facts.paused_ms = i64::try_from(outputs.paused.as_millis()).unwrap_or(i64::MAX);
     facts.exit_code = Some(i64::from(exit.code()));
     facts.stopped = stopped;
     let last_success = match outputs.metrics_file {

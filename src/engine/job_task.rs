@@ -155,8 +155,10 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
             return Ok(());
         };
         let reply = ctx.api.create_group(&job.body).await;
-        drop(permit);
+        // Observed before the slot is given back: a stop or pause it causes holds the
+        // next request already.
         ctx.observe(&reply);
+        drop(permit);
         tally.note(&reply);
         let attempt = attempt_of(RequestKind::Create, &reply);
         match reply.class {
@@ -186,7 +188,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                     reason: Some(reason.clone()),
                 };
                 ctx.record(&job, Some(attempt), t).await?;
-                ctx.stop(StopReason::Api(stop_message(&reason)));
+                // `observe` has stopped the run already.
                 return Ok(());
             }
             Class::Retry | Class::Ambiguous => {
@@ -289,11 +291,20 @@ fn give_up_after(
     ctx.store.record_last(ctx.run_id, job.id, None, t)
 }
 
-fn stop_message(reason: &str) -> String {
-    format!(
-        "the API rejected the key ({reason}); no row was failed. Check KOHORTPAY_API_KEY or \
-         --api-key-file, then run again"
-    )
+/// Why a reply of the `Stop` class stops the run, and what to do.
+fn stop_message<T>(reply: &Reply<T>) -> String {
+    let reason = reply.error.as_deref().unwrap_or_default();
+    match reply.status {
+        Some(300..=399) => format!(
+            "the API answered with a redirect ({reason}); redirects are not followed, as the \
+             key would go to another address. --api-base is probably wrong: give the API's \
+             own address (https://api.kohortpay.com). No row was failed"
+        ),
+        _ => format!(
+            "the API rejected the key ({reason}); no row was failed. Check KOHORTPAY_API_KEY \
+             or --api-key-file, then run again"
+        ),
+    }
 }
 
 /// `GET /orders/{id}`, then `GET /groups/{id}` when the order has a group.
@@ -356,7 +367,7 @@ async fn check_failed<T>(ctx: &Ctx, job: &Job, attempt: Attempt, reply: Reply<T>
     }
     let error = reply.error.unwrap_or_default();
     if reply.class == Class::Stop {
-        ctx.stop(StopReason::Api(stop_message(&error)));
+        // `observe` has stopped the run already.
         return Ok(Check::Stopped);
     }
     Ok(Check::Retry(reply.retry_after, error))
@@ -388,15 +399,16 @@ impl Ctx {
     ) -> Option<Reply<T>> {
         let permit = self.pacer.admit(&self.control.stop).await?;
         let reply = request.await;
-        drop(permit);
         self.observe(&reply);
+        drop(permit);
         Some(reply)
     }
 
     /// Sleeps unless the run stops first; false if it stopped.
     pub(super) async fn sleep(&self, d: Duration) -> bool {
         tokio::select! {
-            () = tokio::time::sleep_until(Instant::now() + d) => true,
+            // `sleep` caps a huge duration instead of overflowing an Instant.
+            () = tokio::time::sleep(d) => true,
             () = self.control.stop.cancelled() => false,
         }
     }
@@ -405,11 +417,21 @@ impl Ctx {
     pub(super) fn observe<T>(&self, reply: &Reply<T>) {
         if reply.class == Class::Stop {
             // At once, before anything is recorded: no other request may start meanwhile.
-            let reason = reply.error.as_deref().unwrap_or_default();
-            self.stop(StopReason::Api(stop_message(reason)));
+            self.stop(StopReason::Api(stop_message(reply)));
         }
-        if let (Some(wait), Some(429 | 503)) = (reply.retry_after, reply.status) {
-            self.pacer.pause_for(wait);
+        if let (Some(wait), Some(status @ (429 | 503))) = (reply.retry_after, reply.status) {
+            if wait > self.cfg.max_pause {
+                let after = crate::text::local_time_after(wait);
+                self.stop(StopReason::Api(format!(
+                    "the API asked to wait {} (HTTP {status} with Retry-After), longer than \
+                     --max-pause {}; no row was failed: run again after {after}",
+                    crate::text::human(wait),
+                    crate::text::human(self.cfg.max_pause)
+                )));
+            } else {
+                self.pacer
+                    .pause_for(wait, &format!("HTTP {status} with Retry-After"));
+            }
         }
         let outage = match reply.status {
             None => true,

@@ -50,6 +50,9 @@ pub struct EngineConfig {
     /// How long in-flight requests may finish after a stop.
     #[serde(with = "secs")]
     pub grace: Duration,
+    /// The longest `Retry-After` waited out; a longer one stops the run.
+    #[serde(with = "secs")]
+    pub max_pause: Duration,
     /// Seed for the backoff jitter (tests); `None` for random.
     pub seed: Option<u64>,
 }
@@ -142,6 +145,8 @@ pub struct Drained {
     /// Jobs this run left alone because another run claimed them since (only ever
     /// non-zero if two runs worked on one database at once).
     pub claims_lost: u64,
+    /// How long requests were held by `Retry-After` pauses.
+    pub paused: Duration,
 }
 
 /// Called once per job whose task ended (a progress bar's tick).
@@ -251,6 +256,7 @@ pub async fn drain(
         stopped: control.reason(),
         abandoned,
         claims_lost,
+        paused: ctx.pacer.paused_total(),
     })
 }
 

@@ -18,7 +18,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -50,6 +50,8 @@ pub struct Pacer {
     ready: Arc<Semaphore>,
     limiter: Option<DefaultDirectRateLimiter>,
     paused_until: std::sync::Mutex<Option<Instant>>,
+    /// Milliseconds of pause decided so far (see [`Pacer::paused_total`]).
+    paused_ms: AtomicU64,
     streak: AtomicU32,
     breaker_threshold: u32,
 }
@@ -58,7 +60,9 @@ impl Pacer {
     /// `rate` in requests per second (`None`: unlimited); `concurrency` ≥ 1.
     pub fn new(concurrency: usize, rate: Option<f64>, breaker_threshold: u32) -> Pacer {
         let limiter = rate.and_then(|r| {
-            let period = Duration::from_secs_f64(1.0 / r);
+            // The rate is checked to lie in config::limits::RATE; a nonsense one means
+            // no limit rather than a panic.
+            let period = Duration::try_from_secs_f64(1.0 / r).ok()?;
             Quota::with_period(period).map(|q| RateLimiter::direct(q.allow_burst(NonZeroU32::MIN)))
         });
         Pacer {
@@ -66,6 +70,7 @@ impl Pacer {
             ready: Arc::new(Semaphore::new(concurrency.max(1) * LINE_PER_SLOT)),
             limiter,
             paused_until: std::sync::Mutex::new(None),
+            paused_ms: AtomicU64::new(0),
             streak: AtomicU32::new(0),
             breaker_threshold: breaker_threshold.max(1),
         }
@@ -115,35 +120,78 @@ impl Pacer {
         until.is_some_and(|t| t > Instant::now())
     }
 
+    /// Waits out any pause, then the next rate slot; again if a pause began while it
+    /// waited for the slot, so no request starts once a pause (or a stop) is decided.
     async fn pause_and_rate(&self, stop: &CancellationToken) -> Option<()> {
         loop {
-            let until = *self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
-            match until {
-                Some(t) if t > Instant::now() => {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(t) => {}
-                        () = stop.cancelled() => return None,
+            loop {
+                let until = *self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
+                match until {
+                    Some(t) if t > Instant::now() => {
+                        tokio::select! {
+                            () = tokio::time::sleep_until(t) => {}
+                            () = stop.cancelled() => return None,
+                        }
                     }
+                    _ => break,
                 }
-                _ => break,
             }
-        }
-        if let Some(limiter) = &self.limiter {
-            tokio::select! {
-                () = limiter.until_ready() => {}
-                () = stop.cancelled() => return None,
+            if let Some(limiter) = &self.limiter {
+                tokio::select! {
+                    () = limiter.until_ready() => {}
+                    () = stop.cancelled() => return None,
+                }
+            }
+            if !self.paused() {
+                break;
             }
         }
         (!stop.is_cancelled()).then_some(())
     }
 
-    /// Pauses every sender for `d` (a `Retry-After` on a 429 or 503).
-    pub fn pause_for(&self, d: Duration) {
-        let until = Instant::now() + d;
+    /// Pauses every sender for `d` (a `Retry-After` on a 429 or 503, `cause`). A new
+    /// pause, or one made longer by a second or more, is logged once with its length,
+    /// cause and end.
+    pub fn pause_for(&self, d: Duration, cause: &str) {
+        let now = Instant::now();
+        let Some(until) = now.checked_add(d) else {
+            return;
+        };
         let mut guard = self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.is_none_or(|t| t < until) {
-            *guard = Some(until);
+        let current = guard.filter(|t| *t > now);
+        if current.is_some_and(|t| t >= until) {
+            return;
         }
+        let from = current.unwrap_or(now);
+        let longer = until.duration_since(from);
+        *guard = Some(until);
+        drop(guard);
+        self.paused_ms
+            .fetch_add(longer.as_millis() as u64, Ordering::Relaxed);
+        if current.is_none() || longer >= Duration::from_secs(1) {
+            let ends = crate::text::local_time_after(d);
+            tracing::warn!(
+                pause_ms = d.as_millis() as u64,
+                %cause,
+                until = %ends,
+                "pausing every request for {} ({cause}); sending again at {ends}",
+                crate::text::human(d)
+            );
+        }
+    }
+
+    /// How long requests were held by pauses so far (a pause still running counts
+    /// up to now).
+    pub fn paused_total(&self) -> Duration {
+        let total = Duration::from_millis(self.paused_ms.load(Ordering::Relaxed));
+        let now = Instant::now();
+        let ahead = self
+            .paused_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .filter(|t| *t > now)
+            .map_or(Duration::ZERO, |t| t.duration_since(now));
+        total.saturating_sub(ahead)
     }
 
     /// Counts a failure that suggests the API is down; true when the breaker opens.
@@ -207,11 +255,46 @@ mod tests {
     async fn pause_holds_every_sender_until_it_passes() {
         let pacer = Pacer::new(4, None, 10);
         let stop = CancellationToken::new();
-        pacer.pause_for(Duration::from_secs(2));
-        pacer.pause_for(Duration::from_secs(1)); // a shorter pause never shortens a longer one
+        pacer.pause_for(Duration::from_secs(2), "test");
+        pacer.pause_for(Duration::from_secs(1), "test"); // a shorter pause never shortens a longer one
         let start = Instant::now();
         drop(pacer.admit(&stop).await.unwrap());
         assert!(start.elapsed() >= Duration::from_secs(2));
+        assert_eq!(pacer.paused_total(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn paused_time_counts_what_has_passed_and_overflow_is_ignored() {
+        let pacer = Pacer::new(1, None, 10);
+        pacer.pause_for(Duration::from_secs(10), "test");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(pacer.paused_total(), Duration::from_secs(4));
+        // Extending by 5 s from now: 4 s passed + 11 s ahead in all.
+        pacer.pause_for(Duration::from_secs(11), "test");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(pacer.paused_total(), Duration::from_secs(15));
+        pacer.pause_for(Duration::MAX, "test"); // no panic, no pause
+        assert_eq!(pacer.paused_total(), Duration::from_secs(15));
+    }
+
+    /// A pause that begins while a request waits for its rate slot holds it too.
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_decided_during_the_rate_wait_holds_the_request() {
+        let pacer = Arc::new(Pacer::new(4, Some(1.0), 10));
+        let stop = CancellationToken::new();
+        drop(pacer.admit(&stop).await.unwrap()); // uses the first slot
+        let start = Instant::now();
+        let next = tokio::spawn({
+            let (pacer, stop) = (pacer.clone(), stop.clone());
+            async move {
+                drop(pacer.admit(&stop).await.unwrap());
+                Instant::now()
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        pacer.pause_for(Duration::from_secs(30), "test");
+        let started = next.await.unwrap();
+        assert!(started.duration_since(start) >= Duration::from_millis(30_500));
     }
 
     #[tokio::test(start_paused = true)]
@@ -274,7 +357,7 @@ mod tests {
         let pacer = Pacer::new(4, None, 10);
         let stop = CancellationToken::new();
         let ready = pacer.ready(&stop).await.unwrap();
-        pacer.pause_for(Duration::from_secs(3));
+        pacer.pause_for(Duration::from_secs(3), "test");
         let start = Instant::now();
         drop(pacer.slot(ready, &stop).await.unwrap());
         assert!(start.elapsed() >= Duration::from_secs(3));

@@ -58,7 +58,8 @@ impl<J: FnMut() -> f64> Iterator for Backoff<J> {
     fn next(&mut self) -> Option<Duration> {
         let ceiling = self.schedule.next()?;
         let fraction = (self.jitter)().clamp(0.0, 1.0);
-        Some(ceiling.mul_f64(fraction))
+        // At most the ceiling (a minute): the product cannot overflow.
+        Some(Duration::try_from_secs_f64(ceiling.as_secs_f64() * fraction).unwrap_or(ceiling))
     }
 }
 

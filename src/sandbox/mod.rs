@@ -176,7 +176,9 @@ impl Sandbox {
         let addr = listener.local_addr()?;
         let limiter = cfg.rate_limit.and_then(|r| {
             let burst = NonZeroU32::new(r.ceil() as u32).unwrap_or(NonZeroU32::MIN);
-            Quota::with_period(Duration::from_secs_f64(1.0 / r))
+            Duration::try_from_secs_f64(1.0 / r)
+                .ok()
+                .and_then(Quota::with_period)
                 .map(|q| RateLimiter::direct(q.allow_burst(burst)))
         });
         let app = Arc::new(App {
@@ -360,7 +362,9 @@ async fn gate(
         .unwrap_or("");
     let key = auth.strip_prefix("Bearer ").unwrap_or("");
     let live = key.starts_with("sk_live_");
-    if !(live || key.starts_with("sk_test_")) {
+    // `sk_test_revoked…` stands for a key of the right form that the API no longer takes.
+    let revoked = key.starts_with("sk_test_revoked") || key.starts_with("sk_live_revoked");
+    if !(live || key.starts_with("sk_test_")) || revoked {
         app.count(format!("{route} 401"));
         let msg = if auth.is_empty() {
             "No API key provided."
@@ -373,7 +377,7 @@ async fn gate(
     let (lo, hi) = c.latency;
     if hi > Duration::ZERO {
         let span = hi.saturating_sub(lo).as_secs_f64();
-        let wait = lo + Duration::from_secs_f64(span * app.roll());
+        let wait = lo + Duration::try_from_secs_f64(span * app.roll()).unwrap_or_default();
         tokio::time::sleep(wait).await;
     }
     let mut r = app.roll();

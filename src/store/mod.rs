@@ -31,7 +31,6 @@ use crate::error::{Error, Result};
 use crate::source::ImportRow;
 
 pub use lock::lock_path;
-pub(crate) use ops::now_text;
 pub use queries::{FailureReason, JobExport, RunFacts, RunListEntry};
 pub use queue::RetryFilter;
 pub use types::{
@@ -266,15 +265,18 @@ impl Store {
         Ok(run_id)
     }
 
-    /// Records the end of a run and releases the lock.
+    /// Records the end of a run (with the time its requests were held by pauses) and
+    /// releases the lock. Returns the finish time as stored.
     pub async fn finish_run(
         &self,
         run_id: i64,
         exit_code: u8,
         stopped: Option<String>,
-    ) -> Result<()> {
+        paused: std::time::Duration,
+    ) -> Result<String> {
+        let paused_ms = i64::try_from(paused.as_millis()).unwrap_or(i64::MAX);
         let result = self
-            .call(move |c| ops::finish_run(c, run_id, exit_code, stopped.as_deref()))
+            .call(move |c| ops::finish_run(c, run_id, exit_code, stopped.as_deref(), paused_ms))
             .await;
         self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
         result
@@ -852,7 +854,7 @@ mod tests {
             let attempt = Attempt {
                 kind,
                 started_at: at(start),
-                latency: std::time::Duration::from_secs_f64(latency / 1000.0),
+                latency: std::time::Duration::try_from_secs_f64(latency / 1000.0).unwrap(),
                 status: Some(200),
                 class,
                 error: None,

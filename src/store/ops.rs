@@ -59,18 +59,23 @@ pub(super) fn begin_run(
     Ok((run_id, started))
 }
 
+/// Records the end of a run; returns its finish time as stored (the report printed
+/// now and `report --run` later show the same one).
 pub(super) fn finish_run(
     c: &Connection,
     run_id: i64,
     exit_code: u8,
     stopped: Option<&str>,
-) -> rusqlite::Result<()> {
+    paused_ms: i64,
+) -> rusqlite::Result<String> {
+    let finished_at = now_text();
     c.execute(
-        "UPDATE runs SET finished_at = ?1, exit_code = ?2, stopped = ?3 WHERE id = ?4",
-        params![now_text(), exit_code, stopped, run_id],
+        "UPDATE runs SET finished_at = ?1, exit_code = ?2, stopped = ?3, paused_ms = ?4 \
+         WHERE id = ?5",
+        params![finished_at, exit_code, stopped, paused_ms, run_id],
     )?;
     c.execute("DELETE FROM lock WHERE run_id = ?1", params![run_id])?;
-    Ok(())
+    Ok(finished_at)
 }
 
 /// Now, unix milliseconds (`updated_ms`).

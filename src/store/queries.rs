@@ -39,6 +39,8 @@ pub struct RunFacts {
     pub latencies_ms: Vec<f64>,
     /// First request start and last request end, unix ms.
     pub send_window_ms: Option<(i64, i64)>,
+    /// Time within the send window that requests were held by `Retry-After` pauses.
+    pub paused_ms: i64,
     pub failures: Vec<FailureReason>,
     /// Rows not imported because their key was taken by different data.
     pub conflicts: Vec<FailureReason>,
@@ -46,8 +48,8 @@ pub struct RunFacts {
 
 pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<Option<RunFacts>> {
     let facts = c.query_row(
-        "SELECT id, command, started_at, finished_at, exit_code, stopped, imported \
-         FROM runs WHERE id = ?1",
+        "SELECT id, command, started_at, finished_at, exit_code, stopped, imported, \
+         coalesce(paused_ms, 0) FROM runs WHERE id = ?1",
         params![run_id],
         |r| {
             let imported: Option<String> = r.get(6)?;
@@ -59,6 +61,7 @@ pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<Option<
                 exit_code: r.get(4)?,
                 stopped: r.get(5)?,
                 imported: imported.and_then(|s| serde_json::from_str(&s).ok()),
+                paused_ms: r.get(7)?,
                 ..RunFacts::default()
             })
         },

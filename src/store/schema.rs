@@ -287,6 +287,7 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE jobs ADD COLUMN claim_run INTEGER;  -- runs(id): the run that took the job to send it
     ALTER TABLE import_issues ADD COLUMN raw TEXT;  -- conflicts: the row, input column -> cell (JSON)
+    ALTER TABLE runs ADD COLUMN paused_ms INTEGER;  -- time requests were held by Retry-After pauses
     "#,
 ];
 

@@ -323,7 +323,7 @@ async fn a_401_stops_the_run_with_exit_3_and_fails_no_row() {
                 "--rate",
                 "0",
             ],
-            &[("KOHORTPAY_API_KEY", "rk_revoked_key_123")],
+            &[("KOHORTPAY_API_KEY", "sk_test_revoked_123")],
         )
     })
     .await

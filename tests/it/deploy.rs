@@ -27,6 +27,11 @@ fn parse_installed(words: &[String], dir: &Path) -> cli::Cli {
             let w = w
                 .replace("${STATE_DIRECTORY}", &dir.display().to_string())
                 .replace("${LOGS_DIRECTORY}", &dir.display().to_string())
+                .replace("/var/log/kohort-batch", &dir.display().to_string())
+                .replace(
+                    "/var/lib/kohort-batch/kohort_batch.prom",
+                    &dir.join("kohort_batch.prom").display().to_string(),
+                )
                 .replace(
                     "${CREDENTIALS_DIRECTORY}/kohortpay-api-key",
                     &key.display().to_string(),

@@ -6,6 +6,8 @@
 
 use std::path::PathBuf;
 
+use crate::store::DbCause;
+
 /// Process exit codes, exactly as `design.md` lists them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[repr(u8)]
@@ -22,8 +24,11 @@ pub enum Exit {
     Interrupted = 4,
     /// Another run holds this database.
     Locked = 5,
-    /// Internal error (a bug, or the database is unusable).
+    /// Internal error (a bug).
     Internal = 70,
+    /// The database or the file system refused (locked past the busy timeout, full,
+    /// read-only, damaged): sysexits' EX_IOERR.
+    IoError = 74,
 }
 
 impl Exit {
@@ -57,9 +62,13 @@ pub enum Error {
         message: String,
     },
 
-    /// The SQLite database failed.
-    #[error("database {path}: {message}")]
-    Database { path: PathBuf, message: String },
+    /// The SQLite database refused or failed; `cause` says why, by its remedy.
+    #[error("database {path}: {message}{}", fix(*cause))]
+    Database {
+        path: PathBuf,
+        cause: crate::store::DbCause,
+        message: String,
+    },
 
     /// Another process is running a batch on this database.
     #[error(
@@ -84,12 +93,25 @@ impl Error {
         match self {
             Error::Usage(_) | Error::File { .. } | Error::Input { .. } => Exit::Usage,
             Error::Locked { .. } => Exit::Locked,
-            Error::Database { .. } | Error::Internal(_) => Exit::Internal,
+            Error::Database { cause, .. } => match cause {
+                DbCause::NotOurs | DbCause::Version => Exit::Usage,
+                DbCause::Busy | DbCause::ReadOnly | DbCause::Full | DbCause::Io => Exit::IoError,
+                DbCause::Bug => Exit::Internal,
+            },
+            Error::Internal(_) => Exit::Internal,
         }
     }
 
     pub(crate) fn usage(msg: impl Into<String>) -> Self {
         Error::Usage(msg.into())
+    }
+}
+
+/// The fix that follows a database message (its cause's, if it has one).
+fn fix(cause: DbCause) -> String {
+    match cause.fix() {
+        "" => String::new(),
+        fix => format!(" ({fix})"),
     }
 }
 
@@ -110,6 +132,7 @@ mod tests {
             (Exit::Interrupted, 4),
             (Exit::Locked, 5),
             (Exit::Internal, 70),
+            (Exit::IoError, 74),
         ];
         for (exit, code) in table {
             assert_eq!(exit.code(), code, "{exit:?}");

@@ -17,7 +17,7 @@ use crate::engine::{self, Control, StopReason};
 use crate::error::{Error, Exit, Result};
 use crate::report::Report;
 use crate::source::{CsvSource, ImportRow};
-use crate::store::{ImportCounts, RetryFilter, Store};
+use crate::store::{Access, ImportCounts, RetryFilter, Store};
 
 /// Rows per import transaction.
 const IMPORT_BATCH: usize = 4_000;
@@ -44,7 +44,10 @@ async fn session(
     retry: Option<RetryFilter>,
     control: Arc<Control>,
 ) -> Result<Exit> {
-    let store = Store::open(&cfg.db)?;
+    // Everything that can be checked is, before the database is opened or changed.
+    check_inputs(csv)?;
+    let api = ApiClient::new(&cfg.api_base, &cfg.key, cfg.timeout, cfg.ca_cert.as_deref())?;
+    let store = Store::open_with(&cfg.db, Access::Write, cfg.busy_timeout)?;
     let options = serde_json::json!({
         "api_base": cfg.api_base,
         "timeout_secs": cfg.timeout.as_secs_f64(),
@@ -82,7 +85,6 @@ async fn session(
                 "moved the inbox into jobs"
             );
         }
-        let api = ApiClient::new(&cfg.api_base, &cfg.key, cfg.timeout, cfg.ca_cert.as_deref())?;
         // Counting the pending jobs reads the whole table: only for a bar that shows.
         let bar = if super::progress::wanted() {
             let pending = store
@@ -133,6 +135,7 @@ struct Outputs<'a> {
 
 /// `enqueue`: import CSV rows as pending jobs; nothing is sent, no lock is taken.
 pub async fn enqueue(db: &Path, csv: &[PathBuf]) -> Result<Exit> {
+    check_inputs(csv)?;
     let store = Store::open(db)?;
     let options = serde_json::json!({ "csv": csv }).to_string();
     let run_id = store.begin_run("enqueue", options, false).await?;
@@ -223,6 +226,23 @@ async fn finish(
         Some(e) => Err(e),
         None => Ok(exit),
     }
+}
+
+/// Every CSV named can be opened and read, and its header is usable: checked before
+/// a database is opened, so a typo records no run and changes nothing.
+fn check_inputs(csv: &[PathBuf]) -> Result<()> {
+    for path in csv.iter().filter(|p| p.as_os_str() != "-") {
+        if path.is_dir() {
+            return Err(Error::usage(format!(
+                "--csv {} is a directory: give the CSV file",
+                path.display()
+            )));
+        }
+        // Opening reads the header: a missing file, a bad header or two columns for
+        // one field stop here.
+        CsvSource::open(path)?;
+    }
+    Ok(())
 }
 
 /// Streams a CSV into the store in batches; reading happens on a blocking thread.

@@ -13,6 +13,7 @@
 //! (checkpoints) so the owner never stops for it; [`Store::close`] ends a session
 //! with the WAL copied and emptied.
 
+mod failure;
 mod lock;
 mod ops;
 mod queries;
@@ -24,12 +25,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::source::ImportRow;
 
+pub use failure::DbCause;
+pub use schema::Access;
+use failure::Failure;
 pub use lock::lock_path;
 pub use queries::{FailureReason, JobExport, RunFacts, RunListEntry};
 pub use queue::RetryFilter;
@@ -37,16 +41,20 @@ pub use types::{
     Attempt, GroupRec, ImportCounts, Job, JobState, Obtained, RequestKind, Transition,
 };
 
+/// How long a write waits for another process's transaction by default: at least
+/// what the README tells producers to use.
+pub const DEFAULT_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Most tasks run in one transaction before it is committed.
 const MAX_BATCH: usize = 2048;
 
 /// A unit of work for the owner thread, answered once its transaction has ended.
 trait Work: Send {
-    /// Runs inside the current transaction; `Err` carries the error text (the
+    /// Runs inside the current transaction; `Err` says why it failed (the
     /// transaction is then rolled back).
-    fn run(&mut self, conn: &Connection) -> Result<(), String>;
+    fn run(&mut self, conn: &Connection) -> Result<(), Failure>;
     /// Answers the caller; `commit_error` says why the transaction did not commit.
-    fn finish(self: Box<Self>, commit_error: Option<&str>);
+    fn finish(self: Box<Self>, commit_error: Option<&Failure>);
 }
 
 type Task = Box<dyn Work>;
@@ -54,8 +62,8 @@ type Task = Box<dyn Work>;
 /// A [`Store::call`]: the function, then its result until the caller is answered.
 struct Call<F, T> {
     f: Option<F>,
-    result: Option<rusqlite::Result<T>>,
-    reply: oneshot::Sender<Result<T, String>>,
+    result: Option<Result<T, Failure>>,
+    reply: oneshot::Sender<Result<T, Failure>>,
 }
 
 impl<F, T> Work for Call<F, T>
@@ -63,24 +71,24 @@ where
     F: FnOnce(&Connection) -> rusqlite::Result<T> + Send,
     T: Send,
 {
-    fn run(&mut self, conn: &Connection) -> Result<(), String> {
+    fn run(&mut self, conn: &Connection) -> Result<(), Failure> {
         let Some(f) = self.f.take() else {
             return Ok(());
         };
-        let result = f(conn);
+        let result = f(conn).map_err(Failure::from);
         let outcome = match &result {
             Ok(_) => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.clone()),
         };
         self.result = Some(result);
         outcome
     }
 
-    fn finish(self: Box<Self>, commit_error: Option<&str>) {
+    fn finish(self: Box<Self>, commit_error: Option<&Failure>) {
         let result = match (self.result, commit_error) {
-            (Some(Ok(_)), Some(e)) | (None, Some(e)) => Err(format!("not saved: {e}")),
-            (Some(r), _) => r.map_err(|e| e.to_string()),
-            (None, None) => Err("the work never ran".to_owned()),
+            (Some(Ok(_)), Some(e)) | (None, Some(e)) => Err(e.context("not saved")),
+            (Some(r), _) => r,
+            (None, None) => Err(Failure::new(DbCause::Bug, "the work never ran")),
         };
         let _ = self.reply.send(result);
     }
@@ -103,7 +111,7 @@ struct Outbox {
     records: std::sync::Mutex<Vec<Record>>,
     /// Why a transaction holding outbox records failed. Their jobs stay `in_flight`
     /// (checked by the next run, as after a crash); every later call fails with this.
-    failed: std::sync::Mutex<Option<String>>,
+    failed: std::sync::Mutex<Option<Failure>>,
 }
 
 impl Outbox {
@@ -115,12 +123,11 @@ impl Outbox {
     }
 
     /// Writes every waiting record in the current transaction; returns how many.
-    fn write(&self, conn: &Connection) -> Result<usize, String> {
+    fn write(&self, conn: &Connection) -> Result<usize, Failure> {
         let records = std::mem::take(&mut *self.records.lock().unwrap_or_else(|e| e.into_inner()));
         for r in &records {
             // A record refused because another run claimed the job is logged by `record`.
-            ops::record(conn, r.run_id, r.job_id, r.attempt.as_ref(), &r.transition)
-                .map_err(|e| e.to_string())?;
+            ops::record(conn, r.run_id, r.job_id, r.attempt.as_ref(), &r.transition)?;
         }
         Ok(records.len())
     }
@@ -132,12 +139,12 @@ impl Outbox {
             .is_empty()
     }
 
-    fn fail(&self, why: &str) {
+    fn fail(&self, why: &Failure) {
         let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
-        failed.get_or_insert_with(|| format!("job outcomes were not saved: {why}"));
+        failed.get_or_insert_with(|| why.context("job outcomes were not saved"));
     }
 
-    fn failure(&self) -> Option<String> {
+    fn failure(&self) -> Option<Failure> {
         self.failed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -167,23 +174,39 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens an existing database (for commands that only read it).
+    /// Opens an existing database to read it (`report`, `export`): never creates,
+    /// migrates or marks it.
     pub fn open_existing(path: &Path) -> Result<Store> {
-        if !path.exists() {
+        Store::open_with(path, Access::Read, DEFAULT_BUSY_TIMEOUT)
+    }
+
+    /// Opens (creating if needed) the database at `path` to write it, with the
+    /// default busy timeout.
+    pub fn open(path: &Path) -> Result<Store> {
+        Store::open_with(path, Access::Write, DEFAULT_BUSY_TIMEOUT)
+    }
+
+    /// Opens the database at `path` and starts its owner thread. A file that is
+    /// not a kohort-batch database is refused before anything is written to it.
+    pub fn open_with(path: &Path, access: Access, busy_timeout: std::time::Duration) -> Result<Store> {
+        let db_err = |f: Failure| Error::Database {
+            path: path.to_owned(),
+            cause: f.cause,
+            message: f.message,
+        };
+        if path.is_dir() {
+            return Err(Error::Usage(format!(
+                "--db {} is a directory: give the path of the database file in it (e.g. {})",
+                path.display(),
+                path.join("kohort-batch.db").display()
+            )));
+        }
+        if access == Access::Read && !path.exists() {
             return Err(Error::Usage(format!(
                 "there is no database at {}: pass the --db of your runs (or set KOHORT_BATCH_DB)",
                 path.display()
             )));
         }
-        Store::open(path)
-    }
-
-    /// Opens (creating if needed) the database at `path` and starts its owner thread.
-    pub fn open(path: &Path) -> Result<Store> {
-        let db_err = |e: rusqlite::Error| Error::Database {
-            path: path.to_owned(),
-            message: format!("{e} (check the path and its permissions)"),
-        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
             && !dir.exists()
         {
@@ -192,9 +215,14 @@ impl Store {
                 dir.display()
             )));
         }
-        let mut conn = Connection::open(path).map_err(db_err)?;
-        schema::prepare(&mut conn).map_err(db_err)?;
-        let checkpointer = Checkpointer::start(&mut conn, path).map_err(db_err)?;
+        let flags = match access {
+            Access::Write => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+            Access::Read => OpenFlags::SQLITE_OPEN_READ_WRITE,
+        } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Connection::open_with_flags(path, flags).map_err(|e| db_err(e.into()))?;
+        schema::prepare(&mut conn, access, busy_timeout).map_err(db_err)?;
+        let checkpointer =
+            Checkpointer::start(&mut conn, path, busy_timeout).map_err(|e| db_err(e.into()))?;
         let (tx, rx) = mpsc::channel::<Message>(4096);
         let thread_path = path.to_owned();
         let outbox = Arc::new(Outbox::default());
@@ -224,7 +252,7 @@ impl Store {
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         self.outbox_ok()?;
-        let (reply, reply_rx) = oneshot::channel::<Result<T, String>>();
+        let (reply, reply_rx) = oneshot::channel::<Result<T, Failure>>();
         let task: Task = Box::new(Call {
             f: Some(f),
             result: None,
@@ -238,10 +266,16 @@ impl Store {
         reply_rx
             .await
             .map_err(|_| closed())?
-            .map_err(|message| Error::Database {
-                path: self.path.clone(),
-                message,
-            })
+            .map_err(|failure| self.error(failure))
+    }
+
+    /// The top-level error for a failure of this database.
+    fn error(&self, failure: Failure) -> Error {
+        Error::Database {
+            path: self.path.clone(),
+            cause: failure.cause,
+            message: failure.message,
+        }
     }
 
     /// Starts a run. An `exclusive` run (one that sends) first takes the run lock
@@ -443,10 +477,7 @@ impl Store {
     fn outbox_ok(&self) -> Result<()> {
         match self.outbox.failure() {
             None => Ok(()),
-            Some(message) => Err(Error::Database {
-                path: self.path.clone(),
-                message,
-            }),
+            Some(failure) => Err(self.error(failure)),
         }
     }
 
@@ -494,9 +525,16 @@ struct Checkpointer {
 
 impl Checkpointer {
     /// Starts the thread and hooks the writer's commits to it.
-    fn start(writer: &mut Connection, path: &Path) -> rusqlite::Result<Checkpointer> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    fn start(
+        writer: &mut Connection,
+        path: &Path,
+        busy_timeout: std::time::Duration,
+    ) -> rusqlite::Result<Checkpointer> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(busy_timeout)?;
         // A connection opens the WAL on its first read; until then it has nothing to
         // checkpoint (and says so by succeeding without doing anything).
         conn.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
@@ -625,7 +663,7 @@ fn transaction(
         return;
     }
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-        let msg = e.to_string();
+        let msg = Failure::from(e).context("cannot begin a transaction");
         tracing::error!(db = %path.display(), error = %msg, "cannot begin a transaction");
         // The outbox keeps its records for the next transaction.
         for task in batch.drain(..) {
@@ -638,7 +676,7 @@ fn transaction(
     // transaction is rolled back. For the engine that is what a crash just before
     // the commit would be, which the exactly-once protocol is built to survive.
     let mut outbox_written = false;
-    let mut write_outbox = |failure: &mut Option<String>| {
+    let mut write_outbox = |failure: &mut Option<Failure>| {
         if failure.is_none() {
             match outbox.write(conn) {
                 Ok(n) => outbox_written |= n > 0,
@@ -689,12 +727,12 @@ fn transaction(
     write_outbox(&mut failure);
     let end = match failure {
         None => conn.execute_batch("COMMIT").map_err(|e| {
-            let msg = e.to_string();
+            let msg = Failure::from(e).context("commit failed");
             tracing::error!(db = %path.display(), error = %msg, "commit failed");
             msg
         }),
-        Some(e) => Err(format!(
-            "rolled back with the rest of its transaction, in which a write failed: {e}"
+        Some(e) => Err(e.context(
+            "rolled back with the rest of its transaction, in which a write failed",
         )),
     };
     if let Err(e) = &end {
@@ -704,7 +742,7 @@ fn transaction(
         }
     }
     for task in batch.drain(..) {
-        task.finish(end.as_ref().err().map(String::as_str));
+        task.finish(end.as_ref().err());
     }
 }
 

@@ -5,6 +5,8 @@
 
 use rusqlite::{Connection, OptionalExtension};
 
+use super::failure::{DbCause, Failure};
+
 /// Each entry moves the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
     // 1: runs, jobs, attempts, groups, import issues.
@@ -294,30 +296,93 @@ const MIGRATIONS: &[&str] = &[
 /// The schema version this build writes.
 pub const VERSION: i64 = MIGRATIONS.len() as i64;
 
-/// Sets the connection up (WAL, busy timeout) and applies pending migrations.
-pub fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    // NORMAL in WAL mode survives a killed process; only a power cut can lose the
-    // last commits, and the existence check covers those jobs.
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    // Savepoint journals in memory, not in temp files; a 16 MiB page cache.
+/// The mark of a kohort-batch database (`PRAGMA application_id`, "KBAT"): a file
+/// without it that holds anything is another application's, and is left alone.
+pub const APPLICATION_ID: i32 = 0x4B42_4154;
+
+/// How a command uses the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Creates it if it is new and brings its schema forward (commands that write).
+    Write,
+    /// Only reads it: never creates, migrates or marks it (`report`, `export`).
+    Read,
+}
+
+/// Checks that the file is a kohort-batch database (or a new, empty one) before
+/// anything is written to it, then, for [`Access::Write`], sets the connection up
+/// (WAL, busy timeout), applies pending migrations and marks it as ours.
+pub fn prepare(
+    conn: &mut Connection,
+    access: Access,
+    busy_timeout: std::time::Duration,
+) -> Result<(), Failure> {
+    conn.busy_timeout(busy_timeout)?;
+    let app: i32 = conn.pragma_query_value(None, "application_id", |r| r.get(0))?;
+    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_schema WHERE type = 'table'")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let has = |t: &str| tables.iter().any(|name| name == t);
+    // Databases made before the mark existed: our schema versions and our tables.
+    let unmarked_ours = (1..=VERSION).contains(&current) && has("runs") && has("jobs") && has("lock");
+    let empty = current == 0 && tables.is_empty();
+    if app != APPLICATION_ID && !(app == 0 && (unmarked_ours || empty)) {
+        return Err(Failure::new(
+            DbCause::NotOurs,
+            format!(
+                "not a kohort-batch database: it holds {} of another application \
+                 (application_id {app}, user_version {current}); nothing in it was changed. \
+                 Pass the --db of your runs, or a new file",
+                crate::text::count(tables.len() as u64, "table", "tables")
+            ),
+        ));
+    }
+    if current > VERSION {
+        return Err(Failure::new(
+            DbCause::Version,
+            format!(
+                "written by a newer kohort-batch (schema {current}; this one knows up to \
+                 {VERSION}): use that version or a newer one; nothing was changed"
+            ),
+        ));
+    }
+    // Savepoint journals in memory, not in temp files; a 16 MiB page cache (settings
+    // of this connection, not of the file).
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.pragma_update(None, "cache_size", -16_384)?;
     // Every statement of the hot path stays prepared (the default keeps 16).
     conn.set_prepared_statement_cache_capacity(128);
-    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if current > VERSION {
-        return Err(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_MISMATCH),
-            Some(format!(
-                "schema version {current} is newer than this kohort-batch understands \
-                 ({VERSION}); use a newer kohort-batch"
-            )),
-        ));
+    if access == Access::Read {
+        if empty {
+            return Err(Failure::new(
+                DbCause::NotOurs,
+                "empty: no run has used it yet (is --db the file your runs use?)",
+            ));
+        }
+        if current < VERSION {
+            return Err(Failure::new(
+                DbCause::Version,
+                format!(
+                    "written by an older kohort-batch (schema {current}; this one needs \
+                     {VERSION}); report and export never change a database: upgrade it once \
+                     with this version's `run` or `enqueue`, then read it"
+                ),
+            ));
+        }
+        return Ok(());
     }
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // NORMAL in WAL mode survives a killed process; only a power cut can lose the
+    // last commits, and the existence check covers those jobs.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
     migrate(conn, current, VERSION)?;
-    conn.pragma_update(None, "foreign_keys", "ON")
+    if app != APPLICATION_ID {
+        conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+    }
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
 }
 
 /// Applies the migrations that take the schema from `from` to `to`, in one transaction.
@@ -564,8 +629,8 @@ mod tests {
     #[test]
     fn migrations_apply_once_and_are_idempotent() {
         let mut conn = Connection::open_in_memory().unwrap();
-        prepare(&mut conn).unwrap();
-        prepare(&mut conn).unwrap();
+        prepare(&mut conn, Access::Write, std::time::Duration::from_secs(1)).unwrap();
+        prepare(&mut conn, Access::Write, std::time::Duration::from_secs(1)).unwrap();
         let v: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();

@@ -14,6 +14,8 @@
 //!
 //! See BENCHMARKS.md ("Where the import stands") for the figures and what they mean.
 
+#![expect(clippy::print_stdout, reason = "a benchmark prints its figures")]
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 

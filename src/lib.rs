@@ -46,6 +46,7 @@ pub fn main_entry() -> ExitCode {
     let cli = match cli::parse(std::env::args_os().collect()) {
         Ok(cli) => cli,
         Err(cli::ParseError::Clap(e)) => {
+            // `print` reports a closed pipe as an error, never a panic.
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() {
                 Exit::Usage.code()
@@ -54,7 +55,7 @@ pub fn main_entry() -> ExitCode {
             });
         }
         Err(cli::ParseError::Config(e)) => {
-            eprintln!("error: {e}");
+            commands::out::tell(&format!("error: {e}"));
             return ExitCode::from(e.exit().code());
         }
     };
@@ -65,7 +66,7 @@ pub fn main_entry() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            commands::out::tell(&format!("error: cannot start the async runtime: {e}"));
             return ExitCode::from(Exit::Internal.code());
         }
     };

@@ -8,6 +8,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::store::{FailureReason, ImportCounts, JobState, RunFacts};
+use crate::text::{count, escape};
 
 /// How many failure reasons the report lists, and examples per reason.
 const TOP_REASONS: usize = 5;
@@ -142,6 +143,7 @@ impl Report {
         let verdict = match self.exit_code {
             // `enqueue` sends nothing: its success is that every row is queued.
             Some(0) if self.command == "enqueue" => "every row imported, to be sent".to_owned(),
+            Some(0) if self.jobs.values().all(|n| *n == 0) => "no job to send".to_owned(),
             Some(0) => "every job succeeded".to_owned(),
             Some(1) => "some rows did not succeed (see below)".to_owned(),
             Some(3) => "stopped by the API".to_owned(),
@@ -163,13 +165,18 @@ impl Report {
             self.command, self.run_id
         );
         if let Some(why) = &self.stopped {
-            let _ = writeln!(out, "  Stopped    {why}");
+            let _ = writeln!(out, "  Stopped    {}", escape(why));
         }
         if let Some(i) = &self.imported {
             let _ = writeln!(
                 out,
-                "  Imported   {} rows: {} queued, {} fixed, {} invalid, {} duplicates (not sent again), {} conflicts",
-                i.rows, i.queued, i.fixed, i.invalid, i.duplicates, i.conflicts
+                "  Imported   {}: {} queued, {} fixed, {} invalid, {} (not sent again), {}",
+                count(i.rows, "row", "rows"),
+                i.queued,
+                i.fixed,
+                i.invalid,
+                count(i.duplicates, "duplicate", "duplicates"),
+                count(i.conflicts, "conflict", "conflicts")
             );
         }
         let n = |s: &str| self.jobs.get(s).copied().unwrap_or(0);
@@ -194,10 +201,23 @@ impl Report {
             n("in_flight")
         );
         let r = &self.requests;
+        // A rate over a few milliseconds of sending says nothing: it is left out.
+        let rate = if r.rate_per_sec > 0.0 {
+            format!(" · {:.1} req/s", r.rate_per_sec)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "  Requests   {} (creates {}, checks {}) · {} transient failures retried · {:.1} req/s",
-            r.total, r.creates, r.checks, r.transient_failures, r.rate_per_sec
+            "  Requests   {} (creates {}, checks {}) · {} retried{rate}",
+            r.total,
+            r.creates,
+            r.checks,
+            count(
+                r.transient_failures.max(0) as u64,
+                "transient failure",
+                "transient failures"
+            )
         );
         if let Some(l) = &self.latency_ms {
             let _ = writeln!(
@@ -209,8 +229,8 @@ impl Report {
         if !self.top_failures.is_empty() {
             let _ = writeln!(out, "  Problems   most common first:");
             for g in &self.top_failures {
-                let _ = writeln!(out, "    {:>6} {}: {}", g.count, g.state, g.reason);
-                let _ = writeln!(out, "           e.g. {}", g.examples.join(", "));
+                let _ = writeln!(out, "    {:>6} {}: {}", g.count, g.state, escape(&g.reason));
+                let _ = writeln!(out, "           e.g. {}", escape(&g.examples.join(", ")));
             }
         }
         out

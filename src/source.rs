@@ -153,6 +153,22 @@ pub fn canonical_header(header: &str) -> Option<String> {
     })
 }
 
+/// Up to 20 names, then how many more: a header of 100,000 unknown columns makes one
+/// readable line, not 100,000.
+pub fn list_some(names: &[String]) -> String {
+    const SHOWN: usize = 20;
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        text.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    text
+}
+
 /// A streaming CSV input.
 pub struct CsvSource {
     name: String,

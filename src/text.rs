@@ -38,17 +38,15 @@ pub fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
 
 /// Text that came from an input file, a producer or the API, made safe to print:
 /// control characters (ESC of terminal sequences, CR and LF that would start a
-/// forged line, DEL, C1 controls) are written as `\u{1b}`-style escapes, and a
-/// backslash as `\\` (so an escape cannot be faked either). Borrowed when there is
-/// nothing to escape, which is nearly always.
+/// forged line, DEL, C1 controls) are written as `\n` or `\u{1b}`-style escapes.
+/// Borrowed when there is nothing to escape, which is nearly always.
 pub fn escape(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(|c| c.is_control() || c == '\\') {
+    if !s.chars().any(char::is_control) {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
         match c {
-            '\\' => out.push_str("\\\\"),
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
@@ -94,12 +92,12 @@ mod tests {
 
     #[test]
     fn control_characters_cannot_reach_a_terminal() {
-        let nasty = "a\u{1b}[31mred\rCR\nINFO forged\u{1b}]0;title\u{7}\u{9b}x\\n";
+        let nasty = "a\u{1b}[31mred\rCR\nINFO forged\u{1b}]0;title\u{7}\u{9b}x";
         let safe = escape(nasty);
         assert!(!safe.chars().any(char::is_control), "{safe}");
         assert_eq!(
             safe,
-            "a\\u{1b}[31mred\\rCR\\nINFO forged\\u{1b}]0;title\\u{7}\\u{9b}x\\\\n"
+            "a\\u{1b}[31mred\\rCR\\nINFO forged\\u{1b}]0;title\\u{7}\\u{9b}x"
         );
         assert!(matches!(escape("plain ord_1 é €"), Cow::Borrowed(_)));
     }

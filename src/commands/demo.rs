@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::out;
 use super::{listen_for_signals, send};
 use crate::api::ApiKey;
 use crate::config;
@@ -17,11 +18,10 @@ pub async fn sandbox(cfg: SandboxConfig, listen: std::net::SocketAddr) -> Result
             "cannot listen on {listen}: {e} (is the port taken? try --listen 127.0.0.1:0)"
         ))
     })?;
-    println!("kohort-batch sandbox listening on {}", sb.url());
-    println!(
-        "  stats: {}/_sandbox/stats   keys: any sk_test_… or sk_live_…",
-        sb.url()
-    );
+    out::say(&format!(
+        "kohort-batch sandbox listening on {url}\n  stats: {url}/_sandbox/stats   keys: any sk_test_… or sk_live_…\n",
+        url = sb.url()
+    ))?;
     let stop = tokio_util::sync::CancellationToken::new();
     let trigger = stop.clone();
     tokio::spawn(async move {
@@ -66,11 +66,11 @@ pub async fn demo() -> Result<Exit> {
         source,
     })?;
     let db = dir.path().join("demo.db");
-    println!(
-        "Demo: sandbox on {} (latency 5–40 ms, 2% 503 with Retry-After: 1)",
-        sb.url()
-    );
-    println!("      importing samples/orders.csv into {}\n", db.display());
+    out::say(&format!(
+        "Demo: sandbox on {} (latency 5–40 ms, 2% 503 with Retry-After: 1)\n      importing samples/orders.csv into {}\n\n",
+        sb.url(),
+        db.display()
+    ))?;
     let args = crate::cli::SendArgs {
         api_base: sb.url(),
         api_key_file: None,
@@ -115,18 +115,18 @@ pub async fn demo() -> Result<Exit> {
         }
     }
     sb.shutdown().await;
-    println!(
-        "\nSandbox count: {} groups for {} valid orders; {} orders with more than one group.",
+    out::say(&format!(
+        "\nSandbox count: {} groups for {} valid orders; {} orders with more than one group.\n",
         stats.groups_total, valid, stats.duplicate_keys
-    );
+    ))?;
     if problems.is_empty() && stats.duplicate_keys == 0 && exit != Exit::Internal {
-        println!(
-            "Every valid row got exactly one group. (Invalid sample rows are explained in samples/README.md.)"
-        );
+        out::say(
+            "Every valid row got exactly one group. (Invalid sample rows are explained in samples/README.md.)\n",
+        )?;
         Ok(Exit::Success)
     } else {
         for p in &problems {
-            println!("  problem: {p}");
+            out::say(&format!("  problem: {}\n", crate::text::escape(p)))?;
         }
         Ok(Exit::RowsFailed)
     }

@@ -14,6 +14,9 @@ use crate::report::Report;
 use crate::source::{CsvSource, canonical_header};
 use crate::store::{JobExport, Store};
 
+use super::out;
+use crate::text::{count, escape};
+
 fn io_error(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
     move |source| Error::File {
         action: "write",
@@ -48,10 +51,17 @@ pub fn validate(path: &Path, json: bool) -> Result<Exit> {
     };
     let (mut rows, mut valid, mut invalid, mut duplicates, mut conflicts) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
-    for column in &source.unknown_columns {
+    let name = escape(&name).into_owned();
+    if !source.unknown_columns.is_empty() {
         writeln!(
             problems,
-            "{name}, line 1: column {column:?} is not used (ignored)"
+            "{name}, line 1: {} not used (ignored): {}",
+            count(
+                source.unknown_columns.len() as u64,
+                "column is",
+                "columns are"
+            ),
+            escape(&crate::source::list_some(&source.unknown_columns))
         )
         .map_err(&err)?;
     }
@@ -60,7 +70,8 @@ pub fn validate(path: &Path, json: bool) -> Result<Exit> {
         match row.outcome {
             Err(reason) => {
                 invalid += 1;
-                writeln!(problems, "{name}, line {}: {reason}", row.line).map_err(&err)?;
+                writeln!(problems, "{name}, line {}: {}", row.line, escape(&reason))
+                    .map_err(&err)?;
             }
             Ok(body) => {
                 let text = body.to_json();
@@ -82,7 +93,7 @@ pub fn validate(path: &Path, json: bool) -> Result<Exit> {
                             "{name}, line {}: key {} is also on line {first} with different data; \
                              this row would not be sent",
                             row.line,
-                            body.key()
+                            escape(body.key())
                         )
                         .map_err(&err)?;
                     }
@@ -100,7 +111,10 @@ pub fn validate(path: &Path, json: bool) -> Result<Exit> {
     out.flush().map_err(&err)?;
     writeln!(
         problems,
-        "{name}: {rows} rows: {valid} would be sent, {invalid} invalid, {duplicates} duplicates, {conflicts} conflicts"
+        "{name}: {}: {valid} would be sent, {invalid} invalid, {}, {}",
+        count(rows, "row", "rows"),
+        count(duplicates, "duplicate", "duplicates"),
+        count(conflicts, "conflict", "conflicts")
     )
     .map_err(&err)?;
     Ok(if invalid + conflicts > 0 {
@@ -125,30 +139,32 @@ pub async fn report(db: &Path, run: Option<i64>, last: bool, format: Format) -> 
     };
     let Some(id) = id else {
         let runs = store.list_runs(20).await?;
-        match format {
-            Format::Json => println!(
-                "{}",
+        let text = match format {
+            Format::Json => format!(
+                "{}\n",
                 serde_json::to_string_pretty(&runs).unwrap_or_default()
             ),
             Format::Text => {
-                println!(
-                    "{:>5}  {:<13} {:<27} {:>4}  {:>9}  jobs",
+                let mut text = format!(
+                    "{:>5}  {:<13} {:<27} {:>4}  {:>9}  jobs\n",
                     "run", "command", "started", "exit", "succeeded"
                 );
                 for r in &runs {
                     let exit = r.exit_code.map_or("…".to_owned(), |c| c.to_string());
-                    println!(
-                        "{:>5}  {:<13} {:<27} {:>4}  {:>9}  {}",
+                    text.push_str(&format!(
+                        "{:>5}  {:<13} {:<27} {:>4}  {:>9}  {}\n",
                         r.run_id, r.command, r.started_at, exit, r.succeeded, r.jobs
-                    );
+                    ));
                 }
                 if runs.is_empty() {
-                    println!("(no runs yet)");
+                    text.push_str("(no runs yet)\n");
                 } else {
-                    println!("\nShow one with: kohort-batch report --run ID (or --last)");
+                    text.push_str("\nShow one with: kohort-batch report --run ID (or --last)\n");
                 }
+                text
             }
-        }
+        };
+        out::say(&text)?;
         return Ok(Exit::Success);
     };
     let facts = store.run_facts(id).await?.ok_or_else(|| {
@@ -159,8 +175,8 @@ pub async fn report(db: &Path, run: Option<i64>, last: bool, format: Format) -> 
     })?;
     let report = Report::from_facts(facts);
     match format {
-        Format::Text => print!("{}", report.to_text()),
-        Format::Json => println!("{}", report.to_json()),
+        Format::Text => out::say(&report.to_text())?,
+        Format::Json => out::say(&format!("{}\n", report.to_json()))?,
     }
     Ok(Exit::Success)
 }
@@ -279,7 +295,14 @@ impl Sink {
 }
 
 fn csv_err(e: csv::Error) -> Error {
-    Error::Internal(format!("cannot write CSV: {e}"))
+    match e.into_kind() {
+        csv::ErrorKind::Io(source) => Error::File {
+            action: "write",
+            path: "the export".into(),
+            source,
+        },
+        other => Error::Internal(format!("cannot write CSV: {other:?}")),
+    }
 }
 
 fn open_output(output: Option<&Path>) -> Result<Box<dyn Write>> {

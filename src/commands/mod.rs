@@ -6,6 +6,7 @@
 
 mod demo;
 mod inspect;
+pub mod out;
 mod progress;
 mod send;
 
@@ -23,6 +24,7 @@ pub use send::{enqueue, import_csv, retry_failed, run};
 /// Logs go to stderr, as text or JSON lines; `RUST_LOG` overrides the level.
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::field::MakeExt;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
@@ -30,7 +32,22 @@ pub fn init_logging(format: LogFormat) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(|| progress::LogWriter);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
+        // Field values (and messages) are escaped: text from a CSV or from the API
+        // cannot move the cursor, recolour the terminal or forge a log line. JSON
+        // lines escape by themselves.
+        LogFormat::Text => builder
+            .fmt_fields(
+                tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+                    let text = format!("{value:?}");
+                    let text = crate::text::escape(&text);
+                    match field.name() {
+                        "message" => write!(w, "{text}"),
+                        name => write!(w, "{name}={text}"),
+                    }
+                })
+                .delimited(" "),
+            )
+            .try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
@@ -72,8 +89,10 @@ pub async fn dispatch(cli: Cli) -> Exit {
     };
     match result {
         Ok(exit) => exit,
+        // The reader of the output went away (`| head`): it has what it wanted.
+        Err(e) if out::is_broken_pipe(&e) => Exit::Success,
         Err(e) => {
-            eprintln!("error: {e}");
+            out::tell(&format!("error: {e}"));
             e.exit()
         }
     }
@@ -102,10 +121,10 @@ fn show_config(
         "api_key": key,
         "run": args,
     });
-    println!(
-        "{}",
+    out::say(&format!(
+        "{}\n",
         serde_json::to_string_pretty(&json).unwrap_or_default()
-    );
+    ))?;
     Ok(Exit::Success)
 }
 

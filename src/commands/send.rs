@@ -212,7 +212,7 @@ async fn finish(
     };
     store.close().await;
     let report = Report::from_facts(facts);
-    print!("{}", report.to_text());
+    super::out::say(&report.to_text())?;
     if let Some(path) = outputs.report_json {
         write_atomic(path, report.to_json().as_bytes())?;
     }
@@ -256,7 +256,12 @@ pub async fn import_csv(store: &Store, run_id: i64, path: &Path) -> Result<Impor
         let mut source = CsvSource::open(&path_owned)?;
         let name = source.name().to_owned();
         if !source.unknown_columns.is_empty() {
-            tracing::warn!(source = %name, columns = ?source.unknown_columns, "ignoring columns kohort-batch does not know");
+            tracing::warn!(
+                source = %name,
+                count = source.unknown_columns.len(),
+                columns = %crate::source::list_some(&source.unknown_columns),
+                "ignoring columns kohort-batch does not know"
+            );
         }
         let now = Timestamp::now();
         let mut batch = Vec::with_capacity(IMPORT_BATCH);

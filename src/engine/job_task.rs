@@ -51,8 +51,10 @@ impl Tally {
             key = %job.key,
             line = job.line,
             outcome,
-            attempts = self.sent,
-            latency_ms = self.last_latency.map(|d| d.as_secs_f64() * 1000.0),
+            // Every request for the row in this run, checks included (not the retry
+            // budget that "gave up after N attempts" counts).
+            requests = self.sent,
+            latency_ms = self.last_latency.map(crate::text::ms),
             %reason,
             "row failed"
         );

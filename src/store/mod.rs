@@ -32,11 +32,11 @@ use crate::error::{Error, Result};
 use crate::source::ImportRow;
 
 pub use failure::DbCause;
-pub use schema::Access;
 use failure::Failure;
 pub use lock::lock_path;
 pub use queries::{FailureReason, JobExport, RunFacts, RunListEntry};
 pub use queue::RetryFilter;
+pub use schema::Access;
 pub use types::{
     Attempt, GroupRec, ImportCounts, Job, JobState, Obtained, RequestKind, Transition,
 };
@@ -188,7 +188,11 @@ impl Store {
 
     /// Opens the database at `path` and starts its owner thread. A file that is
     /// not a kohort-batch database is refused before anything is written to it.
-    pub fn open_with(path: &Path, access: Access, busy_timeout: std::time::Duration) -> Result<Store> {
+    pub fn open_with(
+        path: &Path,
+        access: Access,
+        busy_timeout: std::time::Duration,
+    ) -> Result<Store> {
         let db_err = |f: Failure| Error::Database {
             path: path.to_owned(),
             cause: f.cause,
@@ -731,9 +735,9 @@ fn transaction(
             tracing::error!(db = %path.display(), error = %msg, "commit failed");
             msg
         }),
-        Some(e) => Err(e.context(
-            "rolled back with the rest of its transaction, in which a write failed",
-        )),
+        Some(e) => {
+            Err(e.context("rolled back with the rest of its transaction, in which a write failed"))
+        }
     };
     if let Err(e) = &end {
         let _ = conn.execute_batch("ROLLBACK");

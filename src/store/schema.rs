@@ -326,7 +326,8 @@ pub fn prepare(
         .collect::<rusqlite::Result<_>>()?;
     let has = |t: &str| tables.iter().any(|name| name == t);
     // Databases made before the mark existed: our schema versions and our tables.
-    let unmarked_ours = (1..=VERSION).contains(&current) && has("runs") && has("jobs") && has("lock");
+    let unmarked_ours =
+        (1..=VERSION).contains(&current) && has("runs") && has("jobs") && has("lock");
     let empty = current == 0 && tables.is_empty();
     if app != APPLICATION_ID && !(app == 0 && (unmarked_ours || empty)) {
         return Err(Failure::new(

@@ -5,6 +5,10 @@
     clippy::unwrap_used,
     reason = "in tests a panic is a failed test with its message"
 )]
+#![expect(
+    clippy::print_stdout,
+    reason = "a test prints what it skipped and the crash campaign's figures"
+)]
 
 mod api_client;
 mod beyond_one_process;

@@ -286,7 +286,7 @@ async fn json_logs_carry_one_line_per_failed_row_and_none_per_success() {
     assert_eq!(f["key"], "ord_00009");
     assert_eq!(f["level"], "WARN");
     assert!(f["reason"].as_str().unwrap().contains("HTTP 404"));
-    assert!(f["attempts"].as_u64().unwrap() >= 1 && f["latency_ms"].as_f64().is_some());
+    assert!(f["requests"].as_u64().unwrap() >= 1 && f["latency_ms"].as_f64().is_some());
     assert_eq!(f["span"]["run"], 1, "{f}");
     assert_eq!(
         lines

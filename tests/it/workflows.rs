@@ -327,7 +327,7 @@ async fn validate_prints_bodies_and_every_invalid_row_and_writes_nothing() {
         "{stderr}"
     );
     assert!(
-        stderr.contains("6 rows: 2 would be sent, 2 invalid, 1 duplicates, 1 conflicts"),
+        stderr.contains("6 rows: 2 would be sent, 2 invalid, 1 duplicate, 1 conflict"),
         "{stderr}"
     );
     assert!(!db.exists(), "validate wrote a database");

@@ -51,7 +51,16 @@ pub fn bounded_duration(
     text: &str,
     (lo, hi): (Duration, Duration),
 ) -> Result<Duration> {
-    let d = parse_duration(flag, text)?;
+    let too_big = text
+        .trim()
+        .parse::<f64>()
+        .is_ok_and(|x| x.is_finite() && x > 0.0);
+    let d = match parse_duration(flag, text) {
+        Ok(d) => d,
+        // A number too large for any duration is out of range, like any other.
+        Err(_) if too_big => hi.saturating_add(Duration::from_secs(1)),
+        Err(e) => return Err(e),
+    };
     if d < lo || d > hi {
         return Err(Error::usage(format!(
             "--{flag} {text}: accepted from {} to {}",
@@ -434,6 +443,12 @@ mod tests {
             ("http://10.0.0.1", false),
             ("ftp://x", false),
             ("api.kohortpay.com", false),
+            // The host a URL parser sees, not the one a string split would.
+            ("http://[::1]@192.0.2.2:18090", false),
+            ("http://127.0.0.1:18080@evil.example", false),
+            ("https://user:secret@api.kohortpay.com", false),
+            ("https://api.kohortpay.com?x=1", false),
+            ("http://127.0.0.2:9", true),
         ];
         for (base, ok) in table {
             assert_eq!(check_api_base(base).is_ok(), ok, "{base}");

@@ -174,6 +174,10 @@ impl ApiClient {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| classify::parse_retry_after(v, SystemTime::now()));
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         let body = match resp.bytes().await {
             Ok(b) => b,
             Err(e) => {
@@ -209,13 +213,15 @@ impl ApiClient {
             status,
             body_ok: true,
         });
-        reply(
-            class,
-            Some(status),
-            retry_after,
-            Some(wire::describe_error(status, &body)),
-            None,
-        )
+        let error = if (300..400).contains(&status) {
+            format!(
+                "HTTP {status}, a redirect to {}",
+                location.as_deref().unwrap_or("nowhere given")
+            )
+        } else {
+            wire::describe_error(status, &body)
+        };
+        reply(class, Some(status), retry_after, Some(error), None)
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use clap::error::{ContextKind, ContextValue};
 use clap::parser::ValueSource;
-use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
+use clap::{ArgAction, CommandFactory, FromArgMatches};
 
 use super::Cli;
 use crate::error::Error;
@@ -47,11 +47,11 @@ pub fn parse(argv: Vec<OsString>) -> Result<Cli, ParseError> {
     let path = match explicit {
         Some(p) => p,
         None if Path::new(DEFAULT_CONFIG).exists() => PathBuf::from(DEFAULT_CONFIG),
-        None => return Cli::from_arg_matches(&matches).map_err(ParseError::Clap),
+        None => return with_sources(&matches, &[], None),
     };
     let extra = file_args(&cmd, &matches, &path).map_err(ParseError::Config)?;
     if extra.is_empty() {
-        return Cli::from_arg_matches(&matches).map_err(ParseError::Clap);
+        return with_sources(&matches, &[], Some(&path));
     }
     let mut all = argv;
     for (flag, value) in &extra {
@@ -60,7 +60,13 @@ pub fn parse(argv: Vec<OsString>) -> Result<Cli, ParseError> {
             all.push(value.into());
         }
     }
-    Cli::try_parse_from(all).map_err(|e| {
+    let parsed = cmd.try_get_matches_from(all).and_then(|m| {
+        with_sources(&m, &extra, Some(&path)).map_err(|e| match e {
+            ParseError::Clap(e) => e,
+            ParseError::Config(_) => clap::Error::new(clap::error::ErrorKind::InvalidValue),
+        })
+    });
+    parsed.map_err(|e| {
         // Only the file's values are new here: a bad one is the file's fault.
         let culprit = match e.get(ContextKind::InvalidArg) {
             Some(ContextValue::String(arg)) => extra
@@ -75,6 +81,49 @@ pub fn parse(argv: Vec<OsString>) -> Result<Cli, ParseError> {
             None => ParseError::Clap(e),
         }
     })
+}
+
+/// The [`Cli`] of `matches`, with where each option of its subcommand got its value
+/// (`extra` are the config file's, at `file`).
+fn with_sources(
+    matches: &clap::ArgMatches,
+    extra: &[(String, String)],
+    file: Option<&Path>,
+) -> Result<Cli, ParseError> {
+    let mut cli = Cli::from_arg_matches(matches).map_err(ParseError::Clap)?;
+    let mut sources = std::collections::BTreeMap::new();
+    let mut note = |m: &clap::ArgMatches| {
+        // Argument groups (a flattened struct's name) are not options.
+        for id in m
+            .ids()
+            .filter(|id| !id.as_str().starts_with(char::is_uppercase))
+        {
+            let name = id.as_str().replace('_', "-");
+            let from = match m.value_source(id.as_str()) {
+                Some(ValueSource::DefaultValue) => "default".to_owned(),
+                Some(ValueSource::EnvVariable) => "environment".to_owned(),
+                Some(ValueSource::CommandLine)
+                    if extra
+                        .iter()
+                        .any(|(flag, _)| flag.trim_start_matches("--") == name) =>
+                {
+                    format!(
+                        "config file {}",
+                        file.map(|f| f.display().to_string()).unwrap_or_default()
+                    )
+                }
+                Some(ValueSource::CommandLine) => "command line".to_owned(),
+                _ => continue,
+            };
+            sources.insert(name, from);
+        }
+    };
+    note(matches);
+    if let Some((_, sub)) = matches.subcommand() {
+        note(sub);
+    }
+    cli.sources = sources;
+    Ok(cli)
 }
 
 fn bad(path: &Path, key: &str, why: impl std::fmt::Display) -> Error {

@@ -35,6 +35,11 @@ pub struct Cli {
     /// Without it, /etc/kohort-batch/config.toml is read if it exists.
     #[arg(long, global = true, env = "KOHORT_BATCH_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
+
+    /// Where each option got its value (`default`, `environment`, `command line`,
+    /// `config file PATH`), by long name; filled by [`parse`].
+    #[arg(skip)]
+    pub sources: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -30,7 +30,11 @@ pub fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(|| progress::LogWriter);
+        .with_writer(|| progress::LogWriter)
+        // Its report of a failed write is an `eprintln!`, which would panic on the
+        // very stderr that failed (closed by `| head`): a log line that cannot be
+        // written is dropped.
+        .log_internal_errors(false);
     let _ = match format {
         // Field values (and messages) are escaped: text from a CSV or from the API
         // cannot move the cursor, recolour the terminal or forge a log line. JSON
@@ -83,9 +87,13 @@ pub async fn dispatch(cli: Cli) -> Exit {
             Err(e) => Err(e),
         },
         Command::Demo => demo::demo().await,
-        Command::Config(args) => {
-            show_config(&cli.db, cli.config.as_deref(), &args, env_key.as_deref())
-        }
+        Command::Config(args) => show_config(
+            &cli.db,
+            cli.config.as_deref(),
+            &args,
+            env_key.as_deref(),
+            &cli.sources,
+        ),
     };
     match result {
         Ok(exit) => exit,
@@ -98,28 +106,57 @@ pub async fn dispatch(cli: Cli) -> Exit {
     }
 }
 
-/// `config`: the effective settings, as JSON; the key only as where it comes from.
+/// `config`: the settings a `run` would use, checked exactly as `run` checks them
+/// (a bad value is the same error, exit 2), as JSON: each resolved value, where it
+/// came from, and the key only as where it comes from.
 fn show_config(
     db: &Path,
     file: Option<&Path>,
     args: &crate::cli::RunArgs,
     env_key: Option<&str>,
+    sources: &std::collections::BTreeMap<String, String>,
 ) -> Result<Exit> {
+    let settings = config::resolve_settings(&args.send)?;
     let key = match (&args.send.api_key_file, env_key) {
-        (Some(p), _) => format!("from file {}", p.display()),
-        (None, Some(_)) => "from KOHORTPAY_API_KEY".to_owned(),
-        (None, None) => "missing".to_owned(),
+        (Some(p), _) => {
+            config::load_key(Some(p), None, args.send.live)?;
+            format!("from file {}", p.display())
+        }
+        (None, Some(k)) => {
+            config::load_key(None, Some(k.to_owned()), args.send.live)?;
+            "from KOHORTPAY_API_KEY".to_owned()
+        }
+        (None, None) => "missing: set KOHORTPAY_API_KEY or pass --api-key-file".to_owned(),
     };
     let file = file.map(Path::to_path_buf).or_else(|| {
         Some(Path::new(crate::cli::DEFAULT_CONFIG))
             .filter(|p| p.exists())
             .map(Path::to_path_buf)
     });
+    let e = &settings.engine;
+    let settle_from = if args.send.settle.is_some() {
+        sources.get("settle").cloned().unwrap_or_default()
+    } else {
+        "computed: 2 × timeout".to_owned()
+    };
+    let mut sources = sources.clone();
+    sources.insert("settle".into(), settle_from);
     let json = serde_json::json!({
         "db": db,
         "config_file": file,
         "api_key": key,
-        "run": args,
+        "settings": {
+            "api_base": settings.api_base,
+            "timeout_secs": settings.timeout.as_secs_f64(),
+            "busy_timeout_secs": settings.busy_timeout.as_secs_f64(),
+            "csv": args.csv,
+            "report_json": args.send.report_json,
+            "metrics_file": args.send.metrics_file,
+            "ca_cert": args.send.ca_cert,
+            "live": args.send.live,
+            "engine": e,
+        },
+        "sources": sources,
     });
     out::say(&format!(
         "{}\n",

@@ -38,7 +38,10 @@ impl DbCause {
                  check their owner and mode"
             }
             DbCause::Full => "the disk is full: free some space and run again",
-            DbCause::Io => "the file system failed or the file is damaged: check the disk",
+            DbCause::Io => {
+                "the file system refused a read or write (a full disk, a file size limit, \
+                 a failing disk, or a damaged file): check free space and the disk"
+            }
             DbCause::NotOurs | DbCause::Version => "",
             DbCause::Bug => "this is a bug in kohort-batch: please report it",
         }

@@ -3,7 +3,7 @@
 //! are counted by the sandbox, independently of the worker's database.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kohort_batch::sandbox::SandboxConfig;
 
@@ -55,7 +55,7 @@ async fn first_signal_finishes_in_flight_requests_then_reports_and_exits_4() {
         &csv,
         &["--concurrency", "4", "--precheck", "ambiguous"],
     );
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    until("four groups", || sb.stats(false).groups_total >= 4).await;
     signal(&child, "-TERM");
     let out = wait(child).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -94,7 +94,6 @@ async fn second_signal_abandons_in_flight_requests_and_the_next_run_resolves_the
     })
     .await;
     let csv = write(dir.path(), "o.csv", &csv_rows(12));
-    let started = Instant::now();
     let child = spawn_run(
         &db,
         &sb.url(),
@@ -110,7 +109,10 @@ async fn second_signal_abandons_in_flight_requests_and_the_next_run_resolves_the
             "2s",
         ],
     );
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    until("four requests in flight", || {
+        sb.stats(false).peak_concurrency >= 4
+    })
+    .await;
     signal(&child, "-INT");
     tokio::time::sleep(Duration::from_millis(100)).await;
     signal(&child, "-INT");
@@ -121,11 +123,7 @@ async fn second_signal_abandons_in_flight_requests_and_the_next_run_resolves_the
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        started.elapsed() < Duration::from_millis(1400),
-        "did not abandon: {:?}",
-        started.elapsed()
-    );
+    // Abandoned, not waited for: had they been waited for, they would be recorded.
     assert_eq!(
         count(&db, "SELECT count(*) FROM jobs WHERE state = 'in_flight'"),
         4

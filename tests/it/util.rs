@@ -174,3 +174,15 @@ pub fn owned(v: &[&str]) -> Vec<String> {
 pub fn with_key() -> Vec<(String, String)> {
     vec![("KOHORTPAY_API_KEY".to_owned(), KEY.to_owned())]
 }
+
+/// Waits (polling, up to a minute) until `done` holds: tests wait for events, not for
+/// a guessed time that a busy machine can overrun.
+pub async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..3_000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("waited a minute for {what}");
+}

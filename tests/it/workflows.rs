@@ -45,11 +45,15 @@ async fn a_producer_keeps_inserting_while_runs_drain_nothing_lost_or_doubled() {
     let producer = Command::new("python3")
         .args(["-c", PRODUCER])
         .arg(&db)
-        .args(["120", "0.02"])
+        .args(["300", "0.02"])
         .stdout(Stdio::null())
         .spawn()
         .expect("python3 runs the producer");
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The run starts once the producer is under way, with most of its rows to come.
+    until("the producer's first rows", || {
+        count(&db, "SELECT count(*) FROM inbox") >= 5
+    })
+    .await;
     let mut a = args(&sb.url());
     a.concurrency = 2;
     assert_eq!(run(&a, &db, &[]).await, Exit::Success);
@@ -62,7 +66,7 @@ async fn a_producer_keeps_inserting_while_runs_drain_nothing_lost_or_doubled() {
     .unwrap();
     assert!(status.success(), "the producer failed (a locked database?)");
     // Rows that arrived after the move waited in the inbox for the next run.
-    assert!(first < 120, "the first run moved {first} rows");
+    assert!(first < 300, "the first run moved {first} rows");
     assert!(count(&db, "SELECT count(*) FROM inbox") > 0);
     assert_eq!(run(&a, &db, &[]).await, Exit::Success);
     assert_eq!(count(&db, "SELECT count(*) FROM inbox"), 0);
@@ -72,11 +76,11 @@ async fn a_producer_keeps_inserting_while_runs_drain_nothing_lost_or_doubled() {
             "SELECT count(*) FROM jobs j JOIN sources s ON s.id = j.source_id \
              WHERE j.state = 'succeeded' AND s.name = 'inbox'"
         ),
-        120
+        300
     );
-    let orders: Vec<String> = (1..=120).map(|i| format!("ord_q{i:05}")).collect();
+    let orders: Vec<String> = (1..=300).map(|i| format!("ord_q{i:05}")).collect();
     assert_one_group_each(&sb, orders);
-    assert_eq!(sb.stats(false).groups_total, 120);
+    assert_eq!(sb.stats(false).groups_total, 300);
 }
 
 #[tokio::test(flavor = "multi_thread")]

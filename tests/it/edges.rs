@@ -1,0 +1,716 @@
+//! The edges users hit at 3 a.m., through the real binary: closed pipes, absurd
+//! numbers, long pauses, redirects, refusing databases, foreign files, hostile URLs
+//! and text, and mistakes found before anything is opened or sent.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kohort_batch::sandbox::SandboxConfig;
+
+use crate::util::*;
+
+/// Output of the binary as one text (stdout then stderr).
+fn all(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs the binary with its stdout (and, with `both`, stderr) a pipe whose reader
+/// is gone before the binary writes.
+fn with_closed_pipe(args: &[&str], env: &[(&str, &str)], both: bool) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("KOHORT_BATCH_CONFIG")
+        .env_remove("KOHORTPAY_API_KEY")
+        .stdout(Stdio::piped())
+        .stderr(if both {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        });
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(child.stdout.take());
+    if both {
+        drop(child.stderr.take());
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_pipe_is_not_an_error_and_a_run_finishes_its_work() {
+    let s = Scene::new(SandboxConfig::default(), &csv_rows(3_000)).await;
+    let (dbs, csv, url) = (
+        s.db.display().to_string(),
+        s.csv.display().to_string(),
+        s.sb.url(),
+    );
+    // A run whose stdout and stderr readers are gone: it sends everything, records
+    // everything, and exits with its own code.
+    let out = tokio::task::spawn_blocking({
+        let (dbs, csv, url) = (dbs.clone(), csv.clone(), url.clone());
+        move || {
+            with_closed_pipe(
+                &[
+                    "run",
+                    "--db",
+                    &dbs,
+                    "--csv",
+                    &csv,
+                    "--api-base",
+                    &url,
+                    "--rate",
+                    "0",
+                ],
+                &[("KOHORTPAY_API_KEY", KEY)],
+                true,
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'"),
+        3_000
+    );
+    assert_eq!(
+        count(&s.db, "SELECT count(*) FROM runs WHERE exit_code = 0"),
+        1
+    );
+    // Readers that stop early: report, export (more than a pipe's buffer), validate, config.
+    for args in [
+        vec!["report", "--db", &dbs],
+        vec!["report", "--db", &dbs, "--last"],
+        vec!["export", "groups", "--db", &dbs],
+        vec!["export", "groups", "--db", &dbs, "--format", "json"],
+        vec!["validate", "--csv", &csv, "--json"],
+        vec!["config"],
+    ] {
+        let out = with_closed_pipe(&args, &[], false);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn absurd_numbers_are_refused_up_front_naming_the_flag_and_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("k.db");
+    let dbs = db.display().to_string();
+    for (flag, value, says) in [
+        (
+            "--timeout",
+            "1e300",
+            "--timeout 1e300: accepted from 1ms to 1h",
+        ),
+        ("--timeout", "0", "--timeout 0: accepted from 1ms to 1h"),
+        ("--rate", "1e-20", "accepted from 0.001 to 100000"),
+        ("--rate", "NaN", "is not a request rate"),
+        (
+            "--concurrency",
+            "100000",
+            "--concurrency 100000: accepted from 1 to 1024",
+        ),
+        ("--concurrency", "0", "accepted from 1 to 1024"),
+        ("--max-attempts", "0", "accepted from 1 to 100"),
+        ("--settle", "1e20", "accepted from 0s to 24h"),
+        ("--grace=-1s", "", "is not a duration"),
+        ("--max-pause", "48h", "accepted from 0s to 24h"),
+        ("--busy-timeout", "abc", "is not a duration"),
+    ] {
+        for cmd in ["run", "config"] {
+            let mut argv = vec![cmd, "--db", &dbs, flag];
+            if !value.is_empty() {
+                argv.push(value);
+            }
+            let out = bin(&argv, &[("KOHORTPAY_API_KEY", KEY)]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{cmd} {flag} {value}: {err}");
+            assert!(err.contains(says), "{cmd} {flag} {value}: {err}");
+            assert!(!err.contains("panicked"), "{err}");
+        }
+        assert!(!db.exists(), "{flag} {value}: a database was opened");
+    }
+    // `config` checks exactly as `run` does, and says where each value came from.
+    let out = bin(
+        &[
+            "config",
+            "--timeout",
+            "abc",
+            "--rate",
+            "NaN",
+            "--concurrency",
+            "0",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let out = bin(&["config", "--rate", "2", "--timeout", "5s"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", all(&out));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["sources"]["rate"], "command line");
+    assert_eq!(shown["sources"]["concurrency"], "default");
+    assert_eq!(shown["sources"]["settle"], "computed: 2 × timeout");
+    assert_eq!(shown["settings"]["engine"]["settle"], 10.0);
+    assert_eq!(shown["settings"]["engine"]["rate"], 2.0);
+}
+
+/// A sandbox whose every answer is a 503 with this `Retry-After`.
+async fn unavailable_for(retry_after_secs: u64) -> Scene {
+    Scene::new(
+        SandboxConfig {
+            error_503: 1.0,
+            retry_after_secs,
+            ..SandboxConfig::default()
+        },
+        &csv_rows(4),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_after_beyond_max_pause_stops_the_run_saying_when_to_come_back() {
+    for secs in [3_600, u64::MAX] {
+        let s = unavailable_for(secs).await;
+        let out = bin_async(
+            owned(&[
+                "run",
+                "--db",
+                &s.db.display().to_string(),
+                "--csv",
+                &s.csv.display().to_string(),
+                "--api-base",
+                &s.sb.url(),
+            ]),
+            with_key(),
+        )
+        .await;
+        let text = all(&out);
+        assert_eq!(out.status.code(), Some(3), "{text}");
+        assert!(
+            text.contains("the API asked to wait")
+                && text.contains("longer than --max-pause 5m")
+                && text.contains("run again after")
+                && text.contains("4 rows stay pending"),
+            "{text}"
+        );
+        assert!(!text.contains("panicked"), "{text}");
+        assert_eq!(
+            count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'pending'"),
+            4
+        );
+        assert_eq!(
+            count(&s.db, "SELECT count(*) FROM jobs WHERE state <> 'pending'"),
+            0
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_pause_is_logged_with_its_length_cause_and_end() {
+    let s = Scene::new(
+        SandboxConfig {
+            error_503: 0.3,
+            retry_after_secs: 1,
+            seed: 3,
+            ..SandboxConfig::default()
+        },
+        &csv_rows(10),
+    )
+    .await;
+    let out = bin_async(
+        owned(&[
+            "run",
+            "--db",
+            &s.db.display().to_string(),
+            "--csv",
+            &s.csv.display().to_string(),
+            "--api-base",
+            &s.sb.url(),
+            "--rate",
+            "0",
+            "--settle",
+            "100ms",
+        ]),
+        with_key(),
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("pausing every request for 1s (HTTP 503 with Retry-After); sending again at"),
+        "{err}"
+    );
+    assert_one_group_each(&s.sb, orders(10));
+}
+
+/// A stub API on loopback: every request gets `status` (with `location` if given),
+/// and is counted.
+async fn stub(status: u16, location: Option<&'static str>) -> (String, Arc<AtomicU64>) {
+    let hits = Arc::new(AtomicU64::new(0));
+    let counter = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut resp = axum::response::Response::new(axum::body::Body::from(
+                r#"{"statusCode":401,"message":"Invalid API key provided."}"#,
+            ));
+            *resp.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
+            if let Some(l) = location {
+                resp.headers_mut()
+                    .insert("location", axum::http::HeaderValue::from_static(l));
+            }
+            resp
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, hits)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_request_leaves_after_a_401() {
+    let (url, hits) = stub(401, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let csv = write(dir.path(), "o.csv", &csv_rows(50));
+    for i in 0..20 {
+        let before = hits.load(Ordering::SeqCst);
+        let db = dir.path().join(format!("k{i}.db"));
+        let mut a = args(&url);
+        a.concurrency = 1;
+        let exit = run(&a, &db, std::slice::from_ref(&csv)).await;
+        assert_eq!(exit, kohort_batch::Exit::StoppedByApi);
+        assert_eq!(hits.load(Ordering::SeqCst) - before, 1, "run {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redirect_is_named_as_such_with_its_location() {
+    let (url, _) = stub(301, Some("https://api.example.test/v2/orders")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let csv = write(dir.path(), "o.csv", &csv_rows(3));
+    let db = dir.path().join("k.db");
+    let out = bin_async(
+        owned(&[
+            "run",
+            "--db",
+            &db.display().to_string(),
+            "--csv",
+            &csv.display().to_string(),
+            "--api-base",
+            &url,
+        ]),
+        with_key(),
+    )
+    .await;
+    let text = all(&out);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("redirect")
+            && text.contains("https://api.example.test/v2/orders")
+            && text.contains("--api-base"),
+        "{text}"
+    );
+    assert!(!text.contains("rejected the key"), "{text}");
+}
+
+/// Whether the tests run as root (who may write any file).
+fn root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_locked_past_the_busy_timeout_exits_74_with_rows_pending() {
+    let s = Scene::new(SandboxConfig::default(), &csv_rows(5)).await;
+    let dbs = s.db.display().to_string();
+    let url = s.sb.url();
+    assert_eq!(
+        bin_async(
+            owned(&[
+                "enqueue",
+                "--db",
+                &dbs,
+                "--csv",
+                &s.csv.display().to_string()
+            ]),
+            vec![]
+        )
+        .await
+        .status
+        .code(),
+        Some(0)
+    );
+    // A producer's transaction left open.
+    let holder = rusqlite::Connection::open(&s.db).unwrap();
+    holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let out = bin_async(
+        owned(&[
+            "run",
+            "--db",
+            &dbs,
+            "--api-base",
+            &url,
+            "--busy-timeout",
+            "200ms",
+        ]),
+        with_key(),
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "{err}");
+    assert!(
+        err.contains(&dbs) && err.contains("locked") && err.contains("--busy-timeout"),
+        "{err}"
+    );
+    assert_eq!(
+        err.trim()
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .count(),
+        1,
+        "{err}"
+    );
+    holder.execute_batch("ROLLBACK").unwrap();
+    drop(holder);
+    assert_eq!(
+        count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'pending'"),
+        5
+    );
+    assert_eq!(s.sb.stats(false).groups_total, 0);
+}
+
+#[test]
+fn a_full_disk_exits_74() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = write(dir.path(), "o.csv", &csv_rows(20_000));
+    let db = dir.path().join("k.db");
+    // A 256 KiB file size limit stands in for a full disk (SIGXFSZ ignored, so the
+    // write fails with EFBIG as on a full file system).
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -f 256; trap '' XFSZ; exec {BIN} enqueue --db {} --csv {}",
+            db.display(),
+            csv.display()
+        ))
+        .env_remove("KOHORT_BATCH_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "{err}");
+    assert!(
+        err.contains("full disk") && err.contains("check free space"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_database_this_user_cannot_write_exits_74() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("k.db");
+    let csv = write(dir.path(), "o.csv", &csv_rows(2));
+    let out = bin(
+        &[
+            "enqueue",
+            "--db",
+            &db.display().to_string(),
+            "--csv",
+            &csv.display().to_string(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    if !root() {
+        println!("skipped the other-user case: it needs root to switch users");
+        return;
+    }
+    // The same database, as a user who may read but not write it or its directory.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for f in ["k.db", "o.csv"] {
+        std::fs::set_permissions(dir.path().join(f), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+    }
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            BIN,
+            "enqueue",
+            "--db",
+        ])
+        .arg(&db)
+        .arg("--csv")
+        .arg(&csv)
+        .env_remove("KOHORT_BATCH_CONFIG")
+        .output();
+    let Ok(out) = out else {
+        println!("skipped the other-user case: setpriv is not installed");
+        return;
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("setpriv:") {
+        println!("skipped the other-user case: {err}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(74), "{err}");
+    assert!(
+        err.contains("cannot write") && err.contains("owner and mode"),
+        "{err}"
+    );
+}
+
+/// A SQLite file of another application: a `jobs` table and a user_version of its own.
+fn foreign_database(path: &Path) -> Vec<u8> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY, title TEXT);
+         INSERT INTO jobs (title) VALUES ('keep me');
+         PRAGMA user_version = 3;",
+    )
+    .unwrap();
+    drop(conn);
+    std::fs::read(path).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_applications_database_is_refused_unchanged() {
+    let s = Scene::new(SandboxConfig::default(), &csv_rows(2)).await;
+    let other = s.dir.path().join("other.db");
+    let before = foreign_database(&other);
+    let others = other.display().to_string();
+    let csv = s.csv.display().to_string();
+    let url = s.sb.url();
+    for args in [
+        owned(&["report", "--db", &others]),
+        owned(&["export", "groups", "--db", &others]),
+        owned(&["enqueue", "--db", &others, "--csv", &csv]),
+        owned(&["run", "--db", &others, "--csv", &csv, "--api-base", &url]),
+    ] {
+        let out = bin_async(args.clone(), with_key()).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("not a kohort-batch database"), "{err}");
+        assert_eq!(
+            std::fs::read(&other).unwrap(),
+            before,
+            "{args:?} changed it"
+        );
+        assert!(!s.dir.path().join("other.db-wal").exists());
+    }
+    assert_eq!(s.sb.stats(false).groups_total, 0);
+    // Not SQLite at all (a CSV given as --db), a directory, a missing file for a reader.
+    for (db, says, code) in [
+        (csv.clone(), "not a SQLite database", 2),
+        (s.dir.path().display().to_string(), "is a directory", 2),
+        (
+            s.dir.path().join("missing.db").display().to_string(),
+            "there is no database",
+            2,
+        ),
+    ] {
+        let out = bin_async(owned(&["report", "--db", &db]), vec![]).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{db}: {err}");
+        assert!(err.contains(says), "{db}: {err}");
+    }
+    assert!(
+        !s.dir.path().join("missing.db").exists(),
+        "a reader created a database"
+    );
+    assert_eq!(std::fs::read_to_string(&s.csv).unwrap(), csv_rows(2));
+    // A database of a newer kohort-batch is refused too, unchanged.
+    let newer = s.dir.path().join("newer.db");
+    let dbs = newer.display().to_string();
+    let out = bin_async(owned(&["enqueue", "--db", &dbs, "--csv", &csv]), vec![]).await;
+    assert_eq!(out.status.code(), Some(0));
+    rusqlite::Connection::open(&newer)
+        .unwrap()
+        .execute_batch("PRAGMA user_version = 99")
+        .unwrap();
+    let out = bin_async(owned(&["report", "--db", &dbs]), vec![]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("newer kohort-batch (schema 99"), "{err}");
+}
+
+#[test]
+fn urls_with_credentials_or_a_hidden_host_are_refused() {
+    for base in [
+        "http://[::1]@192.0.2.2:18090",
+        "http://127.0.0.1:18080@evil.example",
+        "https://user:pass@api.kohortpay.com",
+    ] {
+        let out = bin(&["config", "--api-base", base], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{base}: {err}");
+        assert!(err.contains("--api-base"), "{base}: {err}");
+        assert!(!err.contains("pass@") || base.contains("pass"), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn text_from_the_input_cannot_drive_the_terminal_or_forge_log_lines() {
+    // ESC (colour), CR, LF (a forged INFO line) and an OSC title sequence, in fields
+    // that end up in the log, the report and `report --last`.
+    let text = "customerId,orderId,metadata\n\
+                cus_1,ord_\u{1b}[31mred,{}\n\
+                cus_2,\"ord_2\r\n2026-01-01T00:00:00Z  INFO forged line\",{}\n\
+                cus_3,ord_3,\"{\u{1b}]0;pwned\u{7}\"\n";
+    let s = Scene::new(SandboxConfig::default(), text).await;
+    let dbs = s.db.display().to_string();
+    let out = bin_async(
+        owned(&[
+            "run",
+            "--db",
+            &dbs,
+            "--csv",
+            &s.csv.display().to_string(),
+            "--api-base",
+            &s.sb.url(),
+        ]),
+        with_key(),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", all(&out));
+    let last = bin_async(owned(&["report", "--db", &dbs, "--last"]), vec![]).await;
+    for (what, bytes) in [
+        ("stdout", &out.stdout),
+        ("stderr", &out.stderr),
+        ("report --last", &last.stdout),
+    ] {
+        let text = String::from_utf8_lossy(bytes);
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\r') && !text.contains('\u{7}'),
+            "{what}: {text:?}"
+        );
+        assert!(
+            !text.lines().any(|l| l.starts_with("2026-01-01T00:00:00Z")),
+            "{what}: a forged line: {text}"
+        );
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ord_\\u{1b}[31mred"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mistakes_are_found_before_the_database_is_opened() {
+    let s = Scene::new(SandboxConfig::default(), &csv_rows(2)).await;
+    let dir = s.dir.path();
+    let dbs = s.db.display().to_string();
+    let csv = s.csv.display().to_string();
+    let url = s.sb.url();
+    let key_file = |name: &str, text: &str| {
+        let p = write(dir, name, text);
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        p.display().to_string()
+    };
+    let empty = key_file("empty-key", "\n");
+    let assignment = key_file("env-key", "KOHORTPAY_API_KEY=sk_test_abc\n");
+    let publishable = key_file("pk-key", "pk_test_abc\n");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            owned(&["--report-json", "/nonexistent/dir/r.json"]),
+            "--report-json /nonexistent/dir/r.json: cannot write in /nonexistent/dir",
+        ),
+        (
+            owned(&["--metrics-file", "/nonexistent/m.prom"]),
+            "--metrics-file /nonexistent/m.prom",
+        ),
+        (
+            owned(&["--csv", "/nonexistent/o.csv"]),
+            "/nonexistent/o.csv",
+        ),
+        (owned(&["--ca-cert", "/nonexistent/ca.pem"]), "--ca-cert"),
+        (owned(&["--api-key-file", &empty]), "is empty"),
+        (owned(&["--api-key-file", &assignment]), "NAME=value"),
+        (
+            owned(&["--api-key-file", &publishable]),
+            "publishable key (pk_…)",
+        ),
+    ];
+    for (extra, says) in cases {
+        let mut a = owned(&["run", "--db", &dbs, "--api-base", &url, "--csv", &csv]);
+        a.extend(extra.clone());
+        let out = bin_async(a, with_key()).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains(says), "{extra:?}: {err}");
+        assert_eq!(err.matches("error:").count(), 1, "said once: {err}");
+        assert!(!err.contains("abc"), "the key is never shown: {err}");
+        assert!(!s.db.exists(), "{extra:?}: the database was opened");
+    }
+    let out = bin_async(
+        owned(&["run", "--db", &dbs, "--api-base", &url, "--csv", &csv]),
+        vec![("KOHORTPAY_API_KEY".into(), "pk_live_abc".into())],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        s.sb.stats(false).requests.values().sum::<u64>(),
+        0,
+        "nothing was sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_with_nothing_to_send_says_so() {
+    let s = Scene::new(SandboxConfig::default(), "customerId,orderId\n").await;
+    let out = bin_async(
+        owned(&[
+            "run",
+            "--db",
+            &s.db.display().to_string(),
+            "--csv",
+            &s.csv.display().to_string(),
+            "--api-base",
+            &s.sb.url(),
+        ]),
+        with_key(),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("no job to send"), "{text}");
+    assert!(
+        !text.contains("every job succeeded") && !text.contains("req/s"),
+        "{text}"
+    );
+}
+
+#[test]
+fn many_unknown_columns_make_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut header = String::from("customerId,orderId");
+    for i in 0..5_000 {
+        header.push_str(&format!(",extra_{i}"));
+    }
+    let csv = write(dir.path(), "wide.csv", &format!("{header}\n"));
+    let out = bin(&["validate", "--csv", &csv.display().to_string()], &[]);
+    let mut text = String::new();
+    out.stdout.as_slice().read_to_string(&mut text).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("not used")).collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(lines[0].contains("5000 columns are not used") && lines[0].contains("and 4980 more"));
+}

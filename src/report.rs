@@ -413,6 +413,20 @@ mod tests {
     }
 
     #[test]
+    fn the_rate_counts_only_the_time_spent_sending() {
+        // 408 requests in a 10 s window, 8 s of which were a Retry-After pause.
+        let mut f = facts();
+        f.paused_ms = 8_000;
+        assert_eq!(Report::from_facts(f).requests.rate_per_sec, 204.0);
+        // A window of a few milliseconds gives no rate at all, not thousands per second.
+        let mut f = facts();
+        f.send_window_ms = Some((0, 3));
+        let r = Report::from_facts(f);
+        assert_eq!(r.requests.rate_per_sec, 0.0);
+        assert!(!r.to_text().contains("req/s"));
+    }
+
+    #[test]
     fn text_report_snapshot() {
         insta::assert_snapshot!(Report::from_facts(facts()).to_text());
     }

@@ -162,8 +162,9 @@ pub async fn drain(
     on_done: Option<OnDone>,
 ) -> Result<Drained> {
     let pacer = Pacer::new(cfg.concurrency, cfg.rate, cfg.breaker_threshold);
-    // Enough workers to keep every permit busy while others sleep in backoff.
-    let pool_size = (cfg.concurrency * 8).max(256);
+    // Enough workers to keep every permit busy while others sleep in backoff, and
+    // no more than 2,048 (about 4 KiB each): memory must not follow --concurrency.
+    let pool_size = (cfg.concurrency * 8).clamp(256, 2_048);
     let ctx = Arc::new(Ctx {
         span: tracing::Span::current(),
         store: store.clone(),

@@ -714,3 +714,52 @@ fn many_unknown_columns_make_one_line() {
     assert_eq!(lines.len(), 1, "{text}");
     assert!(lines[0].contains("5000 columns are not used") && lines[0].contains("and 4980 more"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_does_not_follow_the_concurrency_setting() {
+    // Peak memory of one-row runs at the lowest and the highest concurrency, read
+    // from the kernel by a small Python parent (a bound on memory, not a timing).
+    let s = Scene::new(SandboxConfig::default(), &csv_rows(1)).await;
+    let (url, csv) = (s.sb.url(), s.csv.clone());
+    let peak = move |concurrency: &'static str, db: &str| {
+        let script = format!(
+            "import resource, subprocess, sys\n\
+             subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)\n\
+             print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        );
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                &script,
+                BIN,
+                "run",
+                "--rate",
+                "0",
+                "--concurrency",
+                concurrency,
+            ])
+            .args(["--db", db, "--api-base", &url, "--csv"])
+            .arg(&csv)
+            .env("KOHORTPAY_API_KEY", KEY)
+            .env_remove("KOHORT_BATCH_CONFIG")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", all(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let dir = s.dir.path();
+    let (low, high) = tokio::task::spawn_blocking({
+        let (a, b) = (
+            dir.join("a.db").display().to_string(),
+            dir.join("b.db").display().to_string(),
+        );
+        move || (peak("1", &a), peak("1024", &b))
+    })
+    .await
+    .unwrap();
+    // Measured: about 14 MB and 21 MB. 1,024 slots may cost at most 32 MB more.
+    assert!(high < low + 32 * 1024, "1: {low} KiB, 1024: {high} KiB");
+}

@@ -722,11 +722,9 @@ async fn memory_does_not_follow_the_concurrency_setting() {
     let s = Scene::new(SandboxConfig::default(), &csv_rows(1)).await;
     let (url, csv) = (s.sb.url(), s.csv.clone());
     let peak = move |concurrency: &'static str, db: &str| {
-        let script = format!(
-            "import resource, subprocess, sys\n\
+        let script = "import resource, subprocess, sys\n\
              subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)\n\
-             print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-        );
+             print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)";
         let out = Command::new("python3")
             .args([
                 "-c",

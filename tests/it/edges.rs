@@ -728,7 +728,7 @@ async fn memory_does_not_follow_the_concurrency_setting() {
         let out = Command::new("python3")
             .args([
                 "-c",
-                &script,
+                script,
                 BIN,
                 "run",
                 "--rate",

@@ -59,7 +59,7 @@ pub fn main_entry() -> ExitCode {
             return ExitCode::from(e.exit().code());
         }
     };
-    commands::init_logging(cli.log_format);
+    commands::init_logging(cli.log_format, cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -263,7 +263,12 @@ mod tests {
     fn file_fills_what_flags_leave_at_default() {
         let cfg = "concurrency = 9\nrate = 2.5\nprecheck = \"ambiguous\"\nlive = true\ndb = \"/tmp/x.db\"\ntimeout = \"10s\"\n";
         let cli = with_file(cfg, &["run", "--rate", "7"]).unwrap();
-        assert_eq!(cli.db, PathBuf::from("/tmp/x.db"));
+        assert!(
+            matches!(&cli.command, crate::cli::Command::Run(r) if r.db.db == Path::new("/tmp/x.db"))
+        );
+        assert_eq!(cli.sources["rate"], "command line");
+        assert!(cli.sources["concurrency"].starts_with("config file "));
+        assert_eq!(cli.sources["grace"], "default");
         let s = send(cli);
         assert_eq!((s.concurrency, s.rate, s.live), (9, 7.0, true));
         assert_eq!(s.precheck, crate::cli::PrecheckArg::Ambiguous);

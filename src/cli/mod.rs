@@ -11,21 +11,23 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// The version, with the commit it was built from when the build had one.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), env!("KB_BUILD_COMMIT"));
+
 /// Creates KohortPay referral groups in bulk, safely: one group per order, exactly once.
 #[derive(Debug, Parser)]
-#[command(name = "kohort-batch", version, about, long_about = None)]
+#[command(name = "kohort-batch", version = VERSION, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 
-    /// The SQLite database holding jobs, attempts, groups and runs.
-    #[arg(
-        long,
-        global = true,
-        env = "KOHORT_BATCH_DB",
-        default_value = "kohort-batch.db"
-    )]
-    pub db: PathBuf,
+    /// Print no report on stdout (the exit code, --report-json and the logs still tell).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    /// More log lines on stderr: -v for debug, -vv for trace (RUST_LOG overrides).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
 
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -65,14 +67,56 @@ pub enum Command {
     /// Run the local simulated KohortPay API.
     Sandbox(SandboxArgs),
     /// The sandbox plus samples/ end to end: no key, no network.
-    Demo,
+    Demo(DemoArgs),
     /// Print the settings `run` would use (flags > environment > config file >
     /// defaults), as JSON. The key itself is never shown.
     Config(RunArgs),
+    /// Create the database (or bring it up to date) so producers can write the
+    /// inbox before the first run; prints the INSERT a producer uses.
+    Init(InitArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff), for `man -l -` or /usr/local/share/man/man1.
+    Man,
+}
+
+/// The database option of the commands that use one.
+#[derive(Debug, Args, Clone, serde::Serialize)]
+pub struct DbArg {
+    /// The SQLite database holding jobs, attempts, groups and runs.
+    #[arg(long, env = "KOHORT_BATCH_DB", default_value = "kohort-batch.db")]
+    pub db: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub db: DbArg,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the demo's database here (default: a temporary directory, removed after).
+    #[arg(long, value_name = "PATH")]
+    pub db: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// The clap command, for completions and the manual page.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 #[derive(Debug, Args, serde::Serialize)]
 pub struct RunArgs {
+    #[command(flatten)]
+    pub db: DbArg,
+
     /// CSV files to import before sending ('-' for stdin). May be repeated.
     #[arg(long = "csv", value_name = "FILE")]
     pub csv: Vec<PathBuf>,
@@ -83,6 +127,9 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct EnqueueArgs {
+    #[command(flatten)]
+    pub db: DbArg,
+
     /// CSV files to import ('-' for stdin). May be repeated.
     #[arg(long = "csv", value_name = "FILE", required = true)]
     pub csv: Vec<PathBuf>,
@@ -90,6 +137,9 @@ pub struct EnqueueArgs {
 
 #[derive(Debug, Args)]
 pub struct RetryArgs {
+    #[command(flatten)]
+    pub db: DbArg,
+
     /// Only jobs whose last HTTP status is this (repeatable), e.g. --status 503.
     #[arg(long = "status", value_name = "CODE")]
     pub statuses: Vec<u16>,
@@ -120,6 +170,9 @@ pub struct ValidateArgs {
 
 #[derive(Debug, Args)]
 pub struct ReportArgs {
+    #[command(flatten)]
+    pub db: DbArg,
+
     /// The run to show.
     #[arg(long, conflicts_with = "last")]
     pub run: Option<i64>,
@@ -140,6 +193,9 @@ pub enum Format {
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
+    #[command(flatten)]
+    pub db: DbArg,
+
     /// What to export.
     #[arg(value_enum)]
     pub what: ExportWhat,

@@ -1,5 +1,6 @@
 //! `sandbox` (serve the simulated API) and `demo` (sandbox + samples end to end).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use super::out;
@@ -41,9 +42,19 @@ pub async fn sandbox(cfg: SandboxConfig, listen: std::net::SocketAddr) -> Result
 /// The embedded sample, so `demo` works from any directory.
 const SAMPLE_CSV: &str = include_str!("../../samples/orders.csv");
 
-/// `demo`: the sandbox with mild faults, the sample CSV, a temporary database, and
-/// the sandbox's own count proving one group per valid order.
-pub async fn demo() -> Result<Exit> {
+/// `demo`: the sandbox with mild faults, the sample CSV, a temporary database (or a
+/// new one at `keep`, kept afterwards), and the sandbox's own count proving one
+/// group per valid order.
+pub async fn demo(keep: Option<&Path>) -> Result<Exit> {
+    if let Some(path) = keep
+        && path.exists()
+    {
+        return Err(Error::usage(format!(
+            "demo --db {}: that file exists; give a new path (the demo proves its count on \
+             a fresh database)",
+            path.display()
+        )));
+    }
     let faults = SandboxConfig {
         latency: (
             std::time::Duration::from_millis(5),
@@ -65,7 +76,7 @@ pub async fn demo() -> Result<Exit> {
         path: csv.clone(),
         source,
     })?;
-    let db = dir.path().join("demo.db");
+    let db = keep.map_or_else(|| dir.path().join("demo.db"), Path::to_path_buf);
     out::say(&format!(
         "Demo: sandbox on {} (latency 5–40 ms, 2% 503 with Retry-After: 1)\n      importing samples/orders.csv into {}\n\n",
         sb.url(),

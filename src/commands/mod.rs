@@ -21,15 +21,21 @@ use crate::store::RetryFilter;
 
 pub use send::{enqueue, import_csv, retry_failed, run};
 
-/// Logs go to stderr, as text or JSON lines; `RUST_LOG` overrides the level.
-pub fn init_logging(format: LogFormat) {
+/// Logs go to stderr, as text or JSON lines: info, or debug with `-v`, trace with
+/// `-vv`; `RUST_LOG` overrides the level. Colours only on a terminal, and never when
+/// `NO_COLOR` is set.
+pub fn init_logging(format: LogFormat, verbose: u8) {
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::field::MakeExt;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
+    let level = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(colours())
         .with_writer(|| progress::LogWriter)
         // Its report of a failed write is an `eprintln!`, which would panic on the
         // very stderr that failed (closed by `| head`): a log line that cannot be
@@ -56,44 +62,75 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
+/// Whether stderr gets colours: a terminal, and no `NO_COLOR` (https://no-color.org).
+pub(crate) fn colours() -> bool {
+    use std::io::IsTerminal;
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
+}
+
 /// Runs a parsed command line to its exit code.
 pub async fn dispatch(cli: Cli) -> Exit {
+    out::set_quiet(cli.quiet);
     let env_key = std::env::var("KOHORTPAY_API_KEY").ok();
     let result = match cli.command {
-        Command::Run(args) => match config::resolve_send(&args.send, cli.db, env_key) {
+        Command::Run(args) => match config::resolve_send(&args.send, args.db.db.clone(), env_key) {
             Ok(cfg) => run(&cfg, &args.csv, signals()).await,
             Err(e) => Err(e),
         },
-        Command::RetryFailed(args) => match config::resolve_send(&args.send, cli.db, env_key) {
-            Ok(cfg) => {
-                let filter = RetryFilter {
-                    statuses: args.statuses,
-                    transport_only: args.transport,
-                    classes: args.classes,
-                    include_unknown: false,
-                };
-                retry_failed(&cfg, filter, signals()).await
+        Command::RetryFailed(args) => {
+            match config::resolve_send(&args.send, args.db.db.clone(), env_key) {
+                Ok(cfg) => {
+                    let filter = RetryFilter {
+                        statuses: args.statuses,
+                        transport_only: args.transport,
+                        classes: args.classes,
+                        include_unknown: false,
+                    };
+                    retry_failed(&cfg, filter, signals()).await
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        },
-        Command::Enqueue(args) => enqueue(&cli.db, &args.csv).await,
+        }
+        Command::Enqueue(args) => enqueue(&args.db.db, &args.csv).await,
         Command::Validate(args) => inspect::validate(&args.csv, args.json),
-        Command::Report(args) => inspect::report(&cli.db, args.run, args.last, args.format).await,
+        Command::Report(args) => {
+            inspect::report(&args.db.db, args.run, args.last, args.format).await
+        }
         Command::Export(args) => {
-            inspect::export(&cli.db, args.what, args.format, args.output.as_deref()).await
+            inspect::export(&args.db.db, args.what, args.format, args.output.as_deref()).await
         }
         Command::Sandbox(args) => match config::resolve_sandbox(&args) {
             Ok(cfg) => demo::sandbox(cfg, args.listen).await,
             Err(e) => Err(e),
         },
-        Command::Demo => demo::demo().await,
+        Command::Demo(args) => demo::demo(args.db.as_deref()).await,
         Command::Config(args) => show_config(
-            &cli.db,
+            &args.db.db,
             cli.config.as_deref(),
             &args,
             env_key.as_deref(),
             &cli.sources,
         ),
+        Command::Init(args) => init(&args.db.db).await,
+        Command::Completions(args) => {
+            let mut text = Vec::new();
+            clap_complete::generate(
+                args.shell,
+                &mut crate::cli::command(),
+                "kohort-batch",
+                &mut text,
+            );
+            out::say(&String::from_utf8_lossy(&text)).map(|()| Exit::Success)
+        }
+        Command::Man => {
+            let mut text = Vec::new();
+            match clap_mangen::Man::new(crate::cli::command()).render(&mut text) {
+                Ok(()) => out::say(&String::from_utf8_lossy(&text)).map(|()| Exit::Success),
+                Err(e) => Err(Error::Internal(format!(
+                    "cannot render the manual page: {e}"
+                ))),
+            }
+        }
     };
     match result {
         Ok(exit) => exit,
@@ -161,6 +198,29 @@ fn show_config(
     out::say(&format!(
         "{}\n",
         serde_json::to_string_pretty(&json).unwrap_or_default()
+    ))?;
+    Ok(Exit::Success)
+}
+
+/// `init`: creates the database (or brings its schema up to date) with its tables,
+/// so producers can write the inbox before the first run; prints how they do.
+async fn init(db: &Path) -> Result<Exit> {
+    let existed = db.exists();
+    let store = crate::store::Store::open(db)?;
+    store.close().await;
+    let what = if existed {
+        "is up to date"
+    } else {
+        "was created"
+    };
+    out::say(&format!(
+        "{} {what}. Producers insert into its inbox with plain SQL, for example:\n\n\
+         \x20 sqlite3 {} \"PRAGMA busy_timeout = 60000; INSERT INTO inbox (customer_id, order_id, metadata) \
+         VALUES ('cus_123', 'ord_2026_0042', '{{\\\"campaign\\\":\\\"spring\\\"}}')\"\n\n\
+         The next `kohort-batch run --db {}` sends them.\n",
+        db.display(),
+        db.display(),
+        db.display()
     ))?;
     Ok(Exit::Success)
 }

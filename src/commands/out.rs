@@ -10,6 +10,22 @@ use crate::error::{Error, Result};
 /// Standard output was closed by its reader: write nothing more to it.
 static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
 
+/// `-q`: a run's report is not printed.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Sets `-q` for this process.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// Prints a run's report, unless `-q` was given.
+pub fn report(text: &str) -> Result<()> {
+    if QUIET.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    say(text)
+}
+
 /// Writes `text` to standard output. A closed pipe is not an error; another write
 /// error is (a full disk under a redirection, say).
 pub fn say(text: &str) -> Result<()> {

@@ -20,10 +20,13 @@ pub(super) fn start(total: u64) -> Option<ProgressBar> {
         return None;
     }
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-    let style = ProgressStyle::with_template(
-        "{bar:30.cyan/blue} {pos}/{len} rows · {per_sec} · ETA {eta} · {elapsed}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let template = if super::colours() {
+        "{bar:30.cyan/blue} {pos}/{len} rows · {per_sec} · ETA {eta} · {elapsed}"
+    } else {
+        "{bar:30} {pos}/{len} rows · {per_sec} · ETA {eta} · {elapsed}"
+    };
+    let style =
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
     *BAR.lock().unwrap_or_else(|e| e.into_inner()) = Some(bar.clone());
     Some(bar)

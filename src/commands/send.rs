@@ -212,7 +212,7 @@ async fn finish(
     };
     store.close().await;
     let report = Report::from_facts(facts);
-    super::out::say(&report.to_text())?;
+    super::out::report(&report.to_text())?;
     if let Some(path) = outputs.report_json {
         write_atomic(path, report.to_json().as_bytes())?;
     }

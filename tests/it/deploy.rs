@@ -11,6 +11,14 @@ fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
+/// The `--db` of a parsed `run` command line.
+fn db_of(parsed: &cli::Cli) -> PathBuf {
+    match &parsed.command {
+        Command::Run(r) => r.db.db.clone(),
+        other => panic!("not a run: {other:?}"),
+    }
+}
+
 fn read(path: &str) -> String {
     std::fs::read_to_string(repo(path)).unwrap()
 }
@@ -49,7 +57,7 @@ fn parse_installed(words: &[String], dir: &Path) -> cli::Cli {
     };
     assert_eq!(parsed.log_format, LogFormat::Json);
     assert!(run.send.live && run.send.report_json.is_some() && run.send.metrics_file.is_some());
-    let resolved = config::resolve_send(&run.send, parsed.db.clone(), None).unwrap();
+    let resolved = config::resolve_send(&run.send, run.db.db.clone(), None).unwrap();
     assert_eq!(resolved.api_base, "https://api.kohortpay.com");
     assert_eq!(resolved.engine.concurrency, 4);
     parsed
@@ -67,7 +75,7 @@ fn the_service_exec_start_parses_with_the_real_cli() {
     assert_eq!(words[0], "/usr/local/bin/kohort-batch");
     let dir = tempfile::tempdir().unwrap();
     let parsed = parse_installed(&words, dir.path());
-    assert_eq!(parsed.db, dir.path().join("kohort-batch.db"));
+    assert_eq!(db_of(&parsed), dir.path().join("kohort-batch.db"));
     for needed in [
         "Type=oneshot",
         "DynamicUser=yes",
@@ -138,7 +146,7 @@ fn the_cron_line_and_its_command_are_right() {
     words.push("${CREDENTIALS_DIRECTORY}/kohortpay-api-key".into());
     let parsed = parse_installed(&words, dir.path());
     assert_eq!(
-        parsed.db,
+        db_of(&parsed),
         PathBuf::from("/var/lib/kohort-batch/kohort-batch.db")
     );
     assert!(script.contains("/etc/kohort-batch/env"));

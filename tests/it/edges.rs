@@ -761,3 +761,103 @@ async fn memory_does_not_follow_the_concurrency_setting() {
     // Measured: about 14 MB and 21 MB. 1,024 slots may cost at most 32 MB more.
     assert!(high < low + 32 * 1024, "1: {low} KiB, 1024: {high} KiB");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conventions_quiet_verbose_version_completions_man_and_help() {
+    let s = Scene::new(SandboxConfig::default(), &csv_rows(2)).await;
+    let (dbs, csv, url) = (
+        s.db.display().to_string(),
+        s.csv.display().to_string(),
+        s.sb.url(),
+    );
+    // -q: no report on stdout; -v: debug lines on stderr.
+    let out = bin_async(
+        owned(&[
+            "run",
+            "-q",
+            "-v",
+            "--db",
+            &dbs,
+            "--csv",
+            &csv,
+            "--api-base",
+            &url,
+        ]),
+        with_key(),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", all(&out));
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DEBUG"));
+    // Without a terminal no colour codes reach the logs; on one, NO_COLOR turns them off.
+    assert!(!out.stderr.contains(&0x1b));
+    let on_a_terminal = |no_color: bool| {
+        let db = s.dir.path().join(format!("tty-{no_color}.db"));
+        let cmd = format!(
+            "{}{BIN} enqueue --db {} --csv {csv}",
+            if no_color { "NO_COLOR=1 " } else { "" },
+            db.display()
+        );
+        Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .output()
+            .ok()
+            .map(|o| o.stdout.contains(&0x1b))
+    };
+    if let (Some(coloured), Some(plain)) = (on_a_terminal(false), on_a_terminal(true)) {
+        assert!(coloured, "no colours on a terminal");
+        assert!(!plain, "NO_COLOR was ignored");
+    } else {
+        println!("skipped the terminal case: `script` is not installed");
+    }
+    let version = bin(&["--version"], &[]);
+    let version = String::from_utf8_lossy(&version.stdout);
+    assert!(version.starts_with("kohort-batch 0."), "{version}");
+    if Path::new(env!("CARGO_MANIFEST_DIR")).join(".git").exists() {
+        assert!(version.contains("(commit "), "{version}");
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let out = bin(&["completions", shell], &[]);
+        assert_eq!(out.status.code(), Some(0));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("retry-failed"),
+            "{shell}"
+        );
+    }
+    let man = bin(&["man"], &[]);
+    assert!(String::from_utf8_lossy(&man.stdout).contains(".TH kohort-batch 1"));
+    // Each command's help shows only the options it uses.
+    for (cmd, has_db) in [
+        ("sandbox", false),
+        ("validate", false),
+        ("run", true),
+        ("report", true),
+        ("init", true),
+    ] {
+        let help = bin(&[cmd, "--help"], &[]);
+        let text = String::from_utf8_lossy(&help.stdout);
+        assert_eq!(text.contains("--db"), has_db, "{cmd}: {text}");
+    }
+    let out = bin(&["validate", "--db", &dbs, "--csv", &csv], &[]);
+    assert_eq!(out.status.code(), Some(2), "validate takes no --db");
+}
+
+#[test]
+fn demo_keeps_its_database_where_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("demo.db");
+    let dbs = db.display().to_string();
+    let out = bin(&["demo", "--db", &dbs], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", all(&out));
+    assert!(count(&db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'") > 0);
+    let again = bin(&["demo", "--db", &dbs], &[]);
+    assert_eq!(
+        again.status.code(),
+        Some(2),
+        "an existing file is not reused"
+    );
+}

@@ -76,10 +76,10 @@ fn flags_beat_environment_beat_file_beat_defaults() {
             String::from_utf8_lossy(&out.stderr)
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(v["run"]["send"]["api_base"], base, "{name}");
+        assert_eq!(v["settings"]["api_base"], base, "{name}");
         assert_eq!(v["db"], db, "{name}");
-        assert_eq!(v["run"]["send"]["rate"], rate, "{name}");
-        assert_eq!(v["run"]["send"]["concurrency"], conc, "{name}");
+        assert_eq!(v["settings"]["engine"]["rate"], rate, "{name}");
+        assert_eq!(v["settings"]["engine"]["concurrency"], conc, "{name}");
     }
     let bad = write(dir.path(), "bad.toml", "rate = \"fast\"\n");
     let out = bin(&["run", "--config", &bad.display().to_string()], &[]);

@@ -297,8 +297,6 @@ async fn validate_prints_bodies_and_every_invalid_row_and_writes_nothing() {
             "--json".into(),
             "--csv".into(),
             csv.display().to_string(),
-            "--db".into(),
-            db.display().to_string(),
         ],
         with_key(),
     )

@@ -6,9 +6,51 @@ use std::fmt::Write as _;
 
 use crate::report::Report;
 
-/// Renders the metrics of `report`; `last_success` is the unix time of the newest
-/// run that exited 0 (from any run), if there was one.
-pub fn render(report: &Report, last_success: Option<f64>) -> String {
+/// What the metrics file says about the run that just ended, whatever its exit.
+#[derive(Debug)]
+pub struct Finished<'a> {
+    pub exit_code: u8,
+    /// Unix time.
+    pub finished_at: f64,
+    /// The run's report, when it got as far as one.
+    pub report: Option<&'a Report>,
+    /// Jobs in the whole database by state, when the database could be read.
+    pub backlog: &'a [(String, i64)],
+    /// When the newest run that exited 0 finished (unix time), if one did.
+    pub last_success: Option<f64>,
+}
+
+impl<'a> Finished<'a> {
+    /// A run that finished with a report.
+    pub fn of(report: &'a Report, backlog: &'a [(String, i64)], last_success: Option<f64>) -> Self {
+        let finished_at = report
+            .finished_at
+            .as_deref()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .unwrap_or_else(jiff::Timestamp::now);
+        Finished {
+            exit_code: u8::try_from(report.exit_code.unwrap_or(70)).unwrap_or(70),
+            finished_at: finished_at.as_millisecond() as f64 / 1000.0,
+            report: Some(report),
+            backlog,
+            last_success,
+        }
+    }
+
+    /// A run that ended before it had a report (a held lock, a refusing database).
+    pub fn early(exit_code: u8) -> Self {
+        Finished {
+            exit_code,
+            finished_at: jiff::Timestamp::now().as_millisecond() as f64 / 1000.0,
+            report: None,
+            backlog: &[],
+            last_success: None,
+        }
+    }
+}
+
+/// Renders the metrics of a finished run in Prometheus text format.
+pub fn render(f: &Finished<'_>) -> String {
     let mut out = String::new();
     let mut metric = |name: &str, help: &str, samples: &[(String, f64)]| {
         let _ = writeln!(out, "# HELP kohort_batch_{name} {help}");
@@ -16,6 +58,39 @@ pub fn render(report: &Report, last_success: Option<f64>) -> String {
         for (labels, value) in samples {
             let _ = writeln!(out, "kohort_batch_{name}{labels} {value}");
         }
+    };
+    metric(
+        "last_run_finished_timestamp_seconds",
+        "When the last run finished, whatever its exit code (unix time).",
+        &[(String::new(), f.finished_at)],
+    );
+    metric(
+        "last_run_exit_code",
+        "Exit code of the last run (0 all succeeded, 1 some rows did not, 3 stopped by the \
+         API, 4 signal, 5 locked, 2 configuration, 70 bug, 74 database or disk).",
+        &[(String::new(), f64::from(f.exit_code))],
+    );
+    if let Some(t) = f.last_success {
+        metric(
+            "last_success_timestamp_seconds",
+            "When the newest run that exited 0 finished (unix time).",
+            &[(String::new(), t)],
+        );
+    }
+    if !f.backlog.is_empty() {
+        let jobs: Vec<(String, f64)> = f
+            .backlog
+            .iter()
+            .map(|(state, n)| (format!("{{state=\"{state}\"}}"), *n as f64))
+            .collect();
+        metric(
+            "jobs",
+            "Jobs in the whole database by state, after the last run (what is left to do).",
+            &jobs,
+        );
+    }
+    let Some(report) = f.report else {
+        return out;
     };
     let jobs: Vec<(String, f64)> = report
         .jobs
@@ -46,28 +121,6 @@ pub fn render(report: &Report, last_success: Option<f64>) -> String {
         "Wall-clock duration of the last run.",
         &[(String::new(), report.duration_secs.unwrap_or(0.0))],
     );
-    metric(
-        "last_run_exit_code",
-        "Exit code of the last run (0: every job succeeded).",
-        &[(String::new(), report.exit_code.unwrap_or(70) as f64)],
-    );
-    let finished = report
-        .finished_at
-        .as_deref()
-        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-        .map_or(0.0, |t| t.as_millisecond() as f64 / 1000.0);
-    metric(
-        "last_run_timestamp_seconds",
-        "When the last run finished (unix time).",
-        &[(String::new(), finished)],
-    );
-    if let Some(t) = last_success {
-        metric(
-            "last_success_timestamp_seconds",
-            "When the newest run that exited 0 finished (unix time).",
-            &[(String::new(), t)],
-        );
-    }
     out
 }
 
@@ -115,15 +168,27 @@ mod tests {
     #[test]
     fn metrics_are_valid_exposition_text() {
         let report: Report = serde_json::from_str(REPORT).unwrap();
-        let text = render(&report, Some(1_790_000_000.5));
+        let backlog = [("failed".to_owned(), 2), ("unknown".to_owned(), 1)];
+        let text = render(&Finished::of(&report, &backlog, Some(1_790_000_000.5)));
         assert_prometheus_text(&text);
         assert!(text.contains("kohort_batch_last_run_jobs{state=\"succeeded\"} 3\n"));
         assert!(text.contains("kohort_batch_last_run_exit_code 0\n"));
         assert!(text.contains("kohort_batch_last_success_timestamp_seconds 1790000000.5\n"));
+        assert!(text.contains("kohort_batch_jobs{state=\"failed\"} 2\n"));
+        assert!(text.contains("kohort_batch_jobs{state=\"unknown\"} 1\n"));
         assert!(
-            text.contains("kohort_batch_last_run_timestamp_seconds 1795507212.5\n"),
+            text.contains("kohort_batch_last_run_finished_timestamp_seconds 1795507212.5\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_run_that_ended_early_still_says_when_and_how() {
+        let text = render(&Finished::early(5));
+        assert_prometheus_text(&text);
+        assert!(text.contains("kohort_batch_last_run_exit_code 5\n"));
+        assert!(text.contains("kohort_batch_last_run_finished_timestamp_seconds "));
+        assert!(!text.contains("last_run_jobs"));
     }
 
     const REPORT: &str = r#"{"run_id":1,"command":"run","started_at":"2026-11-24T08:00:00.000000Z",

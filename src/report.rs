@@ -34,8 +34,18 @@ pub struct Report {
     pub latency_ms: Option<Latency>,
     /// The most common reasons rows did not succeed.
     pub top_failures: Vec<FailureGroup>,
+    /// Further reasons, beyond those listed.
+    #[serde(default)]
+    pub more_reasons: usize,
     /// Rows not imported because their key was taken by different data.
     pub conflicts: usize,
+    /// `retry-failed`: how many jobs its filters put back to pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requeued: Option<u64>,
+    /// Jobs of earlier runs not done when this one finished (failed, unknown,
+    /// invalid, pending), database-wide: what is left to do.
+    #[serde(default)]
+    pub backlog: BTreeMap<String, i64>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -107,6 +117,7 @@ impl Report {
         };
         let mut failures = f.failures;
         failures.extend(f.conflicts.iter().cloned());
+        let (top_failures, more_reasons) = group_failures(&failures);
         Report {
             run_id: f.run_id,
             command: f.command,
@@ -127,8 +138,11 @@ impl Report {
                 rate_per_sec: round2(rate_per_sec),
             },
             latency_ms: latency(&f.latencies_ms),
-            top_failures: group_failures(&failures),
+            top_failures,
+            more_reasons,
             conflicts: f.conflicts.len(),
+            requeued: None,
+            backlog: BTreeMap::new(),
         }
     }
 
@@ -143,8 +157,14 @@ impl Report {
         let verdict = match self.exit_code {
             // `enqueue` sends nothing: its success is that every row is queued.
             Some(0) if self.command == "enqueue" => "every row imported, to be sent".to_owned(),
+            Some(0) if self.jobs.values().all(|n| *n == 0) && self.requeued == Some(0) => {
+                "no failed job matched the filters".to_owned()
+            }
             Some(0) if self.jobs.values().all(|n| *n == 0) => "no job to send".to_owned(),
             Some(0) => "every job succeeded".to_owned(),
+            Some(1) if self.jobs.values().all(|n| *n == 0) && self.requeued == Some(0) => {
+                "no failed job matched the filters, and failed jobs remain".to_owned()
+            }
             Some(1) => "some rows did not succeed (see below)".to_owned(),
             Some(3) => "stopped by the API".to_owned(),
             Some(4) => "interrupted".to_owned(),
@@ -166,6 +186,13 @@ impl Report {
         );
         if let Some(why) = &self.stopped {
             let _ = writeln!(out, "  Stopped    {}", escape(why));
+        }
+        if let Some(n) = self.requeued {
+            let _ = writeln!(
+                out,
+                "  Retried    {} matched the filters and went back to pending",
+                count(n, "failed job", "failed jobs")
+            );
         }
         if let Some(i) = &self.imported {
             let _ = writeln!(
@@ -232,8 +259,39 @@ impl Report {
                 let _ = writeln!(out, "    {:>6} {}: {}", g.count, g.state, escape(&g.reason));
                 let _ = writeln!(out, "           e.g. {}", escape(&g.examples.join(", ")));
             }
+            if self.more_reasons > 0 {
+                let _ = writeln!(
+                    out,
+                    "           … and {} more",
+                    count(self.more_reasons as u64, "reason", "reasons")
+                );
+            }
+        }
+        let left: Vec<String> = ["failed", "unknown", "invalid", "pending"]
+            .iter()
+            .filter_map(|s| {
+                let n = self.backlog.get(*s).copied().unwrap_or(0);
+                (n > 0).then(|| format!("{n} {s}"))
+            })
+            .collect();
+        if !left.is_empty() {
+            let _ = writeln!(
+                out,
+                "  Backlog    {} remain from earlier runs: `kohort-batch export failures` lists \
+                 them, `kohort-batch retry-failed` sends failed ones again",
+                join_and(&left)
+            );
         }
         out
+    }
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn join_and(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
     }
 }
 
@@ -303,7 +361,8 @@ pub fn reason_template(reason: &str) -> String {
     out.join(" ")
 }
 
-fn group_failures(rows: &[FailureReason]) -> Vec<FailureGroup> {
+/// The most common failure reasons (at most [`TOP_REASONS`]), and how many more there are.
+fn group_failures(rows: &[FailureReason]) -> (Vec<FailureGroup>, usize) {
     let mut groups: Vec<FailureGroup> = Vec::new();
     let mut index: BTreeMap<(String, String), usize> = BTreeMap::new();
     for row in rows {
@@ -331,8 +390,9 @@ fn group_failures(rows: &[FailureReason]) -> Vec<FailureGroup> {
         }
     }
     groups.sort_by_key(|g| std::cmp::Reverse(g.count));
+    let more = groups.len().saturating_sub(TOP_REASONS);
     groups.truncate(TOP_REASONS);
-    groups
+    (groups, more)
 }
 
 #[cfg(test)]

@@ -167,13 +167,21 @@ pub async fn report(db: &Path, run: Option<i64>, last: bool, format: Format) -> 
         out::say(&text)?;
         return Ok(Exit::Success);
     };
-    let facts = store.run_facts(id).await?.ok_or_else(|| {
-        Error::usage(format!(
-            "there is no run {id} in {}; `kohort-batch report` lists the runs",
-            db.display()
-        ))
-    })?;
-    let report = Report::from_facts(facts);
+    // A finished run's report is the one printed when it finished (later runs may
+    // have changed its jobs since); an unfinished or older run's is rebuilt.
+    let saved = store
+        .saved_report(id)
+        .await?
+        .and_then(|json| serde_json::from_str::<Report>(&json).ok());
+    let report = match saved {
+        Some(report) => report,
+        None => Report::from_facts(store.run_facts(id).await?.ok_or_else(|| {
+            Error::usage(format!(
+                "there is no run {id} in {}; `kohort-batch report` lists the runs",
+                db.display()
+            ))
+        })?),
+    };
     match format {
         Format::Text => out::say(&report.to_text())?,
         Format::Json => out::say(&format!("{}\n", report.to_json()))?,

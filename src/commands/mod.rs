@@ -252,8 +252,21 @@ fn listen_for_signals(control: Arc<Control>) {
     });
 }
 
+/// [`write_atomic`], then readable by everyone (0644, whatever the umask): the
+/// metrics file is read by node_exporter, which runs as another user.
+pub fn write_readable(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_with_mode(path, bytes, Some(0o644))
+}
+
 /// Writes a file so readers never see half of it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_with_mode(path, bytes, None)
+}
+
+/// Writes `path` through a temporary file renamed into place, with `mode` set
+/// before the rename when given.
+fn write_with_mode(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let tmp = path.with_extension("tmp");
     let io = |source| Error::File {
         action: "write",
@@ -261,5 +274,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         source,
     };
     std::fs::write(&tmp, bytes).map_err(io)?;
+    if let Some(mode) = mode {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    }
     std::fs::rename(&tmp, path).map_err(io)
 }

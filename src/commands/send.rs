@@ -44,25 +44,48 @@ async fn session(
     retry: Option<RetryFilter>,
     control: Arc<Control>,
 ) -> Result<Exit> {
-    // Everything that can be checked is, before the database is opened or changed.
-    check_inputs(csv)?;
-    let api = ApiClient::new(&cfg.api_base, &cfg.key, cfg.timeout, cfg.ca_cert.as_deref())?;
-    let store = Store::open_with(&cfg.db, Access::Write, cfg.busy_timeout)?;
-    let options = serde_json::json!({
-        "api_base": cfg.api_base,
-        "timeout_secs": cfg.timeout.as_secs_f64(),
-        "engine": cfg.engine,
-        "csv": csv,
-        "retry_filter": retry.as_ref().map(|f| format!("{f:?}")),
-    })
-    .to_string();
-    let run_id = store.begin_run(command, options, true).await?;
+    let started = async {
+        // Everything that can be checked is, before the database is opened or changed.
+        check_inputs(csv)?;
+        if let Some(filter) = &retry {
+            check_classes(&filter.classes)?;
+        }
+        let api = ApiClient::new(&cfg.api_base, &cfg.key, cfg.timeout, cfg.ca_cert.as_deref())?;
+        let store = Store::open_with(&cfg.db, Access::Write, cfg.busy_timeout)?;
+        let options = serde_json::json!({
+            "api_base": cfg.api_base,
+            "timeout_secs": cfg.timeout.as_secs_f64(),
+            "engine": cfg.engine,
+            "csv": csv,
+            "retry_filter": retry.as_ref().map(|f| format!("{f:?}")),
+        })
+        .to_string();
+        let run_id = store.begin_run(command, options, true).await?;
+        Ok::<_, Error>((api, store, run_id))
+    }
+    .await;
+    let (api, store, run_id) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            // A run that could not start still says so to monitoring (exit 5, 74, …).
+            if let Some(path) = &cfg.metrics_file {
+                let text =
+                    crate::metrics::render(&crate::metrics::Finished::early(e.exit().code()));
+                if let Err(m) = super::write_readable(path, text.as_bytes()) {
+                    tracing::warn!(error = %m, "cannot write the metrics file");
+                }
+            }
+            return Err(e);
+        }
+    };
     tracing::info!(run = run_id, command, db = %cfg.db.display(), "run started");
+    let mut requeued = None;
     let outcome = async {
         match &retry {
             Some(filter) => {
                 let n = store.requeue_failed(run_id, filter.clone()).await?;
                 tracing::info!(jobs = n, "put failed jobs back to pending");
+                requeued = Some(n as u64);
             }
             None if cfg.engine.resend_unknown => {
                 let n = store.requeue_unknown(run_id).await?;
@@ -120,6 +143,7 @@ async fn session(
         report_json: cfg.report_json.as_deref(),
         metrics_file: cfg.metrics_file.as_deref(),
         paused,
+        requeued,
     };
     finish(&store, run_id, outcome, true, outputs).await
 }
@@ -131,6 +155,8 @@ struct Outputs<'a> {
     metrics_file: Option<&'a Path>,
     /// How long requests were held by pauses (recorded with the run).
     paused: Duration,
+    /// `retry-failed`: how many jobs its filters put back.
+    requeued: Option<u64>,
 }
 
 /// `enqueue`: import CSV rows as pending jobs; nothing is sent, no lock is taken.
@@ -173,25 +199,46 @@ async fn finish(
         .run_facts(run_id)
         .await?
         .ok_or_else(|| Error::Internal(format!("run {run_id} vanished from the database")))?;
+    // What is left to do in the whole database, and how much of it is older than
+    // this run (the report's backlog; the metrics' gauges).
+    let all_states = store.state_counts().await?;
+    let in_db = |s: &str| {
+        all_states
+            .iter()
+            .find(|(n, _)| n == s)
+            .map_or(0, |(_, n)| *n)
+    };
+    let this_run = |s: &str| {
+        facts
+            .states
+            .iter()
+            .find(|(n, _)| n == s)
+            .map_or(0, |(_, n)| *n)
+    };
+    let backlog: std::collections::BTreeMap<String, i64> =
+        ["failed", "unknown", "invalid", "pending"]
+            .iter()
+            .map(|s| ((*s).to_owned(), (in_db(s) - this_run(s)).max(0)))
+            .collect();
     let exit = if exit == Exit::Success {
         // Without sending, pending is the expected end state of a row.
         let fine = |s: &str| s == "succeeded" || (!sent && s == "pending");
         let bad =
             facts.states.iter().any(|(s, n)| *n > 0 && !fine(s)) || !facts.conflicts.is_empty();
-        if bad { Exit::RowsFailed } else { Exit::Success }
+        // A retry whose filters matched nothing has not dealt with the failures left.
+        let retried_nothing = outputs.requeued == Some(0) && in_db("failed") > 0;
+        if bad || retried_nothing {
+            Exit::RowsFailed
+        } else {
+            Exit::Success
+        }
     } else {
         exit
     };
     // A run stopped early says how much is left for the next one.
     let stopped = match stopped {
         Some(why) if matches!(exit, Exit::StoppedByApi | Exit::Interrupted) => {
-            let pending = store
-                .state_counts()
-                .await?
-                .into_iter()
-                .filter(|(s, _)| s == "pending" || s == "in_flight")
-                .map(|(_, n)| n.max(0) as u64)
-                .sum::<u64>();
+            let pending = (in_db("pending") + in_db("in_flight")).max(0) as u64;
             Some(format!(
                 "{why}; {} pending, for the next run",
                 crate::text::count(pending, "row stays", "rows stay")
@@ -206,26 +253,65 @@ async fn finish(
     facts.paused_ms = i64::try_from(outputs.paused.as_millis()).unwrap_or(i64::MAX);
     facts.exit_code = Some(i64::from(exit.code()));
     facts.stopped = stopped;
-    let last_success = match outputs.metrics_file {
-        Some(_) => store.last_success().await?,
-        None => None,
-    };
+    let mut report = Report::from_facts(facts);
+    report.requeued = outputs.requeued;
+    report.backlog = backlog;
+    // `report --run` shows this very report later.
+    store.save_report(run_id, report.to_json()).await?;
+    let last_success = store.last_success().await?;
     store.close().await;
-    let report = Report::from_facts(facts);
+    tracing::info!(
+        run = run_id,
+        command = %report.command,
+        exit_code = exit.code(),
+        duration_secs = report.duration_secs.unwrap_or(0.0),
+        succeeded = report.jobs.get("succeeded").copied().unwrap_or(0),
+        failed = report.jobs.get("failed").copied().unwrap_or(0),
+        unknown = report.jobs.get("unknown").copied().unwrap_or(0),
+        invalid = report.jobs.get("invalid").copied().unwrap_or(0),
+        pending = report.jobs.get("pending").copied().unwrap_or(0),
+        requests = report.requests.total,
+        "run finished"
+    );
     super::out::report(&report.to_text())?;
     if let Some(path) = outputs.report_json {
         write_atomic(path, report.to_json().as_bytes())?;
     }
     if let Some(path) = outputs.metrics_file {
-        write_atomic(
-            path,
-            crate::metrics::render(&report, last_success).as_bytes(),
-        )?;
+        let backlog: Vec<(String, i64)> = ["failed", "unknown", "invalid", "pending", "in_flight"]
+            .iter()
+            .map(|s| ((*s).to_owned(), in_db(s)))
+            .collect();
+        let text = crate::metrics::render(&crate::metrics::Finished::of(
+            &report,
+            &backlog,
+            last_success,
+        ));
+        super::write_readable(path, text.as_bytes())?;
     }
     match error {
         Some(e) => Err(e),
         None => Ok(exit),
     }
+}
+
+/// The failure classes `retry-failed --class` knows: those the engine records.
+pub const FAILURE_CLASSES: &str =
+    "retries_exhausted, order_not_found, http_400, http_404, http_422 (any http_NNN of a 4xx)";
+
+/// Refuses a `--class` no failed job can have (a typo would match nothing, silently).
+fn check_classes(classes: &[String]) -> Result<()> {
+    for class in classes {
+        let http = class.strip_prefix("http_").is_some_and(|n| {
+            n.len() == 3 && n.starts_with('4') && n.bytes().all(|b| b.is_ascii_digit())
+        });
+        if !(http || class == "retries_exhausted" || class == "order_not_found") {
+            return Err(Error::usage(format!(
+                "--class {class:?} is not a failure class; the classes are {FAILURE_CLASSES}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Every CSV named can be opened and read, and its header is usable: checked before
@@ -267,7 +353,7 @@ pub async fn import_csv(store: &Store, run_id: i64, path: &Path) -> Result<Impor
         let mut batch = Vec::with_capacity(IMPORT_BATCH);
         while let Some(row) = source.next_row(now)? {
             if let Err(reason) = &row.outcome {
-                tracing::warn!(source = %name, line = row.line, key = row.key.as_deref().unwrap_or("-"), %reason, "invalid row");
+                tracing::warn!(run = run_id, source = %name, line = row.line, key = row.key.as_deref().unwrap_or("-"), %reason, "invalid row");
             }
             batch.push(row);
             if batch.len() == IMPORT_BATCH {

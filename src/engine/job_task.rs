@@ -45,9 +45,11 @@ impl Tally {
     }
 
     /// The one log line of a row that did not succeed (in the run's span).
-    fn warn(&self, span: &tracing::Span, job: &Job, outcome: &str, reason: &str) {
+    fn warn(&self, span: &tracing::Span, run_id: i64, job: &Job, outcome: &str, reason: &str) {
         tracing::warn!(
             parent: span,
+            run = run_id,
+            source = %job.source,
             key = %job.key,
             line = job.line,
             outcome,
@@ -104,7 +106,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                     &last_error
                 }
             );
-            tally.warn(&ctx.span, &job, "unknown", &reason);
+            tally.warn(&ctx.span, ctx.run_id, &job, "unknown", &reason);
             return ctx
                 .store
                 .record_last(ctx.run_id, job.id, None, Transition::Unknown { reason });
@@ -128,7 +130,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
                     checked_clean = true;
                 }
                 Check::OrderMissing(reason, attempt) => {
-                    tally.warn(&ctx.span, &job, "failed", &reason);
+                    tally.warn(&ctx.span, ctx.run_id, &job, "failed", &reason);
                     let t = Transition::Failed {
                         reason,
                         class: "order_not_found".into(),
@@ -174,7 +176,7 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
             }
             Class::Definitive => {
                 let reason = reply.error.unwrap_or_default();
-                tally.warn(&ctx.span, &job, "failed", &reason);
+                tally.warn(&ctx.span, ctx.run_id, &job, "failed", &reason);
                 let t = Transition::Failed {
                     reason,
                     class: format!("http_{}", reply.status.unwrap_or(0)),
@@ -284,7 +286,7 @@ fn give_up_after(
             ""
         }
     );
-    tally.warn(&ctx.span, job, "failed", &reason);
+    tally.warn(&ctx.span, ctx.run_id, job, "failed", &reason);
     let t = Transition::Failed {
         reason,
         class: "retries_exhausted".into(),

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
@@ -432,6 +432,32 @@ impl Store {
     /// The id of the newest run, if any.
     pub async fn last_run_id(&self) -> Result<Option<i64>> {
         self.call(queries::last_run_id).await
+    }
+
+    /// Keeps the report of a finished run as it was printed, so `report --run` shows
+    /// exactly that later, whatever later runs do to its jobs.
+    pub async fn save_report(&self, run_id: i64, json: String) -> Result<()> {
+        self.call(move |c| {
+            c.execute(
+                "UPDATE runs SET report = ?1 WHERE id = ?2",
+                rusqlite::params![json, run_id],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    /// The report kept when the run finished (`None` for a run that did not finish,
+    /// or that an older version ran).
+    pub async fn saved_report(&self, run_id: i64) -> Result<Option<String>> {
+        self.call(move |c| {
+            c.query_row("SELECT report FROM runs WHERE id = ?1", [run_id], |r| {
+                r.get::<_, Option<String>>(0)
+            })
+            .optional()
+            .map(Option::flatten)
+        })
+        .await
     }
 
     /// Recent runs, newest first.

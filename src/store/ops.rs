@@ -414,7 +414,15 @@ fn import_valid(
                 counts.queued += 1;
             }
         }
-        Some((_, _, Some(old), _)) if old == *new.payload => counts.duplicates += 1,
+        Some((id, state, Some(old), _)) if old == *new.payload => {
+            counts.duplicates += 1;
+            if state == "failed" || state == "unknown" {
+                // Not sent again (retry-failed does that), but not done either: this
+                // run's report lists it and its exit code says so.
+                c.prepare_cached("UPDATE jobs SET last_run_id = ?1 WHERE id = ?2")?
+                    .execute(params![new.run_id, id])?;
+            }
+        }
         Some((id, state, _, creates)) if state == "failed" => {
             // A fixed version of a failed row. If a create was ever sent, a group may
             // exist after all: check before sending again.
@@ -481,8 +489,16 @@ pub(super) fn claim_pending(
     let mut stmt = c.prepare_cached(&format!(
         "UPDATE jobs SET claim_run = ?1 WHERE id IN (SELECT id FROM jobs WHERE state = 'pending' \
          AND id > ?2 AND (claim_run IS NULL OR claim_run <= ?1) ORDER BY id LIMIT ?3) \
-         RETURNING id, key, attempts, creates, needs_check, next_attempt_at, line, {BODY_COLUMNS}"
+         RETURNING id, key, attempts, creates, needs_check, next_attempt_at, line, {BODY_COLUMNS}, \
+         source_id"
     ))?;
+    // A handful of sources: their names are read once per page, shared by the jobs.
+    let mut names: std::collections::HashMap<i64, std::sync::Arc<str>> = c
+        .prepare_cached("SELECT id, name FROM sources")?
+        .query_map([], |r| {
+            Ok((r.get(0)?, std::sync::Arc::from(r.get::<_, String>(1)?)))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
     let rows = stmt.query_map(params![run_id, after_id, limit as i64], |r| {
         let body = send_body(r, 7)?.ok_or_else(|| {
             rusqlite::Error::FromSqlConversionFailure(
@@ -500,6 +516,10 @@ pub(super) fn claim_pending(
             needs_check: r.get(4)?,
             next_attempt_at: r.get(5)?,
             line: r.get(6)?,
+            source: names
+                .entry(r.get(13)?)
+                .or_insert_with(|| std::sync::Arc::from("?"))
+                .clone(),
         })
     })?;
     let mut jobs = rows.collect::<rusqlite::Result<Vec<Job>>>()?;

@@ -223,25 +223,44 @@ pub struct RunListEntry {
 
 pub(super) fn list_runs(c: &Connection, limit: usize) -> rusqlite::Result<Vec<RunListEntry>> {
     let mut stmt = c.prepare(
-        "SELECT id, command, started_at, finished_at, exit_code FROM runs \
+        "SELECT id, command, started_at, finished_at, exit_code, report FROM runs \
          ORDER BY id DESC LIMIT ?1",
     )?;
+    // A finished run's counts are those of its saved report, as they were when it
+    // finished; only older or unfinished runs are counted from the jobs.
+    let mut frozen: std::collections::HashMap<i64, (i64, i64)> = Default::default();
     let mut runs: Vec<RunListEntry> = stmt
         .query_map(params![limit as i64], |r| {
-            Ok(RunListEntry {
-                run_id: r.get(0)?,
-                command: r.get(1)?,
-                started_at: r.get(2)?,
-                finished_at: r.get(3)?,
-                exit_code: r.get(4)?,
-                jobs: 0,
-                succeeded: 0,
-            })
+            let run_id: i64 = r.get(0)?;
+            Ok((
+                RunListEntry {
+                    run_id,
+                    command: r.get(1)?,
+                    started_at: r.get(2)?,
+                    finished_at: r.get(3)?,
+                    exit_code: r.get(4)?,
+                    jobs: 0,
+                    succeeded: 0,
+                },
+                r.get::<_, Option<String>>(5)?,
+            ))
         })?
+        .map(|row| {
+            row.map(|(entry, report)| {
+                if let Some(counts) = report.as_deref().and_then(saved_counts) {
+                    frozen.insert(entry.run_id, counts);
+                }
+                entry
+            })
+        })
         .collect::<rusqlite::Result<_>>()?;
     // One pass over `jobs` for all the listed runs (a count per run would read the
     // whole table once for each).
-    let Some(oldest) = runs.last().map(|r| r.run_id) else {
+    let unfrozen = runs.iter().filter(|r| !frozen.contains_key(&r.run_id));
+    let Some(oldest) = unfrozen.map(|r| r.run_id).min() else {
+        for run in &mut runs {
+            (run.jobs, run.succeeded) = frozen.get(&run.run_id).copied().unwrap_or((0, 0));
+        }
         return Ok(runs);
     };
     // Counted here rather than by `GROUP BY`, which would sort the table.
@@ -255,9 +274,24 @@ pub(super) fn list_runs(c: &Connection, limit: usize) -> rusqlite::Result<Vec<Ru
         n.1 += r.get::<_, i64>(1)?;
     }
     for run in &mut runs {
-        (run.jobs, run.succeeded) = counts.get(&run.run_id).copied().unwrap_or((0, 0));
+        (run.jobs, run.succeeded) = frozen
+            .get(&run.run_id)
+            .or_else(|| counts.get(&run.run_id))
+            .copied()
+            .unwrap_or((0, 0));
     }
     Ok(runs)
+}
+
+/// (jobs, succeeded) of a saved report's JSON.
+fn saved_counts(json: &str) -> Option<(i64, i64)> {
+    #[derive(serde::Deserialize)]
+    struct Jobs {
+        jobs: std::collections::BTreeMap<String, i64>,
+    }
+    let saved: Jobs = serde_json::from_str(json).ok()?;
+    let total = saved.jobs.values().sum();
+    Some((total, saved.jobs.get("succeeded").copied().unwrap_or(0)))
 }
 
 pub(super) fn state_counts(c: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {

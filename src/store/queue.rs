@@ -77,7 +77,7 @@ pub(super) fn move_inbox(
         after = last.line as i64;
         for row in rows.iter().filter(|r| r.outcome.is_err()) {
             let reason = row.outcome.as_ref().err().map_or("", String::as_str);
-            tracing::warn!(source = "inbox", inbox_id = row.line, key = row.key.as_deref().unwrap_or("-"), %reason, "invalid row");
+            tracing::warn!(run = run_id, source = "inbox", inbox_id = row.line, key = row.key.as_deref().unwrap_or("-"), %reason, "invalid row");
         }
         counts += ops::import(c, run_id, "inbox", &rows)?;
     }

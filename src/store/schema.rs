@@ -290,6 +290,7 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE jobs ADD COLUMN claim_run INTEGER;  -- runs(id): the run that took the job to send it
     ALTER TABLE import_issues ADD COLUMN raw TEXT;  -- conflicts: the row, input column -> cell (JSON)
     ALTER TABLE runs ADD COLUMN paused_ms INTEGER;  -- time requests were held by Retry-After pauses
+    ALTER TABLE runs ADD COLUMN report TEXT;        -- the report as printed when the run finished (JSON)
     "#,
 ];
 

@@ -106,6 +106,8 @@ pub struct Job {
     /// Unix milliseconds before which nothing may be sent for this job.
     pub next_attempt_at: Option<i64>,
     pub line: Option<i64>,
+    /// The input it came from: a file name, `<stdin>` or `inbox`.
+    pub source: std::sync::Arc<str>,
 }
 
 /// One HTTP exchange.

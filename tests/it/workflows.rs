@@ -228,7 +228,7 @@ async fn after_an_outage_retry_failed_completes_every_row_without_duplicates() {
     let groups_before = sb.stats(false).groups_total;
 
     sb.set_faults(SandboxConfig::default());
-    // A filter that matches nothing sends nothing.
+    // A filter that matches nothing sends nothing, and says failed rows remain (exit 1).
     let control = Arc::new(Control::default());
     let exit = commands::retry_failed(
         &config(&args(&sb.url()), &db),
@@ -240,7 +240,7 @@ async fn after_an_outage_retry_failed_completes_every_row_without_duplicates() {
     )
     .await
     .unwrap();
-    assert_eq!(exit, Exit::Success);
+    assert_eq!(exit, Exit::RowsFailed);
     assert_eq!(sb.stats(false).groups_total, groups_before);
     // Only the 503s: the 404 row stays failed and is not retried.
     let control = Arc::new(Control::default());

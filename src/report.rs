@@ -262,8 +262,13 @@ impl Report {
             if self.more_reasons > 0 {
                 let _ = writeln!(
                     out,
-                    "           … and {} more",
-                    count(self.more_reasons as u64, "reason", "reasons")
+                    "           … and {} more {}",
+                    self.more_reasons,
+                    if self.more_reasons == 1 {
+                        "reason"
+                    } else {
+                        "reasons"
+                    }
                 );
             }
         }

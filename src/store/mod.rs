@@ -219,6 +219,13 @@ impl Store {
                 dir.display()
             )));
         }
+        if access == Access::Write {
+            create_shared(path).map_err(|source| Error::File {
+                action: "create the database",
+                path: path.to_owned(),
+                source,
+            })?;
+        }
         let flags = match access {
             Access::Write => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
             Access::Read => OpenFlags::SQLITE_OPEN_READ_WRITE,
@@ -533,6 +540,23 @@ impl Store {
         if self.tx.send(Message::Close(done_tx)).await.is_ok() {
             let _ = done_rx.await;
         }
+    }
+}
+
+/// Creates an empty database file (if there is none) with mode 0666 less the umask:
+/// SQLite would create it 0644 less the umask, so a `UMask=0007` could never make it
+/// writable by the producers' group. SQLite gives the `-wal` and `-shm` files the
+/// database file's mode.
+fn create_shared(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o666)
+        .open(path)
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
     }
 }
 

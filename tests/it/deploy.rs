@@ -33,13 +33,9 @@ fn parse_installed(words: &[String], dir: &Path) -> cli::Cli {
         .iter()
         .map(|w| {
             let w = w
-                .replace("${STATE_DIRECTORY}", &dir.display().to_string())
-                .replace("${LOGS_DIRECTORY}", &dir.display().to_string())
                 .replace("/var/log/kohort-batch", &dir.display().to_string())
-                .replace(
-                    "/var/lib/kohort-batch/kohort_batch.prom",
-                    &dir.join("kohort_batch.prom").display().to_string(),
-                )
+                .replace("/var/lib/kohort-batch-metrics", &dir.display().to_string())
+                .replace("/var/lib/kohort-batch", &dir.display().to_string())
                 .replace(
                     "${CREDENTIALS_DIRECTORY}/kohortpay-api-key",
                     &key.display().to_string(),
@@ -78,8 +74,13 @@ fn the_service_exec_start_parses_with_the_real_cli() {
     assert_eq!(db_of(&parsed), dir.path().join("kohort-batch.db"));
     for needed in [
         "Type=oneshot",
-        "DynamicUser=yes",
-        "StateDirectory=kohort-batch",
+        "User=kohort-batch\n",
+        "Group=kohort-batch-producers\n",
+        "UMask=0007\n",
+        "ReadWritePaths=/var/lib/kohort-batch /var/lib/kohort-batch-metrics /var/log/kohort-batch\n",
+        "Restart=on-failure\n",
+        "RestartPreventExitStatus=2 4 5 70\n",
+        "SuccessExitStatus=1\n",
         "LoadCredential=kohortpay-api-key:",
         "ProtectSystem=strict",
         "ProtectHome=yes",
@@ -109,47 +110,54 @@ fn the_timer_runs_nightly_and_catches_up() {
 }
 
 #[test]
-fn the_cron_line_and_its_command_are_right() {
+fn the_cron_lines_and_their_command_are_right() {
     let cron = read("deploy/cron/kohort-batch");
     let jobs: Vec<&str> = cron
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.contains('='))
         .collect();
-    assert_eq!(jobs.len(), 1, "{jobs:?}");
-    let fields: Vec<&str> = jobs[0].split_whitespace().collect();
-    let (minute, hour) = (
-        fields[0].parse::<u32>().unwrap(),
-        fields[1].parse::<u32>().unwrap(),
-    );
-    assert!(minute < 60 && hour < 24);
-    assert_eq!(&fields[2..5], ["*", "*", "*"], "every day");
-    assert_eq!(fields[5], "kohort-batch", "runs as its own user");
-    assert_eq!(&fields[6..8], ["flock", "-n"], "never two at once");
-    assert!(
-        fields[8].starts_with("/var/lib/kohort-batch/"),
-        "the lock file"
-    );
-    assert_eq!(fields[9], "/usr/local/lib/kohort-batch/nightly");
-    assert!(jobs[0].ends_with(">>/var/log/kohort-batch/run.log 2>&1"));
+    assert_eq!(jobs.len(), 2, "the night and its retry: {jobs:?}");
+    let mut hours = Vec::new();
+    for job in &jobs {
+        let fields: Vec<&str> = job.split_whitespace().collect();
+        let (minute, hour) = (
+            fields[0].parse::<u32>().unwrap(),
+            fields[1].parse::<u32>().unwrap(),
+        );
+        assert!(minute < 60 && hour < 24);
+        hours.push(hour);
+        assert_eq!(&fields[2..5], ["*", "*", "*"], "every day");
+        assert_eq!(fields[5], "kohort-batch", "runs as its own user");
+        assert_eq!(fields[6..], ["/usr/local/lib/kohort-batch/nightly"]);
+    }
+    assert!(hours[1] > hours[0], "the retry comes after the night's run");
     assert!(cron.contains("PATH=") && cron.contains("SHELL=/bin/sh"));
 
-    // The script's exec line, continuation lines joined.
+    // The script's exec line, continuation lines joined, its shell words resolved.
     let script = read("deploy/cron/nightly");
     let exec = script[script.find("exec ").unwrap() + 5..].replace("\\\n", " ");
-    let words: Vec<String> = exec.split_whitespace().map(str::to_owned).collect();
+    let words: Vec<String> = exec
+        .split_whitespace()
+        .filter(|w| !w.starts_with('>') && !w.starts_with("2>"))
+        .map(|w| {
+            w.replace(
+                "\"$key_file\"",
+                "${CREDENTIALS_DIRECTORY}/kohortpay-api-key",
+            )
+            .replace(
+                "\"$log_dir/last-run.json\"",
+                "/var/log/kohort-batch/last-run.json",
+            )
+        })
+        .collect();
     assert_eq!(words[0], "/usr/local/bin/kohort-batch");
-    let mut words = words;
-    // cron's key comes from the environment file, not --api-key-file.
     let dir = tempfile::tempdir().unwrap();
-    words.push("--api-key-file".into());
-    words.push("${CREDENTIALS_DIRECTORY}/kohortpay-api-key".into());
     let parsed = parse_installed(&words, dir.path());
-    assert_eq!(
-        db_of(&parsed),
-        PathBuf::from("/var/lib/kohort-batch/kohort-batch.db")
-    );
-    assert!(script.contains("/etc/kohort-batch/env"));
+    assert_eq!(db_of(&parsed), dir.path().join("kohort-batch.db"));
+    assert!(script.contains("key_file=/etc/kohort-batch/api-key"));
+    assert!(script.contains(">\"$log_dir/last-report.txt\" 2>>\"$log_dir/run.log\""));
+    assert!(script.contains("umask 0007"));
 }
 
 #[test]

@@ -17,6 +17,7 @@ mod crash;
 mod deploy;
 mod edges;
 mod exactly_once;
+mod install;
 mod nightly;
 mod operate;
 mod robustness;

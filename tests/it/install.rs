@@ -348,6 +348,14 @@ async fn the_deploy_readme_installs_a_nightly_setup_producers_can_feed() {
         std::fs::read_to_string(host.path("/var/log/kohort-batch/last-report.txt")).unwrap();
     assert!(report.starts_with("kohort-batch run #"), "{report}");
 
+    // A key file anyone else can read is refused before anything runs.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(host.nightly(), Some(2));
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
     // A key the API rejects, then the API down: "how did last night go" finds both.
     host.step("key", "sk_test_revoked_install\n");
     assert!(

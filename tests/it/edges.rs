@@ -12,15 +12,6 @@ use kohort_batch::sandbox::SandboxConfig;
 
 use crate::util::*;
 
-/// Output of the binary as one text (stdout then stderr).
-fn all(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Runs the binary with its stdout (and, with `both`, stderr) a pipe whose reader
 /// is gone before the binary writes.
 fn with_closed_pipe(args: &[&str], env: &[(&str, &str)], both: bool) -> std::process::Output {
@@ -159,7 +150,7 @@ fn absurd_numbers_are_refused_up_front_naming_the_flag_and_range() {
     );
     assert_eq!(out.status.code(), Some(2));
     let out = bin(&["config", "--rate", "2", "--timeout", "5s"], &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", all(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", all_text(&out));
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["sources"]["rate"], "command line");
     assert_eq!(shown["sources"]["concurrency"], "default");
@@ -185,20 +176,8 @@ async fn unavailable_for(retry_after_secs: u64) -> Scene {
 async fn a_retry_after_beyond_max_pause_stops_the_run_saying_when_to_come_back() {
     for secs in [3_600, u64::MAX] {
         let s = unavailable_for(secs).await;
-        let out = bin_async(
-            owned(&[
-                "run",
-                "--db",
-                &s.db.display().to_string(),
-                "--csv",
-                &s.csv.display().to_string(),
-                "--api-base",
-                &s.sb.url(),
-            ]),
-            with_key(),
-        )
-        .await;
-        let text = all(&out);
+        let out = s.run_bin(&[]).await;
+        let text = all_text(&out);
         assert_eq!(out.status.code(), Some(3), "{text}");
         assert!(
             text.contains("the API asked to wait")
@@ -231,23 +210,7 @@ async fn every_pause_is_logged_with_its_length_cause_and_end() {
         &csv_rows(10),
     )
     .await;
-    let out = bin_async(
-        owned(&[
-            "run",
-            "--db",
-            &s.db.display().to_string(),
-            "--csv",
-            &s.csv.display().to_string(),
-            "--api-base",
-            &s.sb.url(),
-            "--rate",
-            "0",
-            "--settle",
-            "100ms",
-        ]),
-        with_key(),
-    )
-    .await;
+    let out = s.run_bin(&["--rate", "0", "--settle", "100ms"]).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(
@@ -320,7 +283,7 @@ async fn a_redirect_is_named_as_such_with_its_location() {
         with_key(),
     )
     .await;
-    let text = all(&out);
+    let text = all_text(&out);
     assert_eq!(out.status.code(), Some(3), "{text}");
     assert!(
         text.contains("redirect")
@@ -592,7 +555,7 @@ async fn text_from_the_input_cannot_drive_the_terminal_or_forge_log_lines() {
         with_key(),
     )
     .await;
-    assert_eq!(out.status.code(), Some(1), "{}", all(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", all_text(&out));
     let last = bin_async(owned(&["report", "--db", &dbs, "--last"]), vec![]).await;
     for (what, bytes) in [
         ("stdout", &out.stdout),
@@ -676,19 +639,7 @@ async fn mistakes_are_found_before_the_database_is_opened() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_with_nothing_to_send_says_so() {
     let s = Scene::new(SandboxConfig::default(), "customerId,orderId\n").await;
-    let out = bin_async(
-        owned(&[
-            "run",
-            "--db",
-            &s.db.display().to_string(),
-            "--csv",
-            &s.csv.display().to_string(),
-            "--api-base",
-            &s.sb.url(),
-        ]),
-        with_key(),
-    )
-    .await;
+    let out = s.run_bin(&[]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("no job to send"), "{text}");
@@ -742,7 +693,7 @@ async fn memory_does_not_follow_the_concurrency_setting() {
             .env_remove("KOHORT_BATCH_CONFIG")
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", all(&out));
+        assert!(out.status.success(), "{}", all_text(&out));
         String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse::<u64>()
@@ -786,7 +737,7 @@ async fn conventions_quiet_verbose_version_completions_man_and_help() {
         with_key(),
     )
     .await;
-    assert_eq!(out.status.code(), Some(0), "{}", all(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", all_text(&out));
     assert!(
         out.stdout.is_empty(),
         "{}",
@@ -852,7 +803,7 @@ fn demo_keeps_its_database_where_asked() {
     let db = dir.path().join("demo.db");
     let dbs = db.display().to_string();
     let out = bin(&["demo", "--db", &dbs], &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", all(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", all_text(&out));
     assert!(count(&db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'") > 0);
     let again = bin(&["demo", "--db", &dbs], &[]);
     assert_eq!(

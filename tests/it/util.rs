@@ -85,6 +85,33 @@ impl Scene {
     }
 }
 
+impl Scene {
+    /// The real binary's `run` on this scene (its database, CSV and sandbox, the test
+    /// key), with `extra` arguments.
+    pub async fn run_bin(&self, extra: &[&str]) -> std::process::Output {
+        let mut argv = owned(&[
+            "run",
+            "--db",
+            &self.db.display().to_string(),
+            "--csv",
+            &self.csv.display().to_string(),
+            "--api-base",
+            &self.sb.url(),
+        ]);
+        argv.extend(owned(extra));
+        bin_async(argv, with_key()).await
+    }
+}
+
+/// stdout then stderr of a finished binary, as text.
+pub fn all_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();

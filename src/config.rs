@@ -10,6 +10,7 @@ use crate::cli::{PrecheckArg, SandboxArgs, SendArgs};
 use crate::engine::{EngineConfig, Precheck, RetryPolicy};
 use crate::error::{Error, Result};
 use crate::sandbox::SandboxConfig;
+use crate::source::{CsvEncoding, CsvOptions};
 use crate::text::human;
 
 /// Everything a sending command needs.
@@ -25,6 +26,8 @@ pub struct SendConfig {
     pub metrics_file: Option<PathBuf>,
     /// How long a database write waits for another process's transaction.
     pub busy_timeout: Duration,
+    /// How the CSV files of `run` are read.
+    pub csv: CsvOptions,
 }
 
 /// The accepted range of each bounded setting, as the README's option table gives
@@ -375,6 +378,36 @@ pub fn resolve_send(args: &SendArgs, db: PathBuf, env_key: Option<String>) -> Re
         report_json: args.report_json.clone(),
         metrics_file: args.metrics_file.clone(),
         busy_timeout: settings.busy_timeout,
+        csv: CsvOptions::default(),
+    })
+}
+
+/// How input CSV files are read, from `--delimiter` and `--encoding`.
+pub fn resolve_csv(args: &crate::cli::CsvArgs) -> Result<CsvOptions> {
+    let delimiter = match args.delimiter.as_deref() {
+        None => None,
+        Some("," | "comma") => Some(b','),
+        Some(";" | "semicolon") => Some(b';'),
+        Some("\t" | "\\t" | "tab") => Some(b'\t'),
+        Some(other) => {
+            return Err(Error::usage(format!(
+                "--delimiter {other:?} is not a separator kohort-batch reads: give ',', ';' or tab"
+            )));
+        }
+    };
+    let encoding = match args.encoding.to_ascii_lowercase().as_str() {
+        "utf-8" | "utf8" => CsvEncoding::Utf8,
+        "windows-1252" | "cp1252" | "latin1" | "iso-8859-1" => CsvEncoding::Windows1252,
+        other => {
+            return Err(Error::usage(format!(
+                "--encoding {other:?} is not an encoding kohort-batch reads: give utf-8, \
+                 windows-1252 or latin1"
+            )));
+        }
+    };
+    Ok(CsvOptions {
+        delimiter,
+        encoding,
     })
 }
 

@@ -221,6 +221,12 @@ pub fn validate(row: &RowFields, now: Timestamp) -> Result<Payload, Vec<String>>
         ("orderId", &order_id),
         ("paymentIntentId", &payment_intent_id),
     ] {
+        if let Some(v) = value.as_deref().filter(|v| excel_number(v)) {
+            problems.push(format!(
+                "{field} {v} looks like a number Excel reformatted (an id turned into \
+                 scientific notation): format the column as text and export it again"
+            ));
+        }
         if let Some(c) = value
             .as_deref()
             .and_then(|v| v.chars().find(|c| c.is_control()))
@@ -233,6 +239,35 @@ pub fn validate(row: &RowFields, now: Timestamp) -> Result<Payload, Vec<String>>
         }
     }
 
+    let cells = [
+        ("customerId", &row.customer_id),
+        ("orderId", &row.order_id),
+        ("paymentIntentId", &row.payment_intent_id),
+        ("expiresAt", &row.expires_at),
+        ("midExpireAt", &row.mid_expire_at),
+        ("metadata", &row.metadata),
+    ];
+    let metadata_columns = row.metadata_columns.iter().map(|(k, v)| (k.as_str(), v));
+    let mut too_large = false;
+    for (field, len) in cells
+        .iter()
+        .filter_map(|(f, v)| v.as_ref().map(|v| (*f, v.len())))
+        .chain(metadata_columns.map(|(k, v)| (k, v.len())))
+    {
+        if len > MAX_FIELD_BYTES {
+            too_large = true;
+            problems.push(format!(
+                "{field} is {}, over the limit of {} for one field: shorten it (this row \
+                 was not sent)",
+                size_text(len),
+                size_text(MAX_FIELD_BYTES)
+            ));
+        }
+    }
+    if too_large {
+        // Nothing more is parsed out of a field that large.
+        return Err(problems);
+    }
     let expires_at = match clean(&row.expires_at) {
         None => None,
         Some(text) => match parse_ts("expiresAt", &text) {
@@ -301,6 +336,17 @@ pub fn validate(row: &RowFields, now: Timestamp) -> Result<Payload, Vec<String>>
             .insert(key.clone(), Value::String(value.clone()));
     }
 
+    if let Some(m) = &metadata {
+        let len = serde_json::to_string(m).map_or(0, |t| t.len());
+        if len > MAX_FIELD_BYTES {
+            problems.push(format!(
+                "metadata is {} as JSON, over the limit of {}: shorten it (this row was not \
+                 sent)",
+                size_text(len),
+                size_text(MAX_FIELD_BYTES)
+            ));
+        }
+    }
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -312,6 +358,34 @@ pub fn validate(row: &RowFields, now: Timestamp) -> Result<Payload, Vec<String>>
         mid_expire_at: mid_expire_at.map(format_ts),
         metadata,
     })
+}
+
+/// The largest field (or metadata as JSON) a row may carry: far above any real id,
+/// date or metadata, far below what would make the API refuse the request after
+/// retries and settle waits.
+pub const MAX_FIELD_BYTES: usize = 64 * 1024;
+
+/// A size for a message: `812 bytes`, `64 KiB`, `20.0 MiB`.
+fn size_text(n: usize) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / f64::from(1 << 20)),
+        n if n >= 1 << 10 && n % 1024 == 0 => format!("{} KiB", n >> 10),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} bytes"),
+    }
+}
+
+/// Whether an id looks like what Excel makes of a long number: `1.23457E+11`.
+fn excel_number(s: &str) -> bool {
+    let Some((mantissa, exponent)) = s.split_once(['E', 'e']) else {
+        return false;
+    };
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|c| c.is_ascii_digit());
+    let mantissa_ok = match mantissa.split_once('.') {
+        None => mantissa.len() == 1 && digits(mantissa),
+        Some((int, frac)) => int.len() == 1 && digits(int) && digits(frac),
+    };
+    mantissa_ok && exponent.strip_prefix('+').is_some_and(digits)
 }
 
 /// How a message names a control character.
@@ -449,6 +523,48 @@ mod tests {
         let mut r = row("cus_1", "ord_1");
         r.payment_intent_id = Some("pi\r1".into());
         assert!(validate(&r, now()).unwrap_err()[0].contains("paymentIntentId"));
+    }
+
+    #[test]
+    fn spreadsheet_numbers_and_huge_fields_are_invalid() {
+        for (id, bad) in [
+            ("1.23457E+11", true),
+            ("1E+5", true),
+            ("4.5e+10", true),
+            ("ord_1.2E+3", false),
+            ("12E+3", false),
+            ("1.2E-3", false),
+            ("1.E+3", false),
+            ("123", false),
+        ] {
+            assert_eq!(excel_number(id), bad, "{id}");
+        }
+        let problems = validate(&row("cus_1", "1.23457E+11"), now()).unwrap_err();
+        assert!(
+            problems[0].contains("looks like a number Excel reformatted"),
+            "{problems:?}"
+        );
+        let mut r = row("cus_1", "ord_1");
+        r.metadata_columns = vec![("note".into(), "x".repeat(20 << 20))];
+        let problems = validate(&r, now()).unwrap_err();
+        assert!(
+            problems[0].contains("note is 20.0 MiB, over the limit of 64 KiB"),
+            "{problems:?}"
+        );
+        // Many small metadata columns that add up to more than the limit.
+        let mut r = row("cus_1", "ord_1");
+        r.metadata_columns = (0..20)
+            .map(|i| (format!("k{i}"), "y".repeat(4_000)))
+            .collect();
+        let problems = validate(&r, now()).unwrap_err();
+        assert!(
+            problems[0].starts_with("metadata is 78.3 KiB as JSON"),
+            "{problems:?}"
+        );
+        // Just under the limit is fine.
+        let mut r = row("cus_1", "ord_1");
+        r.metadata_columns = vec![("note".into(), "z".repeat(60_000))];
+        assert!(validate(&r, now()).is_ok());
     }
 
     #[test]

@@ -205,6 +205,13 @@ impl Report {
                 count(i.duplicates, "duplicate", "duplicates"),
                 count(i.conflicts, "conflict", "conflicts")
             );
+            if i.empty > 0 {
+                let _ = writeln!(
+                    out,
+                    "             {} skipped (every field empty)",
+                    count(i.empty, "empty line", "empty lines")
+                );
+            }
         }
         let n = |s: &str| self.jobs.get(s).copied().unwrap_or(0);
         let how: Vec<String> = self
@@ -427,6 +434,7 @@ mod tests {
                 duplicates: 1,
                 conflicts: 1,
                 invalid: 5,
+                empty: 0,
             }),
             states: vec![
                 ("succeeded".into(), 200),

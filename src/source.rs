@@ -153,6 +153,103 @@ pub fn canonical_header(header: &str) -> Option<String> {
     })
 }
 
+/// What to do about a file that is not UTF-8.
+const NOT_UTF8_FIX: &str = "this looks like Windows-1252 (what a spreadsheet in western \
+     Europe saves as CSV): pass --encoding windows-1252, or save the file as UTF-8; \
+     nothing from this file was imported";
+
+/// Checks that a file read as UTF-8 is UTF-8 throughout, before any row of it is
+/// imported; the error names the first line that is not. Streams: memory stays flat.
+pub fn check_utf8(path: &Path) -> Result<()> {
+    let mut file = std::fs::File::open(path).map_err(|source| Error::File {
+        action: "open CSV file",
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut carried, mut line) = (0usize, 1u64);
+    loop {
+        let n = file
+            .read(&mut buf[carried..])
+            .map_err(|source| Error::File {
+                action: "read CSV file",
+                path: path.to_owned(),
+                source,
+            })?;
+        let end = carried + n;
+        let chunk = &buf[..end];
+        let valid = match std::str::from_utf8(chunk) {
+            Ok(_) => end,
+            // A character cut at the chunk's end is read with the next chunk.
+            Err(e) if e.error_len().is_none() && n > 0 => e.valid_up_to(),
+            Err(e) => {
+                let at = e.valid_up_to();
+                line += memchr::memchr_iter(b'\n', &chunk[..at]).count() as u64;
+                return Err(Error::Input {
+                    source_name: path.display().to_string(),
+                    line,
+                    message: format!("not valid UTF-8 (byte 0x{:02X}): {NOT_UTF8_FIX}", chunk[at]),
+                });
+            }
+        };
+        line += memchr::memchr_iter(b'\n', &chunk[..valid]).count() as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.copy_within(valid..end, 0);
+        carried = end - valid;
+    }
+}
+
+/// How to read an input CSV: its separator (`None`: found from the header line)
+/// and its character encoding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CsvOptions {
+    pub delimiter: Option<u8>,
+    pub encoding: CsvEncoding,
+}
+
+/// The character encodings an input may be in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CsvEncoding {
+    #[default]
+    Utf8,
+    /// What Excel in western Europe saves as "CSV" (latin1 is read as this, as
+    /// browsers do: it is a superset of ISO-8859-1 for text).
+    Windows1252,
+}
+
+/// The separators a header may use, most common first.
+const DELIMITERS: [u8; 3] = [b',', b';', b'\t'];
+
+/// The separator of a file whose first bytes are `head`: the one that splits the
+/// header line into a column that is `customerId` (the one column every file has);
+/// a comma when none does (the header check then says what is missing).
+fn sniff_delimiter(head: &[u8]) -> u8 {
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
+    DELIMITERS
+        .into_iter()
+        .find(|d| {
+            line.split(|b| b == d).any(|cell| {
+                let text = String::from_utf8_lossy(cell);
+                column_for(text.trim_matches(|c: char| c == '"' || c.is_whitespace()))
+                    == Column::CustomerId
+            })
+        })
+        .unwrap_or(b',')
+}
+
+/// How a message names a separator.
+pub fn delimiter_name(d: u8) -> &'static str {
+    match d {
+        b',' => "','",
+        b';' => "';'",
+        b'\t' => "a tab",
+        _ => "another character",
+    }
+}
+
 /// Up to 20 names, then how many more: a header of 100,000 unknown columns makes one
 /// readable line, not 100,000.
 pub fn list_some(names: &[String]) -> String {
@@ -180,6 +277,8 @@ pub struct CsvSource {
     record: csv::ByteRecord,
     /// Header names that map to nothing (reported once, not an error).
     pub unknown_columns: Vec<String>,
+    encoding: CsvEncoding,
+    empty_lines: u64,
 }
 
 impl std::fmt::Debug for CsvSource {
@@ -191,21 +290,73 @@ impl std::fmt::Debug for CsvSource {
 }
 
 impl CsvSource {
-    /// Opens a file, or standard input for `-`.
+    /// Opens a file, or standard input for `-`, as UTF-8 with the separator found
+    /// in the header.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, &CsvOptions::default())
+    }
+
+    /// Opens a file, or standard input for `-`, read as `opts` say.
+    pub fn open_with(path: &Path, opts: &CsvOptions) -> Result<Self> {
         if path.as_os_str() == "-" {
-            return Self::from_reader("<stdin>".to_owned(), Box::new(std::io::stdin()));
+            return Self::from_reader_with("<stdin>".to_owned(), Box::new(std::io::stdin()), opts);
         }
         let file = std::fs::File::open(path).map_err(|source| Error::File {
             action: "open CSV file",
             path: path.to_owned(),
             source,
         })?;
-        Self::from_reader(path.display().to_string(), Box::new(file))
+        Self::from_reader_with(path.display().to_string(), Box::new(file), opts)
     }
 
-    /// Reads the header of any byte stream; fails if the columns cannot make a request.
+    /// Reads the header of any UTF-8 byte stream; fails if the columns cannot make a
+    /// request.
     pub fn from_reader(name: String, input: Box<dyn Read + Send>) -> Result<Self> {
+        Self::from_reader_with(name, input, &CsvOptions::default())
+    }
+
+    /// Reads the header of any byte stream, decoded and split as `opts` say.
+    pub fn from_reader_with(
+        name: String,
+        input: Box<dyn Read + Send>,
+        opts: &CsvOptions,
+    ) -> Result<Self> {
+        let input: Box<dyn Read + Send> = match opts.encoding {
+            CsvEncoding::Utf8 => input,
+            // Decoded to UTF-8 as it streams (memory stays flat).
+            CsvEncoding::Windows1252 => Box::new(
+                encoding_rs_io::DecodeReaderBytesBuilder::new()
+                    .encoding(Some(encoding_rs::WINDOWS_1252))
+                    .build(input),
+            ),
+        };
+        // The separator is found from the header line, read ahead here and put back
+        // in front of the rest of the stream.
+        let (input, delimiter) = match opts.delimiter {
+            Some(d) => (input, d),
+            None => {
+                let mut input = input;
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 8192];
+                while !head.contains(&b'\n') && head.len() < 1 << 20 {
+                    let n = input.read(&mut chunk).map_err(|e| Error::Input {
+                        source_name: name.clone(),
+                        line: 1,
+                        message: format!("read error: {e}"),
+                    })?;
+                    if n == 0 {
+                        break;
+                    }
+                    head.extend_from_slice(&chunk[..n]);
+                }
+                let found = sniff_delimiter(&head);
+                if found != b',' {
+                    tracing::info!(source = %name, separator = %delimiter_name(found), "the header is separated by {}; reading the file so", delimiter_name(found));
+                }
+                let input: Box<dyn Read + Send> = Box::new(std::io::Cursor::new(head).chain(input));
+                (input, found)
+            }
+        };
         let starts = Arc::new(Mutex::new(VecDeque::new()));
         let tap = LineTap {
             inner: input,
@@ -219,6 +370,7 @@ impl CsvSource {
         let mut reader = csv::ReaderBuilder::new()
             .flexible(true)
             .has_headers(true)
+            .delimiter(delimiter)
             .from_reader(input);
         let header_err = |message: String| Error::Input {
             source_name: name.clone(),
@@ -237,7 +389,7 @@ impl CsvSource {
         for (i, h) in raw_headers.iter().enumerate() {
             let text = std::str::from_utf8(h).map_err(|_| {
                 header_err(format!(
-                    "header column {} is not valid UTF-8: save the file as UTF-8",
+                    "header column {} is not valid UTF-8: {NOT_UTF8_FIX}",
                     i + 1
                 ))
             })?;
@@ -278,6 +430,8 @@ impl CsvSource {
             columns,
             record: csv::ByteRecord::new(),
             unknown_columns,
+            encoding: opts.encoding,
+            empty_lines: 0,
         })
     }
 
@@ -287,11 +441,39 @@ impl CsvSource {
     }
 
     /// The next row, validated against `now`; `Ok(None)` at the end of the input.
-    /// An `Err` is an I/O failure that ends the import; a bad row is an `Ok` with a reason.
+    /// An `Err` is an I/O failure (or text of another encoding) that ends the
+    /// import; a bad row is an `Ok` with a reason. Rows whose every field is empty
+    /// are skipped and counted ([`CsvSource::empty_lines`]).
     pub fn next_row(&mut self, now: Timestamp) -> Result<Option<ImportRow>> {
+        loop {
+            let row = self.next_record(now)?;
+            if row.is_none() || !self.record_is_empty() {
+                return Ok(row);
+            }
+            self.empty_lines += 1;
+        }
+    }
+
+    /// Rows skipped because every field was empty.
+    pub fn empty_lines(&self) -> u64 {
+        self.empty_lines
+    }
+
+    /// Whether the current record is a spreadsheet's leftover: fields, all empty.
+    fn record_is_empty(&self) -> bool {
+        !self.record.is_empty()
+            && self
+                .record
+                .iter()
+                .all(|c| c.iter().all(u8::is_ascii_whitespace))
+    }
+
+    fn next_record(&mut self, now: Timestamp) -> Result<Option<ImportRow>> {
         let more = match self.reader.read_byte_record(&mut self.record) {
             Ok(more) => more,
             Err(e) => {
+                // The error row is not the record read before it.
+                self.record.clear();
                 let line = e.position().map_or(0, |p| self.line_at(p.byte()));
                 return match e.kind() {
                     csv::ErrorKind::Io(_) => Err(Error::Input {
@@ -313,6 +495,23 @@ impl CsvSource {
         }
         let line = self.record.position().map_or(0, |p| p.byte());
         let line = self.line_at(line);
+        // Text that is not UTF-8 in a file read as UTF-8 is another encoding, not a
+        // bad row: half a file must not go out (see `check_utf8` for files).
+        if self.encoding == CsvEncoding::Utf8
+            && let Some(bad) = self.record.iter().find(|c| std::str::from_utf8(c).is_err())
+        {
+            let at = std::str::from_utf8(bad)
+                .err()
+                .map_or(0, |e| e.valid_up_to());
+            return Err(Error::Input {
+                source_name: self.name.clone(),
+                line,
+                message: format!(
+                    "not valid UTF-8 (byte 0x{:02X}): {NOT_UTF8_FIX}",
+                    bad.get(at).copied().unwrap_or(0)
+                ),
+            });
+        }
         Ok(Some(self.convert(line, now)))
     }
 
@@ -587,8 +786,8 @@ mod tests {
 
     #[test]
     fn bad_rows_do_not_stop_good_ones() {
-        let out = rows(b"customerId,orderId\ncus_1,ord_1,extra\ncus_\xff,ord_2\ncus_3,ord_3\n");
-        assert_eq!(out.len(), 3);
+        let out = rows(b"customerId,orderId\ncus_1,ord_1,extra\ncus_3,ord_3\n");
+        assert_eq!(out.len(), 2);
         assert!(
             out[0]
                 .outcome
@@ -596,15 +795,77 @@ mod tests {
                 .unwrap_err()
                 .contains("3 fields but the header has 2")
         );
+        assert!(out[1].outcome.is_ok());
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_stops_the_file_naming_the_encoding() {
+        let bytes =
+            b"customerId,orderId,metadata.ville\ncus_1,ord_1,Paris\ncus_2,ord_2,Orl\xe9ans\n";
+        let mut s = source(bytes).unwrap();
+        assert!(s.next_row(now()).unwrap().is_some());
+        let err = s.next_row(now()).unwrap_err();
+        assert_eq!(err.exit(), crate::Exit::Usage);
+        let err = err.to_string();
         assert!(
-            out[1]
-                .outcome
-                .as_ref()
-                .unwrap_err()
-                .contains("not valid UTF-8")
+            err.contains("t.csv, line 3") && err.contains("pass --encoding windows-1252"),
+            "{err}"
         );
-        assert_eq!(out[1].key.as_deref(), Some("ord_2"));
-        assert!(out[2].outcome.is_ok());
+        // The same bytes read as Windows-1252.
+        let opts = CsvOptions {
+            delimiter: None,
+            encoding: CsvEncoding::Windows1252,
+        };
+        let mut s = CsvSource::from_reader_with(
+            "t.csv".into(),
+            Box::new(std::io::Cursor::new(bytes.to_vec())),
+            &opts,
+        )
+        .unwrap();
+        s.next_row(now()).unwrap();
+        let row = s.next_row(now()).unwrap().unwrap();
+        assert_eq!(
+            row.outcome.unwrap().metadata.unwrap()["ville"],
+            "Orl\u{e9}ans"
+        );
+        // A file is checked whole before anything is imported.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.csv");
+        let mut big = b"customerId,orderId\n".to_vec();
+        for i in 0..100_000 {
+            big.extend_from_slice(format!("cus_{i},ord_{i}\n").as_bytes());
+        }
+        big.extend_from_slice(b"cus_\x80,ord_x\n");
+        std::fs::write(&path, &big).unwrap();
+        let err = check_utf8(&path).unwrap_err().to_string();
+        assert!(err.contains("line 100002") && err.contains("0x80"), "{err}");
+        // Multi-byte characters cut by the read chunks are fine.
+        let text = "customerId,orderId\n".to_owned() + &"cus_é€ç,ord_1\n".repeat(40_000);
+        std::fs::write(&path, text).unwrap();
+        check_utf8(&path).unwrap();
+    }
+
+    #[test]
+    fn the_separator_is_found_from_the_header() {
+        for (text, sep) in [
+            (&b"customerId;orderId\ncus_1;ord_1\n"[..], b';'),
+            (
+                b"\xEF\xBB\xBF\"Customer ID\"\t\"Order ID\"\ncus_1\tord_1\n",
+                b'\t',
+            ),
+            (b"customerId,orderId\ncus_1,ord_1\n", b','),
+            (b"name;email\n", b','),
+        ] {
+            assert_eq!(
+                sniff_delimiter(text),
+                sep,
+                "{:?}",
+                String::from_utf8_lossy(text)
+            );
+        }
+        let out = rows(b"customerId;orderId;metadata.note\ncus_1;ord_1;a,b\n");
+        let p = out[0].outcome.as_ref().unwrap();
+        assert_eq!(p.metadata.as_ref().unwrap()["note"], "a,b");
     }
 
     #[test]

@@ -80,6 +80,20 @@ pub enum Command {
     Man,
 }
 
+/// How input CSV files are read.
+#[derive(Debug, Args, Clone, Default, serde::Serialize)]
+pub struct CsvArgs {
+    /// The separator: ',' ';' or '\t' (also: comma, semicolon, tab). Default: the
+    /// one that splits the header line into a customerId column.
+    #[arg(long, value_name = "SEP")]
+    pub delimiter: Option<String>,
+
+    /// The character encoding: utf-8 (default), windows-1252 or latin1 (read as
+    /// windows-1252), what Excel in western Europe saves as "CSV".
+    #[arg(long, value_name = "NAME", default_value = "utf-8")]
+    pub encoding: String,
+}
+
 /// The database option of the commands that use one.
 #[derive(Debug, Args, Clone, serde::Serialize)]
 pub struct DbArg {
@@ -122,6 +136,9 @@ pub struct RunArgs {
     pub csv: Vec<PathBuf>,
 
     #[command(flatten)]
+    pub csv_format: CsvArgs,
+
+    #[command(flatten)]
     pub send: SendArgs,
 }
 
@@ -133,6 +150,9 @@ pub struct EnqueueArgs {
     /// CSV files to import ('-' for stdin). May be repeated.
     #[arg(long = "csv", value_name = "FILE", required = true)]
     pub csv: Vec<PathBuf>,
+
+    #[command(flatten)]
+    pub csv_format: CsvArgs,
 }
 
 #[derive(Debug, Args)]
@@ -166,6 +186,9 @@ pub struct ValidateArgs {
     /// Print each request body that would be sent, as NDJSON on stdout.
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub csv_format: CsvArgs,
 }
 
 #[derive(Debug, Args)]

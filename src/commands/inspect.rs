@@ -11,7 +11,7 @@ use jiff::Timestamp;
 use crate::cli::{ExportFormat, ExportWhat, Format};
 use crate::error::{Error, Exit, Result};
 use crate::report::Report;
-use crate::source::{CsvSource, canonical_header};
+use crate::source::{CsvOptions, CsvSource, canonical_header};
 use crate::store::{JobExport, Store};
 
 use super::out;
@@ -27,8 +27,8 @@ fn io_error(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
 
 /// `validate`: reads the CSV exactly as `run` would and prints, in one pass, the
 /// request bodies (NDJSON on stdout with `--json`) and every invalid row.
-pub fn validate(path: &Path, json: bool) -> Result<Exit> {
-    let mut source = CsvSource::open(path)?;
+pub fn validate(path: &Path, json: bool, opts: &CsvOptions) -> Result<Exit> {
+    let mut source = CsvSource::open_with(path, opts)?;
     let name = source.name().to_owned();
     let now = Timestamp::now();
     let stdout = std::io::stdout();
@@ -109,9 +109,13 @@ pub fn validate(path: &Path, json: bool) -> Result<Exit> {
         }
     }
     out.flush().map_err(&err)?;
+    let empty = match source.empty_lines() {
+        0 => String::new(),
+        n => format!(", {} skipped", count(n, "empty line", "empty lines")),
+    };
     writeln!(
         problems,
-        "{name}: {}: {valid} would be sent, {invalid} invalid, {}, {}",
+        "{name}: {}: {valid} would be sent, {invalid} invalid, {}, {}{empty}",
         count(rows, "row", "rows"),
         count(duplicates, "duplicate", "duplicates"),
         count(conflicts, "conflict", "conflicts")

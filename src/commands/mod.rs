@@ -19,7 +19,7 @@ use crate::engine::Control;
 use crate::error::{Error, Exit, Result};
 use crate::store::RetryFilter;
 
-pub use send::{enqueue, import_csv, retry_failed, run};
+pub use send::{enqueue, enqueue_with, import_csv, retry_failed, run};
 
 /// Logs go to stderr, as text or JSON lines: info, or debug with `-v`, trace with
 /// `-vv`; `RUST_LOG` overrides the level. Colours only on a terminal, and never when
@@ -73,10 +73,18 @@ pub async fn dispatch(cli: Cli) -> Exit {
     out::set_quiet(cli.quiet);
     let env_key = std::env::var("KOHORTPAY_API_KEY").ok();
     let result = match cli.command {
-        Command::Run(args) => match config::resolve_send(&args.send, args.db.db.clone(), env_key) {
-            Ok(cfg) => run(&cfg, &args.csv, signals()).await,
-            Err(e) => Err(e),
-        },
+        Command::Run(args) => {
+            let cfg = config::resolve_send(&args.send, args.db.db.clone(), env_key).and_then(
+                |mut cfg| {
+                    cfg.csv = config::resolve_csv(&args.csv_format)?;
+                    Ok(cfg)
+                },
+            );
+            match cfg {
+                Ok(cfg) => run(&cfg, &args.csv, signals()).await,
+                Err(e) => Err(e),
+            }
+        }
         Command::RetryFailed(args) => {
             match config::resolve_send(&args.send, args.db.db.clone(), env_key) {
                 Ok(cfg) => {
@@ -91,8 +99,14 @@ pub async fn dispatch(cli: Cli) -> Exit {
                 Err(e) => Err(e),
             }
         }
-        Command::Enqueue(args) => enqueue(&args.db.db, &args.csv).await,
-        Command::Validate(args) => inspect::validate(&args.csv, args.json),
+        Command::Enqueue(args) => match config::resolve_csv(&args.csv_format) {
+            Ok(opts) => enqueue_with(&args.db.db, &args.csv, &opts).await,
+            Err(e) => Err(e),
+        },
+        Command::Validate(args) => match config::resolve_csv(&args.csv_format) {
+            Ok(opts) => inspect::validate(&args.csv, args.json, &opts),
+            Err(e) => Err(e),
+        },
         Command::Report(args) => {
             inspect::report(&args.db.db, args.run, args.last, args.format).await
         }

@@ -16,7 +16,7 @@ use crate::config::SendConfig;
 use crate::engine::{self, Control, StopReason};
 use crate::error::{Error, Exit, Result};
 use crate::report::Report;
-use crate::source::{CsvSource, ImportRow};
+use crate::source::{CsvEncoding, CsvOptions, CsvSource, ImportRow};
 use crate::store::{Access, ImportCounts, RetryFilter, Store};
 
 /// Rows per import transaction.
@@ -46,7 +46,7 @@ async fn session(
 ) -> Result<Exit> {
     let started = async {
         // Everything that can be checked is, before the database is opened or changed.
-        check_inputs(csv)?;
+        check_inputs(csv, &cfg.csv)?;
         if let Some(filter) = &retry {
             check_classes(&filter.classes)?;
         }
@@ -97,7 +97,7 @@ async fn session(
             None => {}
         }
         for path in csv {
-            import_csv(&store, run_id, path).await?;
+            import_csv(&store, run_id, path, &cfg.csv).await?;
         }
         let moved = store.move_inbox(run_id, Timestamp::now()).await?;
         if moved.rows > 0 {
@@ -161,13 +161,18 @@ struct Outputs<'a> {
 
 /// `enqueue`: import CSV rows as pending jobs; nothing is sent, no lock is taken.
 pub async fn enqueue(db: &Path, csv: &[PathBuf]) -> Result<Exit> {
-    check_inputs(csv)?;
+    enqueue_with(db, csv, &CsvOptions::default()).await
+}
+
+/// `enqueue` of CSV files read as `opts` say.
+pub async fn enqueue_with(db: &Path, csv: &[PathBuf], opts: &CsvOptions) -> Result<Exit> {
+    check_inputs(csv, opts)?;
     let store = Store::open(db)?;
     let options = serde_json::json!({ "csv": csv }).to_string();
     let run_id = store.begin_run("enqueue", options, false).await?;
     let mut outcome = Ok(None);
     for path in csv {
-        if let Err(e) = import_csv(&store, run_id, path).await {
+        if let Err(e) = import_csv(&store, run_id, path, opts).await {
             outcome = Err(e);
             break;
         }
@@ -316,7 +321,7 @@ fn check_classes(classes: &[String]) -> Result<()> {
 
 /// Every CSV named can be opened and read, and its header is usable: checked before
 /// a database is opened, so a typo records no run and changes nothing.
-fn check_inputs(csv: &[PathBuf]) -> Result<()> {
+fn check_inputs(csv: &[PathBuf], opts: &CsvOptions) -> Result<()> {
     for path in csv.iter().filter(|p| p.as_os_str() != "-") {
         if path.is_dir() {
             return Err(Error::usage(format!(
@@ -326,20 +331,30 @@ fn check_inputs(csv: &[PathBuf]) -> Result<()> {
         }
         // Opening reads the header: a missing file, a bad header or two columns for
         // one field stop here.
-        CsvSource::open(path)?;
+        CsvSource::open_with(path, opts)?;
+        // A file that is not UTF-8 is refused whole, before any row of it goes in.
+        if opts.encoding == CsvEncoding::Utf8 {
+            crate::source::check_utf8(path)?;
+        }
     }
     Ok(())
 }
 
 /// Streams a CSV into the store in batches; reading happens on a blocking thread.
-pub async fn import_csv(store: &Store, run_id: i64, path: &Path) -> Result<ImportCounts> {
+pub async fn import_csv(
+    store: &Store,
+    run_id: i64,
+    path: &Path,
+    opts: &CsvOptions,
+) -> Result<ImportCounts> {
+    let opts = *opts;
     let (tx, mut rx) = mpsc::channel::<(String, Vec<ImportRow>)>(2);
     // Imported batches go back to the reader, which frees them: freeing is much cheaper
     // on the thread that allocated (glibc arenas), and that thread has time to spare.
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Vec<ImportRow>>();
     let path_owned = path.to_owned();
-    let reader = tokio::task::spawn_blocking(move || -> Result<()> {
-        let mut source = CsvSource::open(&path_owned)?;
+    let reader = tokio::task::spawn_blocking(move || -> Result<u64> {
+        let mut source = CsvSource::open_with(&path_owned, &opts)?;
         let name = source.name().to_owned();
         if !source.unknown_columns.is_empty() {
             tracing::warn!(
@@ -359,7 +374,7 @@ pub async fn import_csv(store: &Store, run_id: i64, path: &Path) -> Result<Impor
             if batch.len() == IMPORT_BATCH {
                 let full = std::mem::replace(&mut batch, Vec::with_capacity(IMPORT_BATCH));
                 if tx.blocking_send((name.clone(), full)).is_err() {
-                    return Ok(());
+                    return Ok(source.empty_lines());
                 }
                 done_rx.try_iter().for_each(drop);
             }
@@ -367,7 +382,7 @@ pub async fn import_csv(store: &Store, run_id: i64, path: &Path) -> Result<Impor
         if !batch.is_empty() {
             let _ = tx.blocking_send((name, batch));
         }
-        Ok(())
+        Ok(source.empty_lines())
     });
     let mut counts = ImportCounts::default();
     while let Some((name, rows)) = rx.recv().await {
@@ -376,9 +391,17 @@ pub async fn import_csv(store: &Store, run_id: i64, path: &Path) -> Result<Impor
         // The reader may be done already: then the rows are freed here.
         let _ = done_tx.send(rows);
     }
-    reader
+    let empty = reader
         .await
         .map_err(|e| Error::Internal(format!("the CSV reader failed: {e}")))??;
+    if empty > 0 {
+        let skipped = ImportCounts {
+            empty,
+            ..ImportCounts::default()
+        };
+        store.add_import_counts(run_id, skipped).await?;
+        counts += skipped;
+    }
     tracing::info!(
         source = %path.display(),
         rows = counts.rows,

@@ -344,6 +344,12 @@ impl Store {
         .await
     }
 
+    /// Adds to the run's import counts (rows the reader skipped, say).
+    pub async fn add_import_counts(&self, run_id: i64, counts: ImportCounts) -> Result<()> {
+        self.call(move |c| ops::add_import_counts(c, run_id, counts))
+            .await
+    }
+
     /// Puts `unknown` jobs back to pending (a person decided to re-send them). Returns how many.
     pub async fn requeue_unknown(&self, run_id: i64) -> Result<usize> {
         self.call(move |c| {
@@ -900,6 +906,7 @@ mod tests {
                 duplicates: 2, // 50, 120
                 conflicts: 1,  // 130
                 invalid: 0,
+                empty: 0,
             }
         );
         let facts: Vec<(String, String, i64)> = store

@@ -189,6 +189,9 @@ pub struct ImportCounts {
     pub conflicts: u64,
     /// Rows that failed validation.
     pub invalid: u64,
+    /// Rows whose every field is empty (what spreadsheets leave at the end), skipped.
+    #[serde(default)]
+    pub empty: u64,
 }
 
 impl std::ops::AddAssign for ImportCounts {
@@ -199,5 +202,6 @@ impl std::ops::AddAssign for ImportCounts {
         self.duplicates += o.duplicates;
         self.conflicts += o.conflicts;
         self.invalid += o.invalid;
+        self.empty += o.empty;
     }
 }

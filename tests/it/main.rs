@@ -21,5 +21,6 @@ mod install;
 mod nightly;
 mod operate;
 mod robustness;
+mod spreadsheets;
 mod util;
 mod workflows;

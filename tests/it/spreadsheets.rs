@@ -1,0 +1,120 @@
+//! Files as spreadsheets save them: another separator, another encoding, empty
+//! trailing rows, ids Excel made into numbers, and cells far too large.
+
+use std::path::Path;
+
+use kohort_batch::sandbox::SandboxConfig;
+
+use crate::util::*;
+
+/// The French sample: `;`-separated, Windows-1252 (é, ç, €), two trailing `;;;` rows.
+fn french_sample() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("samples/orders-excel-fr.csv")
+        .display()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_windows_1252_semicolon_file_is_refused_whole_until_its_encoding_is_given() {
+    let s = Scene::new(SandboxConfig::default(), "").await;
+    let (dbs, url, csv) = (s.db.display().to_string(), s.sb.url(), french_sample());
+    for argv in [
+        owned(&["validate", "--csv", &csv]),
+        owned(&["run", "--db", &dbs, "--csv", &csv, "--api-base", &url]),
+        owned(&["enqueue", "--db", &dbs, "--csv", &csv]),
+    ] {
+        let out = bin_async(argv.clone(), with_key()).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{argv:?}: {err}");
+        assert!(
+            err.contains("line 2: not valid UTF-8") && err.contains("pass --encoding windows-1252"),
+            "{err}"
+        );
+    }
+    assert!(!s.db.exists(), "nothing of the file was imported");
+    assert_eq!(s.sb.stats(false).requests.values().sum::<u64>(), 0);
+
+    let out = bin_async(
+        owned(&[
+            "run",
+            "--db",
+            &dbs,
+            "--csv",
+            &csv,
+            "--api-base",
+            &url,
+            "--encoding",
+            "windows-1252",
+        ]),
+        with_key(),
+    )
+    .await;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("separated by ';'"), "{stderr}");
+    assert!(stdout.contains("2 empty lines skipped"), "{stdout}");
+    assert!(!stdout.contains("invalid 2"), "{stdout}");
+    assert_one_group_each(&s.sb, (1..=3).map(|i| format!("ord_fr_{i:03}")));
+    let cities = column(&s.db, "SELECT metadata FROM jobs ORDER BY id");
+    assert!(
+        cities[0].contains("Orléans") && cities[0].contains("10 €"),
+        "{cities:?}"
+    );
+    assert!(cities[1].contains("Besançon") && cities[2].contains("Saint-Étienne"));
+    // latin1 is read the same way; a separator may be given.
+    let out = bin_async(
+        owned(&[
+            "validate",
+            "--csv",
+            &csv,
+            "--encoding",
+            "latin1",
+            "--delimiter",
+            ";",
+        ]),
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = bin_async(
+        owned(&["validate", "--csv", &csv, "--delimiter", "|"]),
+        vec![],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn excel_numbers_and_huge_cells_are_invalid_and_never_sent() {
+    let huge = "x".repeat(20 << 20);
+    let text = format!(
+        "customerId,orderId,metadata.note\ncus_1,ord_1,fine\ncus_2,1.23457E+11,fine\ncus_3,ord_3,{huge}\n,,\n"
+    );
+    let s = Scene::new(SandboxConfig::default(), &text).await;
+    let out = s.run_bin(&[]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("looks like a number Excel reformatted"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("note is 20.0 MiB, over the limit of 64 KiB"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 empty line skipped"), "{stdout}");
+    let stats = s.sb.stats(true);
+    assert_eq!(
+        stats.groups_per_key.unwrap().keys().collect::<Vec<_>>(),
+        ["ord_1"]
+    );
+}

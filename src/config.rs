@@ -431,6 +431,7 @@ pub fn resolve_sandbox(args: &SandboxArgs) -> Result<SandboxConfig> {
         reset: probability("reset", args.reset)?,
         lost_response: probability("lost-response", args.lost_response)?,
         truncated: probability("truncated", args.truncated)?,
+        oversized: probability("oversized", args.oversized)?,
         late_create: probability("late-create", args.late_create)?,
         late_after: parse_duration("late-after", &args.late_after)?,
         seed: args.seed,

@@ -119,7 +119,7 @@ impl ApiClient {
             .post(self.groups_url.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(body.json());
-        self.exchange(req, wire::parse_group).await
+        self.exchange(req, wire::parse_group, true).await
     }
 
     /// `GET /orders/{id}`: the order's group id, if it has one.
@@ -127,7 +127,7 @@ impl ApiClient {
         let req = self
             .http
             .get(format!("{}/orders/{}", self.base, path_segment(order_id)));
-        self.exchange(req, wire::parse_order_group).await
+        self.exchange(req, wire::parse_order_group, false).await
     }
 
     /// `GET /groups/{id}`: the group, or `None` (the API's empty 200).
@@ -135,13 +135,16 @@ impl ApiClient {
         let req = self
             .http
             .get(format!("{}/groups/{}", self.base, path_segment(group_id)));
-        self.exchange(req, wire::parse_group_lookup).await
+        self.exchange(req, wire::parse_group_lookup, false).await
     }
 
+    /// One request; `kind_is_create` says whether it may have created a group (a
+    /// body that cannot be read is then ambiguous, not a reason to ask again).
     async fn exchange<T>(
         &self,
         req: reqwest::RequestBuilder,
         parse: fn(&[u8]) -> Result<T, String>,
+        kind_is_create: bool,
     ) -> Reply<T> {
         let started_at = Timestamp::now();
         let clock = Instant::now();
@@ -178,8 +181,25 @@ impl ApiClient {
             .headers()
             .get(reqwest::header::LOCATION)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        let body = match resp.bytes().await {
-            Ok(b) => b,
+        let body = match read_bounded(resp).await {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                // Not read past the limit: for a create the group may well exist
+                // (checked, never re-sent blindly); for a lookup, ask again later.
+                let class = match (kind_is_create, (200..300).contains(&status)) {
+                    (true, true) => Class::Ambiguous,
+                    (false, true) => Class::Retry,
+                    _ => classify(Exchange::Http {
+                        status,
+                        body_ok: true,
+                    }),
+                };
+                let error = format!(
+                    "HTTP {status}, but the body is over {} MiB and was not read",
+                    MAX_BODY >> 20
+                );
+                return reply(class, Some(status), retry_after, Some(error), None);
+            }
             Err(e) => {
                 let class = if (200..300).contains(&status) {
                     classify(Exchange::Transport(Transport::Body))
@@ -223,6 +243,26 @@ impl ApiClient {
         };
         reply(class, Some(status), retry_after, Some(error), None)
     }
+}
+
+/// The largest response body read: a group, an order or an error is a few KiB;
+/// anything past this is not what the API sends, and is not held in memory.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// Reads a response body up to [`MAX_BODY`]; `Ok(None)` when it is larger (the rest
+/// is not read, and the connection is dropped with the response).
+async fn read_bounded(mut resp: reqwest::Response) -> reqwest::Result<Option<bytes::Bytes>> {
+    if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+        return Ok(None);
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body.freeze()))
 }
 
 fn path_segment(id: &str) -> String {

@@ -384,6 +384,10 @@ pub struct SandboxArgs {
     #[arg(long, default_value_t = 0.0)]
     pub truncated: f64,
 
+    /// Probability a create is stored but answered with a 50 MB body.
+    #[arg(long, default_value_t = 0.0)]
+    pub oversized: f64,
+
     /// Probability of a late create: 503 after --late-after, group created later.
     #[arg(long, default_value_t = 0.0)]
     pub late_create: f64,

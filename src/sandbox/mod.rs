@@ -55,6 +55,9 @@ pub struct SandboxConfig {
     pub lost_response: f64,
     /// A create is stored, then answered 201 with a truncated, non-JSON body.
     pub truncated: f64,
+    /// A create is stored, then answered 201 with a body of 50 MB (the group, then
+    /// padding), as a broken proxy or server might.
+    pub oversized: f64,
     /// The client gets a 503 after `late_after`; the group is created `late_after`
     /// later still (the router gave up, the app carried on).
     pub late_create: f64,
@@ -77,6 +80,7 @@ impl Default for SandboxConfig {
             reset: 0.0,
             lost_response: 0.0,
             truncated: 0.0,
+            oversized: 0.0,
             late_create: 0.0,
             late_after: Duration::from_secs(1),
             seed: 1,
@@ -336,6 +340,7 @@ enum Fault {
     /// Processed, then the answer is lost in one of these ways:
     Lost,
     Truncated,
+    Oversized,
     Late,
 }
 
@@ -399,6 +404,8 @@ async fn gate(
         Fault::Lost
     } else if creates && hit(c.truncated) {
         Fault::Truncated
+    } else if creates && hit(c.oversized) {
+        Fault::Oversized
     } else if creates && hit(c.late_create) {
         Fault::Late
     } else {
@@ -479,6 +486,17 @@ async fn create_group(State(app): State<Arc<App>>, headers: HeaderMap, body: Byt
             create(&app);
             app.count(format!("{route} 201 lost"));
             dropped_connection()
+        }
+        Fault::Oversized => {
+            let mut body = create(&app).to_string().into_bytes();
+            app.count(format!("{route} 201 oversized"));
+            body.resize(50 << 20, b' ');
+            (
+                StatusCode::CREATED,
+                [(header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response()
         }
         Fault::Truncated => {
             let group = create(&app).to_string();

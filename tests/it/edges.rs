@@ -812,3 +812,57 @@ fn demo_keeps_its_database_where_asked() {
         "an existing file is not reused"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_50_mb_response_is_not_read_and_its_create_is_checked_not_resent() {
+    let oversized = SandboxConfig {
+        oversized: 1.0,
+        ..SandboxConfig::default()
+    };
+    let s = Scene::new(oversized, &csv_rows(3)).await;
+    // Peak memory of the run, read by a Python parent (a bound, not a timing).
+    let script = "import resource, subprocess, sys\n\
+         r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n\
+         print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)";
+    let (db, csv, url) = (s.db.clone(), s.csv.clone(), s.sb.url());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args([
+                "-c", script, BIN, "run", "--rate", "0", "--settle", "100ms", "--db",
+            ])
+            .arg(&db)
+            .arg("--csv")
+            .arg(&csv)
+            .args(["--api-base", &url])
+            .env("KOHORTPAY_API_KEY", KEY)
+            .env_remove("KOHORT_BATCH_CONFIG")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (code, peak_kib) = text.trim().split_once(' ').unwrap();
+    assert_eq!(code, "0", "{}", all_text(&out));
+    // A run's usual peak is 14–50 MB; a 50 MB body held whole would add at least 50.
+    assert!(
+        peak_kib.parse::<u64>().unwrap() < 48 * 1024,
+        "{peak_kib} KiB"
+    );
+    // Each group was made once, and found by the check after the unread reply.
+    assert_one_group_each(&s.sb, orders(3));
+    assert_eq!(
+        count(
+            &s.db,
+            "SELECT count(*) FROM jobs WHERE obtained = 'recovered'"
+        ),
+        3
+    );
+    let errors = column(&s.db, "SELECT error FROM attempts WHERE kind = 'create'");
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.contains("over 1 MiB and was not read")),
+        "{errors:?}"
+    );
+}

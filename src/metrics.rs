@@ -18,6 +18,8 @@ pub struct Finished<'a> {
     pub backlog: &'a [(String, i64)],
     /// When the newest run that exited 0 finished (unix time), if one did.
     pub last_success: Option<f64>,
+    /// Groups in the database without a share id, when the database could be read.
+    pub groups_without_share_id: Option<i64>,
 }
 
 impl<'a> Finished<'a> {
@@ -34,6 +36,7 @@ impl<'a> Finished<'a> {
             report: Some(report),
             backlog,
             last_success,
+            groups_without_share_id: None,
         }
     }
 
@@ -45,6 +48,7 @@ impl<'a> Finished<'a> {
             report: None,
             backlog: &[],
             last_success: None,
+            groups_without_share_id: None,
         }
     }
 }
@@ -87,6 +91,13 @@ pub fn render(f: &Finished<'_>) -> String {
             "jobs",
             "Jobs in the whole database by state, after the last run (what is left to do).",
             &jobs,
+        );
+    }
+    if let Some(n) = f.groups_without_share_id {
+        metric(
+            "groups_without_share_id",
+            "Groups in the database with no share id (nothing to hand the customer yet).",
+            &[(String::new(), n as f64)],
         );
     }
     let Some(report) = f.report else {

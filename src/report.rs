@@ -46,6 +46,9 @@ pub struct Report {
     /// invalid, pending), database-wide: what is left to do.
     #[serde(default)]
     pub backlog: BTreeMap<String, i64>,
+    /// Groups of this run that have no share id (yet): nothing to hand the customer.
+    #[serde(default)]
+    pub no_share_id: i64,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -143,6 +146,7 @@ impl Report {
             conflicts: f.conflicts.len(),
             requeued: None,
             backlog: BTreeMap::new(),
+            no_share_id: f.no_share_id,
         }
     }
 
@@ -253,6 +257,13 @@ impl Report {
                 "transient failures"
             )
         );
+        if self.no_share_id > 0 {
+            let _ = writeln!(
+                out,
+                "  Share ids  {} no share id yet: `kohort-batch export groups --missing-share-id` lists them",
+                count(self.no_share_id.max(0) as u64, "group has", "groups have")
+            );
+        }
         if let Some(l) = &self.latency_ms {
             let _ = writeln!(
                 out,
@@ -427,6 +438,7 @@ mod tests {
             exit_code: Some(1),
             stopped: None,
             paused_ms: 0,
+            no_share_id: 0,
             imported: Some(ImportCounts {
                 rows: 210,
                 queued: 203,

@@ -229,6 +229,10 @@ pub struct ExportArgs {
     /// Write here instead of stdout.
     #[arg(long, short, value_name = "PATH")]
     pub output: Option<PathBuf>,
+
+    /// With `groups`: only the groups that have no share id yet.
+    #[arg(long)]
+    pub missing_share_id: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -336,6 +336,7 @@ pub async fn export(
     what: ExportWhat,
     format: ExportFormat,
     output: Option<&Path>,
+    missing_share_id: bool,
 ) -> Result<Exit> {
     let store = Store::open_existing(db)?;
     match what {
@@ -350,6 +351,7 @@ pub async fn export(
                 "expires_at",
                 "created_at",
                 "obtained",
+                "note",
             ];
             let mut sink = Sink::new(
                 format,
@@ -357,6 +359,11 @@ pub async fn export(
                 open_output(output)?,
             )?;
             for_each_job(&store, &["succeeded"], |j| {
+                let no_share_id = j.share_id.as_deref().is_none_or(str::is_empty);
+                if missing_share_id && !no_share_id {
+                    return Ok(());
+                }
+                let note = no_share_id.then(|| "no_share_id".to_owned());
                 let cells = [
                     j.order_id,
                     j.payment_intent_id,
@@ -367,6 +374,7 @@ pub async fn export(
                     j.expires_at,
                     j.created_at,
                     j.obtained,
+                    note,
                 ]
                 .map(Option::unwrap_or_default);
                 sink.row(&cells)

@@ -111,7 +111,14 @@ pub async fn dispatch(cli: Cli) -> Exit {
             inspect::report(&args.db.db, args.run, args.last, args.format).await
         }
         Command::Export(args) => {
-            inspect::export(&args.db.db, args.what, args.format, args.output.as_deref()).await
+            inspect::export(
+                &args.db.db,
+                args.what,
+                args.format,
+                args.output.as_deref(),
+                args.missing_share_id,
+            )
+            .await
         }
         Command::Sandbox(args) => match config::resolve_sandbox(&args) {
             Ok(cfg) => demo::sandbox(cfg, args.listen).await,

@@ -264,6 +264,10 @@ async fn finish(
     // `report --run` shows this very report later.
     store.save_report(run_id, report.to_json()).await?;
     let last_success = store.last_success().await?;
+    let no_share_id = match outputs.metrics_file {
+        Some(_) => Some(store.groups_without_share_id().await?),
+        None => None,
+    };
     store.close().await;
     tracing::info!(
         run = run_id,
@@ -287,11 +291,9 @@ async fn finish(
             .iter()
             .map(|s| ((*s).to_owned(), in_db(s)))
             .collect();
-        let text = crate::metrics::render(&crate::metrics::Finished::of(
-            &report,
-            &backlog,
-            last_success,
-        ));
+        let mut finished = crate::metrics::Finished::of(&report, &backlog, last_success);
+        finished.groups_without_share_id = no_share_id;
+        let text = crate::metrics::render(&finished);
         super::write_readable(path, text.as_bytes())?;
     }
     match error {

@@ -168,6 +168,9 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
         match reply.class {
             Class::Ok => {
                 let group = reply.value.unwrap_or_default();
+                if group.share_id.is_none() && !group.id.is_empty() {
+                    return with_share_id(&ctx, &job, group, attempt, &mut tally).await;
+                }
                 let t = Transition::Succeeded {
                     obtained: Obtained::Created,
                     group,
@@ -226,6 +229,42 @@ pub(super) async fn process(ctx: Arc<Ctx>, job: Job) -> Result<()> {
             }
         }
     }
+}
+
+/// A group created without a share id (what a merchant hands the customer): the
+/// create is recorded, the group is fetched once more (the API may assign it just
+/// after), and the job succeeds with what that shows. A group still without one is
+/// kept as it is, and counted by the report ("no share id yet").
+async fn with_share_id(
+    ctx: &Ctx,
+    job: &Job,
+    group: Group,
+    created: Attempt,
+    tally: &mut Tally,
+) -> Result<()> {
+    if !ctx.record(job, Some(created), Transition::Keep).await? {
+        return Ok(());
+    }
+    let mut group = group;
+    let mut attempt = None;
+    if let Some(reply) = ctx.paced(ctx.api.group(&group.id)).await {
+        tally.note(&reply);
+        attempt = Some(attempt_of(RequestKind::FetchGroup, &reply));
+        if let (Class::Ok, Some(Some(fetched))) = (reply.class, reply.value)
+            && fetched.id == group.id
+            && fetched.share_id.is_some()
+        {
+            group = fetched;
+        }
+    }
+    if group.share_id.is_none() {
+        tracing::warn!(parent: &ctx.span, run = ctx.run_id, key = %job.key, group = %group.id, "group created without a share id; kept, and counted in the report");
+    }
+    let t = Transition::Succeeded {
+        obtained: Obtained::Created,
+        group,
+    };
+    ctx.store.record_last(ctx.run_id, job.id, attempt, t)
 }
 
 /// Marks the job in flight (committed) and takes a request slot; `None` if the run
@@ -347,10 +386,11 @@ async fn check(ctx: &Ctx, job: &Job, order_id: &str, tally: &mut Tally) -> Resul
     match reply.class {
         Class::Ok => {
             let group = reply.value.flatten().unwrap_or_else(|| {
-                // The order names a group the lookup cannot show: record what we know.
+                // The order names a group the lookup cannot show (the API's empty 200):
+                // record what we know; `raw` is what was received, nothing.
                 tracing::warn!(parent: &ctx.span, order = order_id, group = %group_id, "order names a group that GET /groups does not return");
                 Group {
-                    raw: serde_json::json!({ "id": group_id }).to_string(),
+                    raw: String::new(),
                     id: group_id.clone(),
                     order_id: Some(order_id.to_owned()),
                     ..Group::default()

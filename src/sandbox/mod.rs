@@ -510,8 +510,14 @@ async fn create_group(State(app): State<Arc<App>>, headers: HeaderMap, body: Byt
                 .into_response()
         }
         _ => {
-            let group = create(&app);
+            let mut group = create(&app);
             app.count(format!("{route} 201"));
+            let late = group["customer_id"]
+                .as_str()
+                .is_some_and(|c| c.starts_with(state::LATE_SHARE_ID));
+            if late {
+                group["share_id"] = Value::Null;
+            }
             (StatusCode::CREATED, axum::Json(group)).into_response()
         }
     }

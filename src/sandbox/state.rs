@@ -57,6 +57,11 @@ pub const REJECTED_CUSTOMER: &str = "cus_reject";
 pub const UNKNOWN_ORDER: &str = "ord_unknown";
 /// Order ids with this prefix came through checkout and already have a group.
 pub const CHECKOUT_ORDER: &str = "ord_checkout";
+/// Customers whose groups never get a share id.
+pub const NO_SHARE_ID: &str = "cus_noshare";
+/// Customers whose groups get their share id just after the create answers: the
+/// create's reply has none, a later `GET /groups/{id}` has it.
+pub const LATE_SHARE_ID: &str = "cus_lateshare";
 
 /// A rejected request: status and the `message` of the error envelope.
 #[derive(Debug)]
@@ -265,9 +270,16 @@ impl World {
         let order = text("orderId", "order_id");
         let pi = text("paymentIntentId", "payment_intent_id");
         let mid = now + SignedDuration::from_secs(end.duration_since(now).as_secs() / 2);
+        // Deterministic rules for tests: a group that never gets a share id.
+        let customer = text("customerId", "customer_id").unwrap_or_default();
+        let share = if customer.starts_with(NO_SHARE_ID) {
+            Value::Null
+        } else {
+            Value::String(share_id.clone())
+        };
         let group = json!({
             "id": id,
-            "share_id": share_id,
+            "share_id": share,
             "livemode": live,
             "status": "OPEN",
             "customer_id": text("customerId", "customer_id"),

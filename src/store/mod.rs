@@ -344,6 +344,11 @@ impl Store {
         .await
     }
 
+    /// Groups in the whole database recorded without a share id.
+    pub async fn groups_without_share_id(&self) -> Result<i64> {
+        self.call(queries::groups_without_share_id).await
+    }
+
     /// Adds to the run's import counts (rows the reader skipped, say).
     pub async fn add_import_counts(&self, run_id: i64, counts: ImportCounts) -> Result<()> {
         self.call(move |c| ops::add_import_counts(c, run_id, counts))

@@ -41,6 +41,8 @@ pub struct RunFacts {
     pub send_window_ms: Option<(i64, i64)>,
     /// Time within the send window that requests were held by `Retry-After` pauses.
     pub paused_ms: i64,
+    /// Groups of this run's jobs recorded without a share id.
+    pub no_share_id: i64,
     pub failures: Vec<FailureReason>,
     /// Rows not imported because their key was taken by different data.
     pub conflicts: Vec<FailureReason>,
@@ -71,6 +73,12 @@ pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<Option<
         None => return Ok(None),
     };
     (facts.states, facts.obtained) = job_counts(c, run_id)?;
+    facts.no_share_id = c.query_row(
+        "SELECT count(*) FROM groups WHERE (share_id IS NULL OR share_id = '') \
+         AND job_id IN (SELECT id FROM jobs WHERE last_run_id = ?1)",
+        params![run_id],
+        |r| r.get(0),
+    )?;
     attempt_facts(c, run_id, &mut facts)?;
     let unfinished = facts
         .states
@@ -438,4 +446,13 @@ pub(super) fn conflicts_page(
         })
     })?;
     rows.collect()
+}
+
+/// Groups in the whole database recorded without a share id.
+pub(super) fn groups_without_share_id(c: &Connection) -> rusqlite::Result<i64> {
+    c.query_row(
+        "SELECT count(*) FROM groups WHERE share_id IS NULL OR share_id = ''",
+        [],
+        |r| r.get(0),
+    )
 }

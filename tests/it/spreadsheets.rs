@@ -118,3 +118,57 @@ async fn excel_numbers_and_huge_cells_are_invalid_and_never_sent() {
         ["ord_1"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_success_has_a_share_id_or_says_why_not() {
+    // cus_lateshare: the create's reply has no share id, a later GET has it.
+    // cus_noshare: the group never gets one.
+    let text = "customerId,orderId\ncus_1,ord_1\ncus_lateshare_2,ord_2\ncus_noshare_3,ord_3\n";
+    let s = Scene::new(SandboxConfig::default(), text).await;
+    let metrics = s.dir.path().join("m.prom");
+    let out = s
+        .run_bin(&["--metrics-file", &metrics.display().to_string()])
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("Share ids  1 group has no share id yet")
+            && stdout.contains("export groups --missing-share-id"),
+        "{stdout}"
+    );
+    let shares = column(
+        &s.db,
+        "SELECT coalesce(share_id, 'NULL') FROM groups ORDER BY job_id",
+    );
+    assert!(
+        shares[0].starts_with("KHT-") && shares[1].starts_with("KHT-"),
+        "{shares:?}"
+    );
+    assert_eq!(shares[2], "NULL");
+    // The raw JSON stored is the bytes received (the GET's, for the late one).
+    let raw = column(&s.db, "SELECT raw FROM groups WHERE order_id = 'ord_2'");
+    assert!(raw[0].contains("\"share_id\":\"KHT-"), "{raw:?}");
+    let m = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        m.contains("kohort_batch_groups_without_share_id 1\n"),
+        "{m}"
+    );
+    let dbs = s.db.display().to_string();
+    let out = bin_async(owned(&["export", "groups", "--db", &dbs]), vec![]).await;
+    let csv = String::from_utf8_lossy(&out.stdout);
+    assert!(csv.lines().next().unwrap().ends_with(",note"), "{csv}");
+    assert_eq!(
+        csv.lines().filter(|l| l.ends_with(",no_share_id")).count(),
+        1,
+        "{csv}"
+    );
+    let out = bin_async(
+        owned(&["export", "groups", "--db", &dbs, "--missing-share-id"]),
+        vec![],
+    )
+    .await;
+    let only = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(only.lines().count(), 2, "{only}");
+    assert!(only.contains("ord_3"), "{only}");
+    assert_one_group_each(&s.sb, ["ord_1", "ord_2", "ord_3"].map(String::from));
+}

@@ -231,6 +231,12 @@ fn check_key_form(key: &str, origin: &str) -> Result<()> {
              two words): put only the secret key in it, e.g. sk_test_…"
         )));
     }
+    if key.chars().any(|c| !c.is_ascii_graphic()) {
+        return Err(Error::usage(format!(
+            "{origin} holds characters a key never has (control or non-ASCII characters): \
+             copy the secret key again from the KohortPay dashboard"
+        )));
+    }
     if key.starts_with("pk_") {
         return Err(Error::usage(format!(
             "{origin} holds a publishable key (pk_…), which cannot create groups: use the \
@@ -301,11 +307,18 @@ pub fn resolve_settings(args: &SendArgs) -> Result<Settings> {
     let max_pause = bounded_duration("max-pause", &args.max_pause, limits::MAX_PAUSE)?;
     let busy_timeout = bounded_duration("busy-timeout", &args.busy_timeout, limits::BUSY_TIMEOUT)?;
     if let Some(ca) = &args.ca_cert {
-        std::fs::File::open(ca).map_err(|source| Error::File {
+        let pem = std::fs::read(ca).map_err(|source| Error::File {
             action: "read the CA certificate (--ca-cert)",
             path: ca.clone(),
             source,
         })?;
+        if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+            return Err(Error::usage(format!(
+                "--ca-cert {}: no PEM certificate in it (a '-----BEGIN CERTIFICATE-----' \
+                 block); give the root certificate in PEM form",
+                ca.display()
+            )));
+        }
     }
     for (flag, path) in [
         ("report-json", &args.report_json),

@@ -91,6 +91,19 @@ impl Error {
     /// The exit code this error maps to.
     pub fn exit(&self) -> Exit {
         match self {
+            // A disk that is full or read-only is the file system refusing, not a
+            // wrong flag.
+            Error::File { source, .. }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::StorageFull
+                        | std::io::ErrorKind::QuotaExceeded
+                        | std::io::ErrorKind::ReadOnlyFilesystem
+                        | std::io::ErrorKind::FileTooLarge
+                ) =>
+            {
+                Exit::IoError
+            }
             Error::Usage(_) | Error::File { .. } | Error::Input { .. } => Exit::Usage,
             Error::Locked { .. } => Exit::Locked,
             Error::Database { cause, .. } => match cause {

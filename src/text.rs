@@ -41,7 +41,7 @@ pub fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
 /// forged line, DEL, C1 controls) are written as `\n` or `\u{1b}`-style escapes.
 /// Borrowed when there is nothing to escape, which is nearly always.
 pub fn escape(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    if !s.chars().any(needs_escape) {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
@@ -50,11 +50,20 @@ pub fn escape(s: &str) -> Cow<'_, str> {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c if needs_escape(c) => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
             c => out.push(c),
         }
     }
     Cow::Owned(out)
+}
+
+/// Control characters, and the Unicode ones that break or reorder a line on screen
+/// (line and paragraph separators, bidirectional overrides and isolates).
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}')
+        || ('\u{202a}'..='\u{202e}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
 }
 
 /// A number of milliseconds for a log line: three decimals at most (`0.321`, not
@@ -100,6 +109,7 @@ mod tests {
             "a\\u{1b}[31mred\\rCR\\nINFO forged\\u{1b}]0;title\\u{7}\\u{9b}x"
         );
         assert!(matches!(escape("plain ord_1 é €"), Cow::Borrowed(_)));
+        assert_eq!(escape("a\u{2028}b\u{202e}c"), "a\\u{2028}b\\u{202e}c");
     }
 
     #[test]

@@ -98,9 +98,16 @@ impl ApiClient {
             })?;
             builder = builder.tls_certs_merge([cert]);
         }
-        let http = builder
-            .build()
-            .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))?;
+        let http = builder.build().map_err(|e| match ca_cert {
+            // The one input that can make the client fail to build.
+            Some(path) => Error::usage(format!(
+                "--ca-cert {}: the certificate cannot be used ({}); give a PEM file of the \
+                 root certificate",
+                path.display(),
+                error_chain(&e)
+            )),
+            None => Error::Internal(format!("cannot build the HTTP client: {e}")),
+        })?;
         let base = base.trim_end_matches('/').to_owned();
         let groups_url = reqwest::Url::parse(&format!("{base}/groups"))
             .map_err(|e| Error::usage(format!("--api-base {base} is not a valid URL: {e}")))?;

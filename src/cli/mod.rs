@@ -16,7 +16,7 @@ pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), env!("KB_BUILD_COMM
 
 /// Creates KohortPay referral groups in bulk, safely: one group per order, exactly once.
 #[derive(Debug, Parser)]
-#[command(name = "kohort-batch", version = VERSION, about, long_about = None)]
+#[command(name = "kohort-batch", version = VERSION, about, long_about = None, propagate_version = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -175,6 +175,8 @@ fn show_config(
     sources: &std::collections::BTreeMap<String, String>,
 ) -> Result<Exit> {
     let settings = config::resolve_settings(&args.send)?;
+    // The CSV files too, exactly as `run` checks them before opening the database.
+    send::check_inputs(&args.csv, &config::resolve_csv(&args.csv_format)?)?;
     let key = match (&args.send.api_key_file, env_key) {
         (Some(p), _) => {
             config::load_key(Some(p), None, args.send.live)?;
@@ -234,14 +236,14 @@ async fn init(db: &Path) -> Result<Exit> {
     } else {
         "was created"
     };
+    // Quoted for a shell, so the printed command can be pasted as it is.
+    let quoted = format!("'{}'", db.display().to_string().replace('\'', "'\\''"));
     out::say(&format!(
         "{} {what}. Producers insert into its inbox with plain SQL, for example:\n\n\
-         \x20 sqlite3 {} \"PRAGMA busy_timeout = 60000; INSERT INTO inbox (customer_id, order_id, metadata) \
+         \x20 sqlite3 {quoted} \"PRAGMA busy_timeout = 60000; INSERT INTO inbox (customer_id, order_id, metadata) \
          VALUES ('cus_123', 'ord_2026_0042', '{{\\\"campaign\\\":\\\"spring\\\"}}')\"\n\n\
-         The next `kohort-batch run --db {}` sends them.\n",
-        db.display(),
-        db.display(),
-        db.display()
+         The next `kohort-batch run --db {quoted}` sends them.\n",
+        crate::text::escape(&db.display().to_string()),
     ))?;
     Ok(Exit::Success)
 }
@@ -288,12 +290,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// before the rename when given.
 fn write_with_mode(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let tmp = path.with_extension("tmp");
     let io = |source| Error::File {
         action: "write",
         path: path.to_owned(),
         source,
     };
+    // A symlink is written through (to what it points at); a FIFO or a device is
+    // written to as it is, never replaced by a file.
+    let target = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            let to = std::fs::read_link(path).map_err(io)?;
+            match path.parent() {
+                Some(dir) if to.is_relative() => dir.join(to),
+                _ => to,
+            }
+        }
+        _ => path.to_owned(),
+    };
+    if std::fs::metadata(&target).is_ok_and(|m| !m.is_file()) {
+        return std::fs::write(&target, bytes).map_err(io);
+    }
+    let path = target.as_path();
+    let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).map_err(io)?;
     if let Some(mode) = mode {
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io)?;

@@ -323,7 +323,7 @@ fn check_classes(classes: &[String]) -> Result<()> {
 
 /// Every CSV named can be opened and read, and its header is usable: checked before
 /// a database is opened, so a typo records no run and changes nothing.
-fn check_inputs(csv: &[PathBuf], opts: &CsvOptions) -> Result<()> {
+pub(super) fn check_inputs(csv: &[PathBuf], opts: &CsvOptions) -> Result<()> {
     for path in csv.iter().filter(|p| p.as_os_str() != "-") {
         if path.is_dir() {
             return Err(Error::usage(format!(

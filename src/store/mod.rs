@@ -198,6 +198,14 @@ impl Store {
             cause: f.cause,
             message: f.message,
         };
+        // SQLite would read `file:…` as a URI (and its `?nolock=1`, `?mode=`), opening
+        // another file than the one the run lock is taken beside.
+        if path.to_str().is_some_and(|p| p.starts_with("file:")) {
+            return Err(Error::Usage(format!(
+                "--db {}: give a plain path to the database file, not a SQLite URI",
+                path.display()
+            )));
+        }
         if path.is_dir() {
             return Err(Error::Usage(format!(
                 "--db {} is a directory: give the path of the database file in it (e.g. {})",

@@ -866,3 +866,89 @@ async fn a_50_mb_response_is_not_read_and_its_create_is_checked_not_resent() {
         "{errors:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uris_symlinks_bad_certificates_and_odd_keys_are_handled() {
+    let s = Scene::new(SandboxConfig::default(), &csv_rows(2)).await;
+    let dir = s.dir.path();
+    let csv = s.csv.display().to_string();
+    let url = s.sb.url();
+    // A SQLite URI would open another file than the one the lock is taken beside.
+    let out = bin_async(
+        owned(&[
+            "run",
+            "--db",
+            "file:uri.db?nolock=1",
+            "--csv",
+            &csv,
+            "--api-base",
+            &url,
+        ]),
+        with_key(),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", all_text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a SQLite URI"));
+    // A report written through a symlink lands in its target; the link stays a link.
+    let target = dir.join("target.json");
+    let link = dir.join("link.json");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let out = s
+        .run_bin(&["--report-json", &link.display().to_string()])
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", all_text(&out));
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(
+        std::fs::read_to_string(&target)
+            .unwrap()
+            .contains("\"run_id\"")
+    );
+    // Certificates that cannot be used are a flag error (2), found before anything runs.
+    let broken = write(
+        dir,
+        "broken.pem",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    );
+    let none = write(dir, "none.pem", "just text\n");
+    let fresh = dir.join("fresh.db").display().to_string();
+    for (pem, says) in [(&broken, "cannot be used"), (&none, "no PEM certificate")] {
+        let out = bin_async(
+            owned(&[
+                "run",
+                "--db",
+                &fresh,
+                "--csv",
+                &csv,
+                "--api-base",
+                &url,
+                "--ca-cert",
+                &pem.display().to_string(),
+            ]),
+            with_key(),
+        )
+        .await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(says), "{err}");
+    }
+    // Keys with characters no key has; `config` checks the CSV files like `run`.
+    for key in ["sk_test_abc\u{e9}", "sk_test_abc\u{1b}[31m"] {
+        let out = bin_async(
+            owned(&["run", "--db", &fresh, "--csv", &csv, "--api-base", &url]),
+            vec![("KOHORTPAY_API_KEY".into(), key.into())],
+        )
+        .await;
+        assert_eq!(out.status.code(), Some(2), "{}", all_text(&out));
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("abc"));
+    }
+    assert!(!dir.join("fresh.db").exists());
+    let out = bin_async(owned(&["config", "--csv", "/nonexistent.csv"]), vec![]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let out = bin_async(owned(&["run", "--version"]), vec![]).await;
+    assert_eq!(out.status.code(), Some(0));
+}

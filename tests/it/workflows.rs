@@ -397,7 +397,7 @@ async fn export_groups_lists_share_ids_per_order() {
     assert_eq!(
         lines.next(),
         Some(
-            "order_id,payment_intent_id,customer_id,group_id,share_id,status,expires_at,created_at,obtained"
+            "order_id,payment_intent_id,customer_id,group_id,share_id,status,expires_at,created_at,obtained,note"
         )
     );
     let rows: Vec<&str> = lines.collect();
@@ -405,10 +405,10 @@ async fn export_groups_lists_share_ids_per_order() {
     assert!(
         rows[0].starts_with("ord_1,,cus_1,pg_")
             && rows[0].contains(",KHT-test-")
-            && rows[0].ends_with(",created"),
+            && rows[0].ends_with(",created,"),
         "{rows:?}"
     );
-    assert!(rows[1].ends_with(",existing"), "{rows:?}");
+    assert!(rows[1].ends_with(",existing,"), "{rows:?}");
     let out = bin_async(
         owned(&["export", "groups", "--format", "json", "--db", &dbs]),
         with_key(),

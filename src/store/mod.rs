@@ -949,6 +949,68 @@ mod tests {
         assert_eq!(total, 298); // 0..300 without 120 and 130
     }
 
+    /// Once invalid rows with keys exist, valid rows still go in a chunk at a time,
+    /// and a row that fixes an invalid one takes its place (no second job).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn fixes_of_invalid_rows_replace_them_on_every_path() {
+        let (_dir, _, store) = fresh();
+        let run = enqueue_run(&store).await;
+        let invalid = |i: u64| {
+            ImportRow::new(
+                i + 1,
+                Some(format!("ord_{i:08}")),
+                Err("customerId is empty".into()),
+                BTreeMap::from([("orderId".to_owned(), format!("ord_{i:08}"))]),
+            )
+        };
+        // ord 5 (fixed below in a full chunk) and ord 250 (fixed row by row).
+        store
+            .import(run, "a.csv".into(), vec![invalid(5), invalid(250)])
+            .await
+            .unwrap();
+        let ids_before: Vec<i64> = store
+            .call(|c| {
+                c.prepare("SELECT id FROM jobs ORDER BY id")?
+                    .query_map([], |r| r.get(0))?
+                    .collect()
+            })
+            .await
+            .unwrap();
+        // 0..200 in two full chunks, then 200..260 with an invalid row at 230 (the
+        // rest of that chunk goes row by row).
+        let mut batch = rows(0, 260);
+        batch[230] = invalid(230);
+        let (counts, _) = store.import(run, "b.csv".into(), batch).await.unwrap();
+        assert_eq!(
+            (counts.rows, counts.queued, counts.fixed, counts.invalid),
+            (260, 257, 2, 1)
+        );
+        let facts: Vec<(i64, String)> = store
+            .call(|c| {
+                c.prepare(
+                    "SELECT id, state FROM jobs WHERE key IN ('ord_00000005', 'ord_00000250') \
+                     ORDER BY id",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
+            })
+            .await
+            .unwrap();
+        // The fixes took the invalid jobs' places.
+        assert_eq!(
+            facts,
+            ids_before
+                .iter()
+                .map(|id| (*id, "pending".to_owned()))
+                .collect::<Vec<_>>()
+        );
+        let total: i64 = store
+            .call(|c| c.query_row("SELECT count(*) FROM jobs", [], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(total, 260); // 259 valid + the invalid row 230
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn run_facts_count_attempts_by_kind_and_class_and_span_the_send_window() {
         let (_dir, _, store) = fresh();

@@ -28,6 +28,8 @@ pub struct SendConfig {
     pub busy_timeout: Duration,
     /// How the CSV files of `run` are read.
     pub csv: CsvOptions,
+    /// Say what would happen, on a copy of the database; send nothing.
+    pub dry_run: bool,
 }
 
 /// The accepted range of each bounded setting, as the README's option table gives
@@ -392,6 +394,7 @@ pub fn resolve_send(args: &SendArgs, db: PathBuf, env_key: Option<String>) -> Re
         metrics_file: args.metrics_file.clone(),
         busy_timeout: settings.busy_timeout,
         csv: CsvOptions::default(),
+        dry_run: args.dry_run,
     })
 }
 

@@ -319,6 +319,11 @@ pub struct SendArgs {
     #[arg(long, default_value = "30s")]
     pub grace: String,
 
+    /// Say what the command would do (jobs to send and check, requests, time) on a
+    /// copy of the database: nothing is changed, nothing is sent, no lock is taken.
+    #[arg(long)]
+    pub dry_run: bool,
+
     /// The longest `Retry-After` the run waits out; a longer one stops the run (exit
     /// 3) with its rows pending, to be sent by a later run.
     #[arg(long, default_value = "5m")]

@@ -98,6 +98,7 @@ pub async fn demo(keep: Option<&Path>) -> Result<Exit> {
         metrics_file: None,
         ca_cert: None,
         grace: "5s".into(),
+        dry_run: false,
         max_pause: "5m".into(),
         busy_timeout: "60s".into(),
         seed: Some(7),

@@ -44,6 +44,9 @@ async fn session(
     retry: Option<RetryFilter>,
     control: Arc<Control>,
 ) -> Result<Exit> {
+    if cfg.dry_run {
+        return dry_run(cfg, command, csv, retry).await;
+    }
     let started = async {
         // Everything that can be checked is, before the database is opened or changed.
         check_inputs(csv, &cfg.csv)?;
@@ -146,6 +149,113 @@ async fn session(
         requeued,
     };
     finish(&store, run_id, outcome, true, outputs).await
+}
+
+/// `--dry-run`: the same import, inbox move and requeue as the command, on a copy
+/// of the database in a temporary directory (the database itself is only read, no
+/// lock is taken, nothing is sent); then what sending would take.
+async fn dry_run(
+    cfg: &SendConfig,
+    command: &str,
+    csv: &[PathBuf],
+    retry: Option<RetryFilter>,
+) -> Result<Exit> {
+    check_inputs(csv, &cfg.csv)?;
+    if let Some(filter) = &retry {
+        check_classes(&filter.classes)?;
+    }
+    let dir = tempfile::tempdir()
+        .map_err(|e| Error::Internal(format!("cannot make a temporary directory: {e}")))?;
+    let copy = dir.path().join("dry-run.db");
+    if cfg.db.exists() {
+        Store::snapshot(&cfg.db, &copy)?;
+    }
+    let store = Store::open(&copy)?;
+    let run_id = store.begin_run(command, "{}".into(), true).await?;
+    let requeued = match &retry {
+        Some(filter) => Some(store.requeue_failed(run_id, filter.clone()).await? as u64),
+        None if cfg.engine.resend_unknown => {
+            store.requeue_unknown(run_id).await?;
+            None
+        }
+        None => None,
+    };
+    let mut imported = ImportCounts::default();
+    for path in csv {
+        imported += import_csv(&store, run_id, path, &cfg.csv).await?;
+    }
+    imported += store.move_inbox(run_id, Timestamp::now()).await?;
+    let always = cfg.engine.precheck == engine::Precheck::Always;
+    let (jobs, checks) = store.send_plan(always).await?;
+    let states = store.state_counts().await?;
+    store.close().await;
+    let in_copy = |s: &str| states.iter().find(|(n, _)| n == s).map_or(0, |(_, n)| *n);
+    let requests = jobs + checks;
+    let estimate = cfg.engine.rate.map(|r| requests as f64 / r);
+    let plan = serde_json::json!({
+        "dry_run": true,
+        "command": command,
+        "imported": imported,
+        "requeued": requeued,
+        "jobs_to_send": jobs,
+        "checked_first": checks,
+        "already_succeeded": in_copy("succeeded"),
+        "invalid": in_copy("invalid"),
+        "failed": in_copy("failed"),
+        "unknown": in_copy("unknown"),
+        "conflicts": imported.conflicts,
+        "requests": requests,
+        "rate_per_sec": cfg.engine.rate,
+        "concurrency": cfg.engine.concurrency,
+        "estimated_secs": estimate,
+    });
+    let mut text = format!(
+        "kohort-batch {command} --dry-run: nothing was changed, nothing was sent\n\
+         \x20 Imported   {}: {} queued, {} fixed, {} invalid, {}, {}\n",
+        crate::text::count(imported.rows, "row", "rows"),
+        imported.queued,
+        imported.fixed,
+        imported.invalid,
+        crate::text::count(imported.duplicates, "duplicate", "duplicates"),
+        crate::text::count(imported.conflicts, "conflict", "conflicts"),
+    );
+    if let Some(n) = requeued {
+        text.push_str(&format!(
+            "  Retry      {} would go back to pending\n",
+            crate::text::count(n, "failed job", "failed jobs")
+        ));
+    }
+    text.push_str(&format!(
+        "  Would send {} ({} checked first for an existing group); {} already succeeded\n\
+         \x20 Requests   about {requests} ({jobs} creates, {checks} checks; a check that finds a \
+         group fetches it instead of creating one)\n",
+        crate::text::count(jobs.max(0) as u64, "job", "jobs"),
+        checks,
+        in_copy("succeeded"),
+    ));
+    text.push_str(&match estimate {
+        Some(secs) => format!(
+            "  Time       about {} at --rate {}/s (--concurrency {})\n",
+            crate::text::human(Duration::from_secs(secs.ceil() as u64)),
+            cfg.engine.rate.unwrap_or(0.0),
+            cfg.engine.concurrency
+        ),
+        None => "  Time       no --rate: as fast as the API answers\n".to_owned(),
+    });
+    super::out::report(&text)?;
+    if let Some(path) = &cfg.report_json {
+        write_atomic(
+            path,
+            serde_json::to_string_pretty(&plan)
+                .unwrap_or_default()
+                .as_bytes(),
+        )?;
+    }
+    Ok(if imported.invalid + imported.conflicts > 0 {
+        Exit::RowsFailed
+    } else {
+        Exit::Success
+    })
 }
 
 /// Where a run's report and metrics go besides stdout.

@@ -258,6 +258,58 @@ impl Store {
         })
     }
 
+    /// Copies the kohort-batch database at `src` into a new file `dest` (for a dry
+    /// run), reading it only: `src` is checked as `report` checks it and never
+    /// changed.
+    pub fn snapshot(src: &Path, dest: &Path) -> Result<()> {
+        let err = |f: Failure| Error::Database {
+            path: src.to_owned(),
+            cause: f.cause,
+            message: format!("cannot copy it for the dry run: {}", f.message),
+        };
+        if !src.is_file() {
+            return Err(Error::Usage(format!(
+                "there is no database at {}: pass the --db of your runs",
+                src.display()
+            )));
+        }
+        let mut conn = Connection::open_with_flags(
+            src,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| err(e.into()))?;
+        // Closing must not copy the WAL into the file either: nothing of `src` changes.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .map_err(|e| err(e.into()))?;
+        schema::prepare(&mut conn, Access::Read, DEFAULT_BUSY_TIMEOUT).map_err(|f| {
+            Error::Database {
+                path: src.to_owned(),
+                cause: f.cause,
+                message: f.message,
+            }
+        })?;
+        conn.execute("VACUUM INTO ?1", [dest.display().to_string()])
+            .map_err(|e| err(e.into()))?;
+        Ok(())
+    }
+
+    /// What sending the pending jobs would take: (jobs, of which checked first).
+    pub async fn send_plan(&self, precheck_always: bool) -> Result<(i64, i64)> {
+        self.call(move |c| {
+            c.query_row(
+                "SELECT count(*), coalesce(sum(needs_check = 1 OR (?1 AND order_id IS NOT NULL \
+                 AND payment_intent_id IS NULL AND creates = 0)), 0) \
+                 FROM jobs WHERE state = 'pending'",
+                [precheck_always],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .await
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -172,3 +172,103 @@ async fn every_success_has_a_share_id_or_says_why_not() {
     assert!(only.contains("ord_3"), "{only}");
     assert_one_group_each(&s.sb, ["ord_1", "ord_2", "ord_3"].map(String::from));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_says_what_would_happen_and_changes_nothing() {
+    let mut text = csv_rows(4);
+    text.push_str("cus_unknown_5,ord_00005,it\n");
+    let s = Scene::new(SandboxConfig::default(), &text).await;
+    let out = s.run_bin(&[]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let dir = s.dir.path();
+    let dbs = s.db.display().to_string();
+    let url = s.sb.url();
+    // New rows, in a file and in the inbox.
+    let more = write(
+        dir,
+        "more.csv",
+        &format!("{}cus_8,ord_00001,it\n", csv_rows(7)),
+    );
+    let conn = rusqlite::Connection::open(&s.db).unwrap();
+    conn.execute(
+        "INSERT INTO inbox (customer_id, order_id) VALUES ('cus_in', 'ord_inbox')",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let bytes = |p: &Path| std::fs::read(p).unwrap_or_default();
+    let wal = dir.join("k.db-wal");
+    let (db_before, wal_before) = (bytes(&s.db), bytes(&wal));
+    let requests_before = s.sb.stats(false).requests.values().sum::<u64>();
+    let plan = dir.join("plan.json");
+    let out = bin_async(
+        owned(&[
+            "run",
+            "--dry-run",
+            "--db",
+            &dbs,
+            "--csv",
+            &more.display().to_string(),
+            "--api-base",
+            &url,
+            "--rate",
+            "2",
+            "--report-json",
+            &plan.display().to_string(),
+        ]),
+        with_key(),
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // ord_00001 with another customer is a conflict: exit 1, as `validate` would say.
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("nothing was changed, nothing was sent"),
+        "{stdout}"
+    );
+    // 3 new rows from the file (ord 5..7 are new, 1..4 duplicates, ord 5 a fix of the
+    // failed row) plus the inbox row.
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    assert_eq!(v["jobs_to_send"], 4, "{v}");
+    assert_eq!(v["checked_first"], 4, "{v}");
+    assert_eq!(v["requests"], 8, "{v}");
+    assert_eq!(v["estimated_secs"], 4.0, "{v}");
+    assert_eq!(v["conflicts"], 1, "{v}");
+    let out = bin_async(
+        owned(&[
+            "retry-failed",
+            "--dry-run",
+            "--db",
+            &dbs,
+            "--api-base",
+            &url,
+        ]),
+        with_key(),
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("Retry      1 failed job would go back to pending"),
+        "{stdout}"
+    );
+    // Nothing changed, nothing sent, no lock left.
+    assert_eq!(bytes(&s.db), db_before, "the database file changed");
+    assert_eq!(bytes(&wal), wal_before, "the WAL changed");
+    assert_eq!(
+        s.sb.stats(false).requests.values().sum::<u64>(),
+        requests_before
+    );
+    assert_eq!(count(&s.db, "SELECT count(*) FROM inbox"), 1);
+    let holder = std::fs::OpenOptions::new()
+        .write(true)
+        .open(kohort_batch::store::lock_path(&s.db))
+        .unwrap();
+    holder.try_lock().unwrap();
+}

@@ -40,6 +40,7 @@ pub fn args(base: &str) -> SendArgs {
         metrics_file: None,
         ca_cert: None,
         grace: "5s".into(),
+        dry_run: false,
         max_pause: "5m".into(),
         busy_timeout: "60s".into(),
         seed: Some(1),

@@ -666,49 +666,62 @@ fn many_unknown_columns_make_one_line() {
     assert!(lines[0].contains("5000 columns are not used") && lines[0].contains("and 4980 more"));
 }
 
+/// Runs the binary with `args` (and the test key) under a small Python parent that
+/// reads the peak memory from the kernel: (exit code, peak RSS in KiB). A bound on
+/// memory, not a timing.
+async fn peak_memory(args: Vec<String>) -> (i32, u64) {
+    let script = "import resource, subprocess, sys\n\
+         r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n\
+         print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)";
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args(["-c", script, BIN])
+            .args(&args)
+            .env("KOHORTPAY_API_KEY", KEY)
+            .env_remove("KOHORT_BATCH_CONFIG")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (code, kib) = text
+        .trim()
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("{}", all_text(&out)));
+    (code.parse().unwrap(), kib.parse().unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn memory_does_not_follow_the_concurrency_setting() {
     // Peak memory of one-row runs at the lowest and the highest concurrency, read
     // from the kernel by a small Python parent (a bound on memory, not a timing).
     let s = Scene::new(SandboxConfig::default(), &csv_rows(1)).await;
-    let (url, csv) = (s.sb.url(), s.csv.clone());
-    let peak = move |concurrency: &'static str, db: &str| {
-        let script = "import resource, subprocess, sys\n\
-             subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)\n\
-             print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)";
-        let out = Command::new("python3")
-            .args([
-                "-c",
-                script,
-                BIN,
-                "run",
-                "--rate",
-                "0",
-                "--concurrency",
-                concurrency,
-            ])
-            .args(["--db", db, "--api-base", &url, "--csv"])
-            .arg(&csv)
-            .env("KOHORTPAY_API_KEY", KEY)
-            .env_remove("KOHORT_BATCH_CONFIG")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", all_text(&out));
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse::<u64>()
-            .unwrap()
-    };
-    let dir = s.dir.path();
-    let (low, high) = tokio::task::spawn_blocking({
-        let (a, b) = (
-            dir.join("a.db").display().to_string(),
-            dir.join("b.db").display().to_string(),
-        );
-        move || (peak("1", &a), peak("1024", &b))
-    })
-    .await
-    .unwrap();
+    let (url, csv) = (s.sb.url(), s.csv.display().to_string());
+    let mut peaks = Vec::new();
+    for concurrency in ["1", "1024"] {
+        let db = s
+            .dir
+            .path()
+            .join(format!("c{concurrency}.db"))
+            .display()
+            .to_string();
+        let argv = [
+            "run",
+            "--rate",
+            "0",
+            "--concurrency",
+            concurrency,
+            "--db",
+            &db,
+        ];
+        let mut argv = owned(&argv);
+        argv.extend(owned(&["--api-base", &url, "--csv", &csv]));
+        let (code, kib) = peak_memory(argv).await;
+        assert_eq!(code, 0);
+        peaks.push(kib);
+    }
+    let (low, high) = (peaks[0], peaks[1]);
     // Measured: about 14 MB and 21 MB. 1,024 slots may cost at most 32 MB more.
     assert!(high < low + 32 * 1024, "1: {low} KiB, 1024: {high} KiB");
 }
@@ -820,35 +833,17 @@ async fn a_50_mb_response_is_not_read_and_its_create_is_checked_not_resent() {
         ..SandboxConfig::default()
     };
     let s = Scene::new(oversized, &csv_rows(3)).await;
-    // Peak memory of the run, read by a Python parent (a bound, not a timing).
-    let script = "import resource, subprocess, sys\n\
-         r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n\
-         print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)";
-    let (db, csv, url) = (s.db.clone(), s.csv.clone(), s.sb.url());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .args([
-                "-c", script, BIN, "run", "--rate", "0", "--settle", "100ms", "--db",
-            ])
-            .arg(&db)
-            .arg("--csv")
-            .arg(&csv)
-            .args(["--api-base", &url])
-            .env("KOHORTPAY_API_KEY", KEY)
-            .env_remove("KOHORT_BATCH_CONFIG")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (code, peak_kib) = text.trim().split_once(' ').unwrap();
-    assert_eq!(code, "0", "{}", all_text(&out));
+    let (db, csv) = (s.db.display().to_string(), s.csv.display().to_string());
+    let url = s.sb.url();
+    let argv = [
+        "run", "--rate", "0", "--settle", "100ms", "--db", &db, "--csv", &csv,
+    ];
+    let mut argv = owned(&argv);
+    argv.extend(owned(&["--api-base", &url]));
+    let (code, peak_kib) = peak_memory(argv).await;
+    assert_eq!(code, 0);
     // A run's usual peak is 14–50 MB; a 50 MB body held whole would add at least 50.
-    assert!(
-        peak_kib.parse::<u64>().unwrap() < 48 * 1024,
-        "{peak_kib} KiB"
-    );
+    assert!(peak_kib < 48 * 1024, "{peak_kib} KiB");
     // Each group was made once, and found by the check after the unread reply.
     assert_one_group_each(&s.sb, orders(3));
     assert_eq!(

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use jiff::Timestamp;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 
-pub use classify::{Class, Exchange, Transport, classify};
+pub use classify::{Class, Exchange, RETRY_AFTER_CAP, Transport, classify};
 
 use crate::error::{Error, Result};
 use crate::job::{Group, SendBody};

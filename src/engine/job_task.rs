@@ -466,9 +466,11 @@ impl Ctx {
         if let (Some(wait), Some(status @ (429 | 503))) = (reply.retry_after, reply.status) {
             if wait > self.cfg.max_pause {
                 let after = crate::text::local_time_after(wait);
+                let capped = wait >= crate::api::RETRY_AFTER_CAP;
                 self.stop(StopReason::Api(format!(
-                    "the API asked to wait {} (HTTP {status} with Retry-After), longer than \
+                    "the API asked to wait {}{} (HTTP {status} with Retry-After), longer than \
                      --max-pause {}; no row was failed: run again after {after}",
+                    if capped { "at least " } else { "" },
                     crate::text::human(wait),
                     crate::text::human(self.cfg.max_pause)
                 )));

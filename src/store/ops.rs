@@ -43,6 +43,15 @@ pub(super) fn begin_run(
         "INSERT INTO lock (id, pid, run_id, started_at) VALUES (1, ?1, ?2, ?3)",
         params![pid, run_id, started],
     )?;
+    // Earlier sending runs that never finished ended with their process (the run
+    // lock is ours, so none of them is still going): their reports say so.
+    c.execute(
+        "UPDATE runs SET stopped = 'the process ended before the run finished (killed, or \
+         the machine stopped); the next run checked its jobs in flight' \
+         WHERE finished_at IS NULL AND stopped IS NULL AND id < ?1 \
+         AND (command = 'run' OR command = 'retry-failed')",
+        params![run_id],
+    )?;
     // A job still in flight was interrupted mid-request: its outcome is unknown, so it
     // must be checked (no earlier than the settle time set when it was sent).
     let interrupted = c.execute(

@@ -133,6 +133,13 @@ async fn a_second_run_exits_5_even_from_another_pid_namespace_and_producers_stil
     let mut all = orders(40);
     all.push("ord_p".into());
     assert_one_group_each(&s.sb, all);
+    // The killed run's report says how it ended.
+    let out = bin_async(owned(&["report", "--db", &dbs, "--run", "1"]), vec![]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("the process ended before the run finished"),
+        "{text}"
+    );
 }
 
 /// Two engines on one database with the run lock bypassed (as a broken lock would

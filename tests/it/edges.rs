@@ -187,6 +187,9 @@ async fn a_retry_after_beyond_max_pause_stops_the_run_saying_when_to_come_back()
             "{text}"
         );
         assert!(!text.contains("panicked"), "{text}");
+        if secs == u64::MAX {
+            assert!(text.contains("asked to wait at least 168h"), "{text}");
+        }
         assert_eq!(
             count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'pending'"),
             4

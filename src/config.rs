@@ -139,6 +139,20 @@ fn probability(flag: &str, p: f64) -> Result<f64> {
     }
 }
 
+/// The shortest settle delay that outlasts the hosting router (it gives up at 30 s
+/// while the application may still create the group), with a margin.
+pub const MIN_SAFE_SETTLE: Duration = Duration::from_secs(45);
+
+/// Whether a checked API base is on loopback (the sandbox, a rehearsal).
+fn is_loopback(base: &str) -> bool {
+    url::Url::parse(base).is_ok_and(|u| match u.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    })
+}
+
 /// Checks the API base URL with a real URL parser: https, or plain http to a
 /// loopback host only; no user name or password in it (they would be stored, printed
 /// and sent as a second credential).
@@ -288,8 +302,20 @@ pub fn resolve_settings(args: &SendArgs) -> Result<Settings> {
     let api_base = check_api_base(&args.api_base)?;
     let timeout = bounded_duration("timeout", &args.timeout, limits::TIMEOUT)?;
     let settle = match &args.settle {
-        Some(s) => bounded_duration("settle", s, limits::SETTLE)?,
-        None => timeout * 2,
+        Some(s) => {
+            let settle = bounded_duration("settle", s, limits::SETTLE)?;
+            if settle < MIN_SAFE_SETTLE && !is_loopback(&api_base) {
+                tracing::warn!(
+                    settle = %s,
+                    "--settle {s} is shorter than {}: the API's hosting router gives up after \
+                     30 s while the application may still create the group, so a check that \
+                     soon can miss it and the row be sent twice",
+                    human(MIN_SAFE_SETTLE)
+                );
+            }
+            settle
+        }
+        None => (timeout * 2).max(MIN_SAFE_SETTLE),
     };
     let concurrency = bounded("concurrency", args.concurrency, limits::CONCURRENCY)?;
     if !args.rate.is_finite() || args.rate < 0.0 {
@@ -519,6 +545,37 @@ mod tests {
         assert!(live.contains("--live") && !live.contains("abc"), "{live}");
         assert!(load_key(None, Some("sk_live_abc".into()), true).is_ok());
         assert!(load_key(None, Some(" sk_test_x \n".into()), false).is_ok());
+    }
+
+    #[test]
+    fn the_default_settle_outlasts_the_hosting_router() {
+        let args = |timeout: &str, settle: Option<&str>| crate::cli::SendArgs {
+            api_base: "https://api.kohortpay.com".into(),
+            api_key_file: None,
+            live: false,
+            concurrency: 4,
+            rate: 5.0,
+            max_attempts: 8,
+            timeout: timeout.into(),
+            settle: settle.map(Into::into),
+            precheck: PrecheckArg::Always,
+            breaker: 30,
+            include_unknown: false,
+            report_json: None,
+            metrics_file: None,
+            ca_cert: None,
+            grace: "30s".into(),
+            max_pause: "5m".into(),
+            busy_timeout: "60s".into(),
+            dry_run: false,
+            seed: None,
+        };
+        let settle = |t, s| resolve_settings(&args(t, s)).unwrap().engine.settle;
+        assert_eq!(settle("5s", None), Duration::from_secs(45));
+        assert_eq!(settle("30s", None), Duration::from_secs(60));
+        assert_eq!(settle("2m", None), Duration::from_secs(240));
+        // A shorter one is the user's call (with a warning).
+        assert_eq!(settle("5s", Some("1s")), Duration::from_secs(1));
     }
 
     #[test]

@@ -90,7 +90,8 @@ pub async fn demo(keep: Option<&Path>) -> Result<Exit> {
         rate: 50.0,
         max_attempts: 8,
         timeout: "2s".into(),
-        settle: None,
+        // The sandbox has no hosting router that gives up early: a short settle.
+        settle: Some("2s".into()),
         precheck: crate::cli::PrecheckArg::Always,
         breaker: 30,
         include_unknown: false,

@@ -197,7 +197,7 @@ fn show_config(
     let settle_from = if args.send.settle.is_some() {
         sources.get("settle").cloned().unwrap_or_default()
     } else {
-        "computed: 2 × timeout".to_owned()
+        "computed: the larger of 2 × timeout and 45s".to_owned()
     };
     let mut sources = sources.clone();
     sources.insert("settle".into(), settle_from);

@@ -98,6 +98,8 @@ struct App {
     booted: Timestamp,
     clock: Instant,
     in_flight: AtomicU64,
+    /// Order ids asked for in `GET /orders?search=` lists.
+    list_ids_asked: AtomicU64,
     peak: AtomicU64,
     /// Request start times, ms since boot (for the one-second window maximum).
     starts: Mutex<Vec<u64>>,
@@ -141,6 +143,7 @@ impl App {
             duplicate_keys: dup.len() as u64,
             duplicates: dup.into_iter().take(100).collect(),
             peak_concurrency: self.peak.load(Ordering::Relaxed),
+            list_ids_asked: self.list_ids_asked.load(Ordering::Relaxed),
             max_starts_in_one_second: best as u64,
             groups_per_key: detail.then(|| {
                 w.groups_per_key
@@ -193,6 +196,7 @@ impl Sandbox {
             booted: Timestamp::now(),
             clock: Instant::now(),
             in_flight: AtomicU64::new(0),
+            list_ids_asked: AtomicU64::new(0),
             peak: AtomicU64::new(0),
             starts: Mutex::new(Vec::new()),
         });
@@ -200,6 +204,7 @@ impl Sandbox {
             .route("/groups", post(create_group))
             .route("/payment-groups", post(create_group))
             .route("/groups/{id}", get(get_group))
+            .route("/orders", get(list_orders))
             .route("/orders/{id}", get(get_order))
             .layer(middleware::from_fn_with_state(app.clone(), track));
         let router = Router::new()
@@ -552,6 +557,47 @@ async fn get_group(
         // The real API answers 200 with an empty body for an unknown group.
         None => StatusCode::OK.into_response(),
     }
+}
+
+/// `GET /orders?search=…&take=…&skip=…`: the list, with the server's limits.
+async fn list_orders(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    let route = "GET /orders";
+    if let Err(resp) = gate(&app, &headers, route, false).await {
+        return resp;
+    }
+    let number = |name: &str, default: usize| {
+        q.get(name)
+            .map_or(Ok(default), |v| v.trim().parse::<usize>().map_err(|_| ()))
+    };
+    let (take, skip) = (number("take", 10), number("skip", 0));
+    let mut problems = Vec::new();
+    match take {
+        Ok(t) if t > 25 => problems.push("take must not be greater than 25"),
+        Ok(0) => problems.push("take must not be less than 1"),
+        Ok(_) => {}
+        Err(()) => problems.push("take must be an integer number"),
+    }
+    if skip.is_err() {
+        problems.push("skip must be an integer number");
+    }
+    let (Ok(take), Ok(skip), true) = (take, skip, problems.is_empty()) else {
+        app.count(format!("{route} 400"));
+        return envelope(400, json!(problems));
+    };
+    let search = q.get("search").cloned().unwrap_or_default();
+    let asked = search.matches("id:").count() as u64;
+    let (data, count) = {
+        let mut rng = app.rng.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = app.world.lock().unwrap_or_else(|e| e.into_inner());
+        w.list_orders(&mut rng, &search, take, skip, Timestamp::now())
+    };
+    app.count(format!("{route} 200"));
+    app.list_ids_asked.fetch_add(asked, Ordering::Relaxed);
+    axum::Json(json!({ "data": data, "count": count })).into_response()
 }
 
 async fn get_order(

@@ -42,6 +42,9 @@ pub struct Stats {
     /// Up to 100 of those, with their group counts.
     pub duplicates: BTreeMap<String, u32>,
     pub peak_concurrency: u64,
+    /// Order ids asked for in `GET /orders?search=` lists.
+    #[serde(default)]
+    pub list_ids_asked: u64,
     /// Most requests started within any one-second window.
     pub max_starts_in_one_second: u64,
     /// Groups per order (or payment intent); filled with `?detail=1`.
@@ -126,6 +129,57 @@ impl World {
         self.ensure_order(rng, id, now);
         let group = self.orders.get(id).cloned().flatten();
         Ok(json!({"id": id, "object": "order", "payment_group_id": group, "livemode": false}))
+    }
+
+    /// `GET /orders?search=…&take=…&skip=…`, the server's list grammar: conditions
+    /// split at `,` (all must hold) and at ` OR ` (one must), each `field:value`
+    /// compared exactly (`id`, `payment_group_id`). Orders named by an `id:`
+    /// condition are looked up as `GET /orders/{id}` would (made on first sight);
+    /// `(data, count)`, ordered by id.
+    pub fn list_orders(
+        &mut self,
+        rng: &mut fastrand::Rng,
+        search: &str,
+        take: usize,
+        skip: usize,
+        now: Timestamp,
+    ) -> (Vec<Value>, usize) {
+        let all: Vec<Vec<(&str, &str)>> = search
+            .split(',')
+            .map(|any| {
+                any.split(" OR ")
+                    .filter_map(|cond| cond.trim().split_once(':'))
+                    .collect()
+            })
+            .collect();
+        for (field, value) in all.iter().flatten() {
+            if *field == "id" && !value.starts_with(UNKNOWN_ORDER) {
+                self.ensure_order(rng, value, now);
+            }
+        }
+        let holds = |id: &str, group: Option<&str>| {
+            all.iter().all(|any| {
+                any.iter().any(|(field, value)| match *field {
+                    "id" => id == *value,
+                    "payment_group_id" => group == Some(*value),
+                    _ => false,
+                })
+            })
+        };
+        let mut found: Vec<(&String, &Option<String>)> = self
+            .orders
+            .iter()
+            .filter(|(id, g)| holds(id, g.as_deref()))
+            .collect();
+        found.sort();
+        let count = found.len();
+        let data = found
+            .into_iter()
+            .skip(skip)
+            .take(take)
+            .map(|(id, g)| json!({"id": id, "object": "order", "payment_group_id": g, "livemode": false}))
+            .collect();
+        (data, count)
     }
 
     /// `GET /groups/{id}` by group id or share id; `None` is the API's empty 200.

@@ -90,3 +90,66 @@ async fn created_group_and_lookups_round_trip() {
     let missing = api.group("pg_00000000000000").await;
     assert_eq!((missing.class, missing.value), (Class::Ok, Some(None)));
 }
+
+/// The sandbox's order list follows the server's rules (issue 15's groundwork):
+/// `take` 1..25, `,` for AND and ` OR ` for OR, exact `field:value`, faults apply.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sandbox_lists_orders_by_the_servers_rules() {
+    let sb = sandbox(SandboxConfig::default()).await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let get = |query: String| {
+        let (http, url) = (http.clone(), format!("{}/orders?{query}", sb.url()));
+        async move {
+            let resp = http
+                .get(url)
+                .header("Authorization", format!("Bearer {KEY}"))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (status, body) =
+        get("search=id:ord_b OR id:ord_checkout_1 OR id:ord_unknown_9&take=25".into()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["count"], 2, "{body}");
+    let ids: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["ord_b", "ord_checkout_1"]);
+    assert!(body["data"][0]["payment_group_id"].is_null());
+    assert!(
+        body["data"][1]["payment_group_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("pg_")
+    );
+    // `,` is AND: an order is not two orders at once.
+    let (_, body) = get("search=id:ord_b,id:ord_checkout_1&take=25".into()).await;
+    assert_eq!(body["count"], 0);
+    // take and skip.
+    let (_, body) = get("search=id:ord_b OR id:ord_checkout_1&take=1&skip=1".into()).await;
+    assert_eq!(
+        (body["count"].as_u64(), body["data"][0]["id"].as_str()),
+        (Some(2), Some("ord_checkout_1"))
+    );
+    for take in ["26", "0", "x"] {
+        let (status, body) = get(format!("search=id:ord_b&take={take}")).await;
+        assert_eq!(status, 400, "take={take}");
+        assert!(body["error"]["message"].is_array(), "{body}");
+    }
+    // Ids asked by the lists answered (a refused list asks nothing).
+    assert_eq!(sb.stats(false).list_ids_asked, 3 + 2 + 2);
+    // Faults apply to the list like to any route.
+    sb.set_faults(SandboxConfig {
+        error_503: 1.0,
+        ..SandboxConfig::default()
+    });
+    let (status, _) = get("search=id:ord_b&take=1".into()).await;
+    assert_eq!(status, 503);
+}

@@ -154,9 +154,32 @@ fn absurd_numbers_are_refused_up_front_naming_the_flag_and_range() {
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["sources"]["rate"], "command line");
     assert_eq!(shown["sources"]["concurrency"], "default");
-    assert_eq!(shown["sources"]["settle"], "computed: 2 × timeout");
-    assert_eq!(shown["settings"]["engine"]["settle"], 10.0);
+    assert_eq!(
+        shown["sources"]["settle"],
+        "computed: the larger of 2 × timeout and 45s"
+    );
+    assert_eq!(shown["settings"]["engine"]["settle"], 45.0);
     assert_eq!(shown["settings"]["engine"]["rate"], 2.0);
+    // A settle shorter than the hosting router's 30 s (and a margin) is the user's
+    // call, with a warning that says why it may duplicate (not for the sandbox).
+    let out = bin(&["config", "--settle", "1s"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("--settle 1s is shorter than 45s") && err.contains("sent twice"),
+        "{err}"
+    );
+    let out = bin(
+        &[
+            "config",
+            "--settle",
+            "1s",
+            "--api-base",
+            "http://127.0.0.1:9",
+        ],
+        &[],
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("shorter than"));
 }
 
 /// A sandbox whose every answer is a 503 with this `Retry-After`.

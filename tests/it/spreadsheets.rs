@@ -122,8 +122,9 @@ async fn excel_numbers_and_huge_cells_are_invalid_and_never_sent() {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_success_has_a_share_id_or_says_why_not() {
     // cus_lateshare: the create's reply has no share id, a later GET has it.
-    // cus_noshare: the group never gets one.
-    let text = "customerId,orderId\ncus_1,ord_1\ncus_lateshare_2,ord_2\ncus_noshare_3,ord_3\n";
+    // cus_noshare: the group never gets one. ord_ghost: the order names a group that
+    // the lookup answers with an empty 200.
+    let text = "customerId,orderId\ncus_1,ord_1\ncus_lateshare_2,ord_2\ncus_noshare_3,ord_3\ncus_4,ord_ghost_4\n";
     let s = Scene::new(SandboxConfig::default(), text).await;
     let metrics = s.dir.path().join("m.prom");
     let out = s
@@ -132,7 +133,7 @@ async fn every_success_has_a_share_id_or_says_why_not() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(
-        stdout.contains("Share ids  1 group has no share id yet")
+        stdout.contains("Share ids  2 groups have no share id yet")
             && stdout.contains("export groups --missing-share-id"),
         "{stdout}"
     );
@@ -145,12 +146,19 @@ async fn every_success_has_a_share_id_or_says_why_not() {
         "{shares:?}"
     );
     assert_eq!(shares[2], "NULL");
-    // The raw JSON stored is the bytes received (the GET's, for the late one).
+    // The raw JSON stored is the bytes received (the GET's, for the late one; none
+    // for the empty 200, never a JSON made up).
     let raw = column(&s.db, "SELECT raw FROM groups WHERE order_id = 'ord_2'");
     assert!(raw[0].contains("\"share_id\":\"KHT-"), "{raw:?}");
+    let ghost = column(
+        &s.db,
+        "SELECT g.raw || '|' || j.obtained FROM groups g JOIN jobs j ON j.id = g.job_id \
+         WHERE g.order_id = 'ord_ghost_4'",
+    );
+    assert_eq!(ghost, ["|existing"]);
     let m = std::fs::read_to_string(&metrics).unwrap();
     assert!(
-        m.contains("kohort_batch_groups_without_share_id 1\n"),
+        m.contains("kohort_batch_groups_without_share_id 2\n"),
         "{m}"
     );
     let dbs = s.db.display().to_string();
@@ -159,7 +167,7 @@ async fn every_success_has_a_share_id_or_says_why_not() {
     assert!(csv.lines().next().unwrap().ends_with(",note"), "{csv}");
     assert_eq!(
         csv.lines().filter(|l| l.ends_with(",no_share_id")).count(),
-        1,
+        2,
         "{csv}"
     );
     let out = bin_async(
@@ -168,8 +176,11 @@ async fn every_success_has_a_share_id_or_says_why_not() {
     )
     .await;
     let only = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(only.lines().count(), 2, "{only}");
-    assert!(only.contains("ord_3"), "{only}");
+    assert_eq!(only.lines().count(), 3, "{only}");
+    assert!(
+        only.contains("ord_3") && only.contains("ord_ghost_4"),
+        "{only}"
+    );
     assert_one_group_each(&s.sb, ["ord_1", "ord_2", "ord_3"].map(String::from));
 }
 

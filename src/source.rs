@@ -106,11 +106,18 @@ struct LineTap<R> {
     at_line_start: bool,
     prev_cr: bool,
     starts: Arc<Mutex<VecDeque<(u64, u64)>>>,
+    /// An odd number of `"` read so far: the input is inside a quoted field (an
+    /// escaped `""` counts twice, so a well-formed file ends outside).
+    in_quotes: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<R: Read> Read for LineTap<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
+        if memchr::memchr_iter(b'"', &buf[..n]).count() % 2 == 1 {
+            self.in_quotes
+                .fetch_xor(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut q = self.starts.lock().unwrap_or_else(|e| e.into_inner());
         for (i, &b) in buf[..n].iter().enumerate() {
             // CR, LF and CRLF each end one line.
@@ -279,6 +286,10 @@ pub struct CsvSource {
     pub unknown_columns: Vec<String>,
     encoding: CsvEncoding,
     empty_lines: u64,
+    in_quotes: Arc<std::sync::atomic::AtomicBool>,
+    /// The row read ahead: a row is handed out once the next one is read, or the input
+    /// ended outside a quoted field (see [`CsvSource::next_row`]).
+    held: Option<ImportRow>,
 }
 
 impl std::fmt::Debug for CsvSource {
@@ -358,6 +369,7 @@ impl CsvSource {
             }
         };
         let starts = Arc::new(Mutex::new(VecDeque::new()));
+        let in_quotes = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tap = LineTap {
             inner: input,
             offset: 0,
@@ -365,6 +377,7 @@ impl CsvSource {
             at_line_start: true,
             prev_cr: false,
             starts: starts.clone(),
+            in_quotes: in_quotes.clone(),
         };
         let input: Box<dyn Read + Send> = Box::new(BufReader::with_capacity(256 * 1024, tap));
         let mut reader = csv::ReaderBuilder::new()
@@ -432,6 +445,8 @@ impl CsvSource {
             unknown_columns,
             encoding: opts.encoding,
             empty_lines: 0,
+            in_quotes,
+            held: None,
         })
     }
 
@@ -445,6 +460,45 @@ impl CsvSource {
     /// import; a bad row is an `Ok` with a reason. Rows whose every field is empty
     /// are skipped and counted ([`CsvSource::empty_lines`]).
     pub fn next_row(&mut self, now: Timestamp) -> Result<Option<ImportRow>> {
+        // One row of look-ahead: the last row is good only if the input ends outside
+        // a quoted field; one that ends inside swallowed the rest of the file.
+        loop {
+            match (self.held.take(), self.next_filled(now)?) {
+                (None, Some(first)) => self.held = Some(first),
+                (Some(row), Some(next)) => {
+                    self.held = Some(next);
+                    return Ok(Some(row));
+                }
+                (Some(last), None) => return Ok(Some(self.checked_last(last))),
+                (None, None) => return Ok(None),
+            }
+        }
+    }
+
+    /// The last row, made invalid if the input ended inside a quoted field.
+    fn checked_last(&self, mut row: ImportRow) -> ImportRow {
+        if !self.in_quotes.load(std::sync::atomic::Ordering::Relaxed) {
+            return row;
+        }
+        let why = format!(
+            "the file ends inside a quoted field of this row (the quote is never closed): \
+             check for an unclosed quote on line {}",
+            row.line
+        );
+        match &row.outcome {
+            Ok(payload) => {
+                row.raw = payload.input_cells().into_iter().collect();
+                row.key = Some(payload.key().to_owned());
+                row.outcome = Err(why);
+            }
+            Err(reason) => row.outcome = Err(format!("{reason}; {why}")),
+        }
+        row.metadata_json = None;
+        row
+    }
+
+    /// The next row with something in it; empty ones are counted and skipped.
+    fn next_filled(&mut self, now: Timestamp) -> Result<Option<ImportRow>> {
         loop {
             let row = self.next_record(now)?;
             if row.is_none() || !self.record_is_empty() {
@@ -803,7 +857,7 @@ mod tests {
         let bytes =
             b"customerId,orderId,metadata.ville\ncus_1,ord_1,Paris\ncus_2,ord_2,Orl\xe9ans\n";
         let mut s = source(bytes).unwrap();
-        assert!(s.next_row(now()).unwrap().is_some());
+        // The file is refused as soon as the bad line is read (rows are read one ahead).
         let err = s.next_row(now()).unwrap_err();
         assert_eq!(err.exit(), crate::Exit::Usage);
         let err = err.to_string();
@@ -949,6 +1003,23 @@ mod tests {
         }
         // Export-only and unknown columns may repeat.
         assert!(source(b"customerId,orderId,error,error,x,x\n").is_ok());
+    }
+
+    #[test]
+    fn a_quote_left_open_at_the_end_of_the_file_makes_the_last_row_invalid() {
+        let out = rows(b"customerId,orderId,metadata.c\ncus_1,ord_1,a\ncus_2,ord_2,\"unterminated");
+        assert_eq!(out.len(), 2);
+        assert!(out[0].outcome.is_ok());
+        let why = out[1].outcome.as_ref().unwrap_err();
+        assert!(
+            why.contains("check for an unclosed quote on line 3"),
+            "{why}"
+        );
+        assert_eq!(out[1].key.as_deref(), Some("ord_2"));
+        assert_eq!(out[1].raw["metadata.c"], "unterminated");
+        // Escaped quotes ("") are fine.
+        let out = rows(b"customerId,orderId,metadata.c\ncus_1,ord_1,\"say \"\"hi\"\"\"\n");
+        assert!(out[0].outcome.is_ok(), "{:?}", out[0].outcome);
     }
 
     #[test]

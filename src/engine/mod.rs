@@ -4,9 +4,12 @@
 //! and no CLI. A fixed pool of workers takes the pending jobs in id order, read from
 //! the store a page at a time, so memory does not grow with the queue.
 
-mod job_task;
+mod ctx;
 pub mod pacing;
+mod protocol;
+mod requests;
 pub mod retry;
+mod worker;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -18,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::ApiClient;
 use crate::error::{Error, Result};
 use crate::store::{Job, Store};
+use ctx::Ctx;
 pub use pacing::Pacer;
 pub use retry::RetryPolicy;
 
@@ -121,21 +125,6 @@ impl Control {
     }
 }
 
-/// Everything a worker needs to see a job through.
-#[derive(Debug)]
-pub(crate) struct Ctx {
-    /// The run's span, for the log lines about jobs.
-    span: tracing::Span,
-    store: Store,
-    api: ApiClient,
-    pacer: Pacer,
-    cfg: EngineConfig,
-    control: Arc<Control>,
-    run_id: i64,
-    /// Jobs left alone because a newer run claimed them (see [`Store::record`]).
-    claims_lost: std::sync::atomic::AtomicU64,
-}
-
 /// How a drain ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Drained {
@@ -203,7 +192,7 @@ pub async fn drain(
                 if ctx.control.stop.is_cancelled() {
                     return Ok(()); // the job stays pending
                 }
-                let result = job_task::process(ctx.clone(), job).await;
+                let result = worker::see_through(&ctx, job).await;
                 if let Some(f) = &on_done {
                     f();
                 }

@@ -38,7 +38,7 @@ pub use queries::{FailureReason, JobExport, RunFacts, RunListEntry};
 pub use queue::RetryFilter;
 pub use schema::Access;
 pub use types::{
-    Attempt, GroupRec, ImportCounts, Job, JobState, Obtained, RequestKind, Transition,
+    Attempt, FailureClass, GroupRec, ImportCounts, Job, JobState, Obtained, RequestKind, Transition,
 };
 
 /// How long a write waits for another process's transaction by default: at least

@@ -205,3 +205,42 @@ impl std::ops::AddAssign for ImportCounts {
         self.empty += o.empty;
     }
 }
+
+/// Why a job failed, as stored in `jobs.error_class` (and chosen by `retry-failed
+/// --class`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureClass {
+    /// The order the row names does not exist in KohortPay.
+    OrderNotFound,
+    /// Every attempt of the run failed transiently (or the outcome stayed unknown).
+    RetriesExhausted,
+    /// The API rejected the row with this 4xx status.
+    Http(u16),
+}
+
+impl FailureClass {
+    /// Parses a stored or typed name: `order_not_found`, `retries_exhausted`, `http_NNN`
+    /// with a 4xx status.
+    pub fn parse(s: &str) -> Option<FailureClass> {
+        match s {
+            "order_not_found" => Some(FailureClass::OrderNotFound),
+            "retries_exhausted" => Some(FailureClass::RetriesExhausted),
+            _ => {
+                let digits = s.strip_prefix("http_")?;
+                let status: u16 = digits.parse().ok()?;
+                (digits.len() == 3 && (400..500).contains(&status))
+                    .then_some(FailureClass::Http(status))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for FailureClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FailureClass::OrderNotFound => f.write_str("order_not_found"),
+            FailureClass::RetriesExhausted => f.write_str("retries_exhausted"),
+            FailureClass::Http(status) => write!(f, "http_{status}"),
+        }
+    }
+}

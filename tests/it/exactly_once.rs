@@ -318,10 +318,13 @@ async fn retry_after_pauses_every_sender_not_only_the_one_request() {
         .collect();
     assert!(pauses.len() >= 3, "{parsed:?}");
     for end in pauses {
-        // No request of any job starts while the pause is on (10 ms slack for clocks).
+        // No request of any job starts while the pause is on. The pause begins when
+        // the worker has read and classified the reply, a little after its last byte
+        // (`end`): a request admitted in between may start, so the first 150 ms are
+        // not judged (a busy machine can take that long to schedule the worker).
         let inside: Vec<_> = parsed
             .iter()
-            .filter(|(s, _, _)| *s > end + 10 && *s < end + 990)
+            .filter(|(s, _, _)| *s > end + 150 && *s < end + 990)
             .collect();
         assert!(
             inside.is_empty(),

@@ -5,6 +5,7 @@
 //! Calls never fail with a Rust error: a failed exchange is data for the engine.
 
 pub mod classify;
+mod orders;
 pub mod wire;
 
 use std::path::Path;
@@ -14,6 +15,8 @@ use jiff::Timestamp;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 
 pub use classify::{Class, Exchange, RETRY_AFTER_CAP, Transport, classify};
+pub use orders::{LIST_TAKE, searchable};
+pub use wire::ListedOrder;
 
 use crate::error::{Error, Result};
 use crate::job::{Group, SendBody};

@@ -244,6 +244,34 @@ pub fn parse_order_group(body: &[u8]) -> Result<Option<String>, String> {
     Ok(text(field(obj, "payment_group_id", "paymentGroupId")).filter(|s| !s.is_empty()))
 }
 
+/// One order of a `GET /orders?search=` list: its id and its group id, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedOrder {
+    pub id: String,
+    pub group_id: Option<String>,
+}
+
+/// Reads `{"data": [order, …], "count": N}`. Orders without an id are skipped; an
+/// order's group id is read as [`parse_order_group`] reads it.
+pub fn parse_order_list(body: &[u8]) -> Result<Vec<ListedOrder>, String> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not JSON ({e})"))?;
+    let data = value
+        .get("data")
+        .and_then(Value::as_array)
+        .ok_or_else(|| "the body is not an order list (no \"data\" array)".to_owned())?;
+    Ok(data
+        .iter()
+        .filter_map(Value::as_object)
+        .filter_map(|obj| {
+            let id = text(field(obj, "id", "id"))?;
+            let group_id =
+                text(field(obj, "payment_group_id", "paymentGroupId")).filter(|s| !s.is_empty());
+            Some(ListedOrder { id, group_id })
+        })
+        .collect())
+}
+
 /// A readable one-line description of an error response body.
 pub fn describe_error(status: u16, body: &[u8]) -> String {
     let prefix = format!("HTTP {status}");
@@ -436,6 +464,22 @@ mod tests {
                 .as_deref(),
             Some("pg_2")
         );
+    }
+
+    #[test]
+    fn order_lists_give_ids_and_groups_and_skip_what_is_not_an_order() {
+        let list = parse_order_list(
+            br#"{"data":[{"id":"o1","payment_group_id":"pg_1"},{"id":"o2","payment_group_id":null},
+                {"paymentGroupId":"pg_x"},7,{"id":"o3","paymentGroupId":""}],"count":4}"#,
+        )
+        .unwrap();
+        let got: Vec<(&str, Option<&str>)> = list
+            .iter()
+            .map(|o| (o.id.as_str(), o.group_id.as_deref()))
+            .collect();
+        assert_eq!(got, [("o1", Some("pg_1")), ("o2", None), ("o3", None)]);
+        assert!(parse_order_list(br#"{"items":[]}"#).is_err());
+        assert!(parse_order_list(b"<html>").is_err());
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! What every worker shares: the store, the API, the gate, the stop switch, and
 //! what one reply means for the whole run (pause, breaker, stop), decided once.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hdrhistogram::Histogram;
+
+use super::desk::Desk;
 use super::{Control, EngineConfig, Pacer, StopReason};
 use crate::api::{ApiClient, Class, Reply};
 use crate::error::Result;
@@ -23,6 +26,10 @@ pub(crate) struct Ctx {
     pub run_id: i64,
     /// Jobs left alone because a newer run claimed them (see [`Store::record`]).
     pub claims_lost: AtomicU64,
+    /// Where existence checks are gathered into lists.
+    pub desk: Arc<Desk>,
+    /// Milliseconds from a check that cleared a job to its create leaving.
+    pub check_gaps: Mutex<Histogram<u64>>,
 }
 
 /// What one reply means for the run as a whole.
@@ -92,6 +99,13 @@ impl Ctx {
             self.claims_lost.fetch_add(1, Ordering::Relaxed);
         }
         Ok(applied)
+    }
+
+    /// Notes how long a cleared job waited for its create to leave.
+    pub fn note_check_gap(&self, gap: Duration) {
+        let ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX);
+        let mut h = self.check_gaps.lock().unwrap_or_else(|e| e.into_inner());
+        h.saturating_record(ms);
     }
 
     /// Stops the run, logging in the run's span.

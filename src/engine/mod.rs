@@ -5,6 +5,7 @@
 //! the store a page at a time, so memory does not grow with the queue.
 
 mod ctx;
+mod desk;
 pub mod pacing;
 mod protocol;
 mod requests;
@@ -136,10 +137,35 @@ pub struct Drained {
     pub claims_lost: u64,
     /// How long requests were held by `Retry-After` pauses.
     pub paused: Duration,
+    /// How long jobs cleared by a check waited for their create to leave.
+    pub check_gaps: Option<Gaps>,
+}
+
+/// A distribution of waits, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Gaps {
+    pub count: u64,
+    pub p50_ms: u64,
+    pub p99_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Gaps {
+    fn of(h: &hdrhistogram::Histogram<u64>) -> Option<Gaps> {
+        (!h.is_empty()).then(|| Gaps {
+            count: h.len(),
+            p50_ms: h.value_at_quantile(0.5),
+            p99_ms: h.value_at_quantile(0.99),
+            max_ms: h.max(),
+        })
+    }
 }
 
 /// Called once per job whose task ended (a progress bar's tick).
 pub type OnDone = Arc<dyn Fn() + Send + Sync>;
+
+/// Whether existence checks go in lists of orders (see `desk`).
+const BATCH_CHECKS: bool = false;
 
 /// Sends every pending job. Returns when the queue is empty or the run stopped.
 pub async fn drain(
@@ -163,7 +189,18 @@ pub async fn drain(
         control: control.clone(),
         run_id,
         claims_lost: Default::default(),
+        desk: desk::Desk::new(BATCH_CHECKS),
+        check_gaps: std::sync::Mutex::new(
+            hdrhistogram::Histogram::new_with_bounds(1, 86_400_000, 2)
+                .map_err(|e| Error::Internal(format!("cannot make a histogram: {e}")))?,
+        ),
     });
+    let desk_done = CancellationToken::new();
+    let desk_task = tokio::spawn(desk::serve(
+        ctx.clone(),
+        ctx.desk.clone(),
+        desk_done.clone(),
+    ));
     // `pool_size` workers take the pending jobs in id order, each seeing its job
     // through before it takes the next; the worker that finds the page empty reads the
     // next one. (A task per job cost an allocation and copies of its 4 KiB future per
@@ -230,6 +267,8 @@ pub async fn drain(
         workers.abort_all();
         while workers.join_next().await.is_some() {}
     }
+    desk_done.cancel();
+    let _ = desk_task.await;
     store.flush().await?;
     if let Some(e) = first_error {
         return Err(e);
@@ -247,6 +286,7 @@ pub async fn drain(
         abandoned,
         claims_lost,
         paused: ctx.pacer.paused_total(),
+        check_gaps: Gaps::of(&ctx.check_gaps.lock().unwrap_or_else(|e| e.into_inner())),
     })
 }
 

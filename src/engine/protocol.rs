@@ -113,8 +113,9 @@ pub(crate) enum Final {
 pub(crate) enum Action {
     /// Wait, then [`Event::Ready`].
     Wait(Duration),
-    /// Ask whether the order has a group, then [`Event::Checked`].
-    Check,
+    /// Ask whether the order has a group, then [`Event::Checked`]; `recheck` when an
+    /// earlier create may have made one (such checks go first).
+    Check { recheck: bool },
     /// Mark the job in flight (committed), send `POST /groups`, then [`Event::Created`].
     Create,
     /// Record the job pending until `after` from now (`needs_check` if a group may
@@ -202,7 +203,9 @@ impl<J: FnMut() -> f64> Protocol<J> {
         let precheck_due =
             self.rules.precheck == Precheck::Always && self.never_sent && !self.checked_clean;
         if self.checkable && (self.needs_check || precheck_due) {
-            Action::Check
+            Action::Check {
+                recheck: self.needs_check,
+            }
         } else {
             Action::Create
         }

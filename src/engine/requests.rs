@@ -7,8 +7,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::ctx::Ctx;
+use super::desk::{Cleared, Lookup};
 use super::protocol::{Checked, Created};
-use crate::api::{Class, Reply};
+use crate::api::{Class, Reply, searchable};
 use crate::error::Result;
 use crate::job::Group;
 use crate::store::{Attempt, Job, RequestKind, Transition};
@@ -47,13 +48,53 @@ impl Tally {
 /// A check's finding and the attempt that showed it (not recorded yet).
 pub(super) type CheckDone = (Checked, Option<Attempt>);
 
-/// `GET /orders/{id}`, then `GET /groups/{id}` when the order has a group.
+/// Asks whether the order has a group: in a list at the desk when the run batches
+/// checks and the id can go in a search, else (or when the list does not show the
+/// order) on its own. A job cleared by a list gets the token that counts it cleared.
 pub(super) async fn check(
     ctx: &Ctx,
     job: &Job,
     order_id: &str,
+    recheck: bool,
     tally: &mut Tally,
+    cleared: &mut Option<Cleared>,
 ) -> Result<CheckDone> {
+    if !(ctx.desk.batching() && searchable(order_id)) {
+        return check_alone(ctx, job, order_id, tally).await;
+    }
+    let (lookup, listing) = ctx.desk.lookup(order_id, recheck).await;
+    let attempt = listing.map(|l| {
+        tally.note(&l.reply);
+        attempt_of(RequestKind::ListOrders, &l.reply)
+    });
+    match lookup {
+        Lookup::Clear(token) => {
+            *cleared = Some(token);
+            Ok((Checked::Absent, attempt))
+        }
+        Lookup::Failed { retry_after, error } => {
+            Ok((Checked::Failed { retry_after, error }, attempt))
+        }
+        Lookup::Stopped => Ok((Checked::Stopped, attempt)),
+        Lookup::Grouped(group_id) => {
+            if !ctx.record(job, attempt, Transition::Keep).await? {
+                return Ok((Checked::Stopped, None));
+            }
+            fetch_found(ctx, order_id, group_id, tally).await
+        }
+        Lookup::Single => {
+            if let Some(a) = attempt
+                && !ctx.record(job, Some(a), Transition::Keep).await?
+            {
+                return Ok((Checked::Stopped, None));
+            }
+            check_alone(ctx, job, order_id, tally).await
+        }
+    }
+}
+
+/// `GET /orders/{id}`, then `GET /groups/{id}` when the order has a group.
+async fn check_alone(ctx: &Ctx, job: &Job, order_id: &str, tally: &mut Tally) -> Result<CheckDone> {
     let Some(reply) = ctx.paced(ctx.api.order_group(order_id)).await else {
         return Ok((Checked::Stopped, None));
     };
@@ -123,15 +164,18 @@ fn unanswered<T>(reply: Reply<T>, attempt: Attempt) -> CheckDone {
 }
 
 /// Marks the job in flight, sends `POST /groups` and reads the reply; `None` if the
-/// run stopped before the request left (the job is as it was).
+/// run stopped before the request left (the job is as it was). `left` is told when
+/// the request leaves.
 pub(super) async fn create(
     ctx: &Ctx,
     job: &Job,
     tally: &mut Tally,
+    left: impl FnOnce(),
 ) -> Result<Option<(Created, Attempt)>> {
     let Some(permit) = start_create(ctx, job).await? else {
         return Ok(None);
     };
+    left();
     let reply = ctx.api.create_group(&job.body).await;
     // Observed before the slot is given back: a stop or pause it causes holds the
     // next request already.

@@ -1,8 +1,11 @@
 //! Sees one job through its protocol: carries out each [`Action`] and feeds back
 //! what happened, recording every request and state change on the way.
 
+use tokio::time::Instant;
+
 use super::ctx::Ctx;
-use super::protocol::{Action, Event, Final, Protocol, Rules, Start};
+use super::desk::Cleared;
+use super::protocol::{Action, Checked, Event, Final, Protocol, Rules, Start};
 use super::requests::{self, Tally, unix_ms_in};
 use crate::error::Result;
 use crate::store::{Attempt, Job, Transition};
@@ -15,6 +18,8 @@ pub(super) async fn see_through(ctx: &Ctx, job: Job) -> Result<()> {
         job: &job,
         tally: Tally::default(),
         unrecorded: None,
+        cleared: None,
+        cleared_at: None,
     };
     let mut event = Event::Ready;
     loop {
@@ -32,6 +37,10 @@ struct Worker<'a> {
     tally: Tally,
     /// The last request's attempt, recorded with the state change that follows it.
     unrecorded: Option<Attempt>,
+    /// Counts the job as cleared by a list until its create leaves.
+    cleared: Option<Cleared>,
+    /// When a check last cleared the job to create.
+    cleared_at: Option<Instant>,
 }
 
 impl Worker<'_> {
@@ -41,7 +50,11 @@ impl Worker<'_> {
         let (ctx, job) = (self.ctx, self.job);
         let alone = matches!(
             action,
-            Action::Wait(_) | Action::Check | Action::Create | Action::Refetch(_) | Action::Leave
+            Action::Wait(_)
+                | Action::Check { .. }
+                | Action::Create
+                | Action::Refetch(_)
+                | Action::Leave
         );
         if alone
             && let Some(attempt) = self.unrecorded.take()
@@ -51,19 +64,30 @@ impl Worker<'_> {
         }
         Ok(match action {
             Action::Wait(d) => ctx.sleep(d).await.then_some(Event::Ready),
-            Action::Check => {
+            Action::Check { recheck } => {
                 let order = job.body.checkable_order().unwrap_or_default();
-                let (checked, attempt) = requests::check(ctx, job, order, &mut self.tally).await?;
+                let cleared = &mut self.cleared;
+                let (checked, attempt) =
+                    requests::check(ctx, job, order, recheck, &mut self.tally, cleared).await?;
+                if let Checked::Absent = checked {
+                    self.cleared_at = Some(Instant::now());
+                }
                 self.unrecorded = attempt;
                 Some(Event::Checked(checked))
             }
             Action::Create => {
-                requests::create(ctx, job, &mut self.tally)
-                    .await?
-                    .map(|(created, attempt)| {
-                        self.unrecorded = Some(attempt);
-                        Event::Created(created)
-                    })
+                let (cleared, cleared_at) = (&mut self.cleared, self.cleared_at.take());
+                let left = || {
+                    drop(cleared.take());
+                    if let Some(at) = cleared_at {
+                        ctx.note_check_gap(at.elapsed());
+                    }
+                };
+                let created = requests::create(ctx, job, &mut self.tally, left).await?;
+                created.map(|(created, attempt)| {
+                    self.unrecorded = Some(attempt);
+                    Event::Created(created)
+                })
             }
             Action::Refetch(group) => {
                 let (group, attempt) = requests::refetch(ctx, job, group, &mut self.tally).await;

@@ -78,6 +78,8 @@ pub enum RequestKind {
     Create,
     CheckOrder,
     FetchGroup,
+    /// A `GET /orders?search=` list that checked this job among others.
+    ListOrders,
 }
 
 impl RequestKind {
@@ -86,6 +88,7 @@ impl RequestKind {
             RequestKind::Create => "create",
             RequestKind::CheckOrder => "check_order",
             RequestKind::FetchGroup => "fetch_group",
+            RequestKind::ListOrders => "list_orders",
         }
     }
 }

@@ -54,7 +54,8 @@ fn group(share: bool) -> Group {
 fn said(action: &Action) -> String {
     match action {
         Action::Wait(d) => format!("wait {}s", d.as_secs()),
-        Action::Check => "check".into(),
+        Action::Check { recheck: false } => "check".into(),
+        Action::Check { recheck: true } => "recheck".into(),
         Action::Create => "create".into(),
         Action::Retry {
             after, needs_check, ..
@@ -156,22 +157,22 @@ fn every_transition_of_the_protocol() {
             &["check", "create", "pending 7s", "create", "succeeded created"]),
         ("ambiguous create: settle, check, recovered", ambiguous_only, fresh(),
             vec![Ready, timeout(), Ready, C(Checked::Found(group(true)))],
-            &["create", "pending 45s check", "check", "succeeded recovered"]),
+            &["create", "pending 45s check", "recheck", "succeeded recovered"]),
         ("ambiguous create: settle, check, re-sent", always, fresh(),
             vec![Ready, C(Checked::Absent), timeout(), Ready, C(Checked::Absent), K(Created::Ok(group(true)))],
-            &["check", "create", "pending 45s check", "check", "create", "succeeded created"]),
+            &["check", "create", "pending 45s check", "recheck", "create", "succeeded created"]),
         ("ambiguous with a longer Retry-After waits that", ambiguous_only, fresh(),
             vec![Ready, K(Created::Ambiguous { retry_after: Some(Duration::from_secs(90)), error: "503".into() })],
             &["create", "pending 90s check"]),
         ("retry after ambiguous still checks", ambiguous_only, fresh(),
             vec![Ready, timeout(), Ready, C(Checked::Absent), too_many(3), Ready],
-            &["create", "pending 45s check", "check", "create", "pending 3s", "create"]),
+            &["create", "pending 45s check", "recheck", "create", "pending 3s", "create"]),
         ("crash-interrupted: waits its check_after, then checks", always, interrupted,
             vec![Ready, Ready, C(Checked::Found(group(true)))],
-            &["wait 30s", "check", "succeeded recovered"]),
+            &["wait 30s", "recheck", "succeeded recovered"]),
         ("crash-interrupted, order gone", always, interrupted,
             vec![Ready, Ready, missing],
-            &["wait 30s", "check", "failed order_not_found"]),
+            &["wait 30s", "recheck", "failed order_not_found"]),
         ("unknown for an uncheckable row", always, uncheckable,
             vec![Ready, Ready], &["wait 30s", "unknown"]),
         ("uncheckable, resend chosen by a person", rules(Precheck::Always, true, 8), uncheckable,
@@ -241,7 +242,7 @@ fn answer(action: &Action, pick: u8) -> Option<Event> {
     let pick = usize::from(pick);
     Some(match action {
         Action::Wait(_) | Action::Retry { .. } => Event::Ready,
-        Action::Check => Event::Checked(match pick % 5 {
+        Action::Check { .. } => Event::Checked(match pick % 5 {
             0 => Checked::Found(group(true)),
             1 => Checked::Absent,
             2 => Checked::OrderMissing("gone".into()),

@@ -1,0 +1,289 @@
+//! The check desk: existence checks gathered into `GET /orders?search=` lists of up
+//! to 25 orders, sent just ahead of the creates they clear.
+//!
+//! Workers hand in an order id and wait for its [`Lookup`]. The desk sends a list
+//! when it has a full one (or when no more ids came for [`LINGER`]), re-checks
+//! first, and sends fresh checks only while fewer than one list's worth of cleared
+//! jobs are waiting to create: so checks run at most one list ahead of creates, and
+//! a run stopped after N requests has created about N × 25/26 groups.
+//!
+//! Only what the API promises is used (`docs/api-notes.md#list-and-search-grammar`):
+//! an order in the answer that was not asked for is ignored, an asked order missing
+//! from it is checked on its own, and a list request refused for good (a 4xx) turns
+//! batching off for the rest of the run.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+use super::ctx::Ctx;
+use crate::api::{Class, LIST_TAKE, ListedOrder, Reply};
+
+/// How long a short list waits for more ids before it is sent anyway.
+pub(crate) const LINGER: Duration = Duration::from_millis(20);
+
+/// What the list said about one order.
+#[derive(Debug)]
+pub(crate) enum Lookup {
+    /// The order is listed with this group.
+    Grouped(String),
+    /// The order is listed without a group: the job may create. Holding the token
+    /// counts the job as cleared until its create has left.
+    Clear(Cleared),
+    /// Not in the answer (or batching is off): check it on its own.
+    Single,
+    /// The list request got no usable answer.
+    Failed {
+        retry_after: Option<Duration>,
+        error: String,
+    },
+    /// The run stopped first.
+    Stopped,
+}
+
+/// One list request, as each job it served records it.
+#[derive(Debug, Clone)]
+pub(crate) struct Listing {
+    /// Numbers the run's list requests: the jobs of one list share it.
+    #[expect(dead_code, reason = "recorded once the attempts table can hold it")]
+    pub batch: u64,
+    pub reply: Reply<()>,
+}
+
+/// A job cleared by a list whose create has not left yet; dropping it says it has.
+#[derive(Debug)]
+pub(crate) struct Cleared(Arc<Desk>);
+
+impl Drop for Cleared {
+    fn drop(&mut self) {
+        self.0.cleared.fetch_sub(1, Ordering::AcqRel);
+        self.0.wake.notify_one();
+    }
+}
+
+struct Waiter {
+    order_id: String,
+    answer: oneshot::Sender<(Lookup, Option<Listing>)>,
+}
+
+#[derive(Default)]
+struct Queues {
+    rechecks: VecDeque<Waiter>,
+    fresh: VecDeque<Waiter>,
+    /// When the oldest fresh id arrived.
+    fresh_since: Option<Instant>,
+}
+
+/// Shared by the workers and the desk's own task.
+#[derive(Default)]
+pub(crate) struct Desk {
+    queues: Mutex<Queues>,
+    wake: Notify,
+    cleared: AtomicUsize,
+    batching: AtomicBool,
+    batches: AtomicU64,
+}
+
+impl std::fmt::Debug for Desk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Desk")
+            .field("cleared", &self.cleared.load(Ordering::Relaxed))
+            .field("batching", &self.batching.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Desk {
+    pub fn new(batching: bool) -> Arc<Desk> {
+        let desk = Desk::default();
+        desk.batching.store(batching, Ordering::Relaxed);
+        Arc::new(desk)
+    }
+
+    /// Whether checks still go in lists.
+    pub fn batching(&self) -> bool {
+        self.batching.load(Ordering::Acquire)
+    }
+
+    /// Hands in `order_id` and waits for what the list says; `recheck` for a job whose
+    /// earlier create may have succeeded (served first). With the list request that
+    /// answered it, if one did.
+    pub async fn lookup(&self, order_id: &str, recheck: bool) -> (Lookup, Option<Listing>) {
+        let (answer, answered) = oneshot::channel();
+        {
+            let mut q = self.lock();
+            let waiter = Waiter {
+                order_id: order_id.to_owned(),
+                answer,
+            };
+            if recheck {
+                q.rechecks.push_back(waiter);
+            } else {
+                q.fresh_since.get_or_insert_with(Instant::now);
+                q.fresh.push_back(waiter);
+            }
+        }
+        self.wake.notify_one();
+        answered.await.unwrap_or((Lookup::Stopped, None))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queues> {
+        self.queues.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next list to send, re-checks first; fresh ids only while fewer than a
+    /// list's worth of cleared jobs wait. `Err(wait)`: nothing yet, look again after
+    /// `wait` (or when woken).
+    fn take(&self) -> Result<Vec<Waiter>, Option<Duration>> {
+        let mut q = self.lock();
+        let mut batch: Vec<Waiter> = Vec::with_capacity(LIST_TAKE);
+        while batch.len() < LIST_TAKE
+            && let Some(w) = q.rechecks.pop_front()
+        {
+            batch.push(w);
+        }
+        let room = self.cleared.load(Ordering::Acquire) < LIST_TAKE;
+        if room && batch.len() < LIST_TAKE {
+            let lingering = q.fresh_since.map(|t| LINGER.saturating_sub(t.elapsed()));
+            if batch.is_empty()
+                && q.fresh.len() < LIST_TAKE
+                && lingering.is_some_and(|l| !l.is_zero())
+            {
+                return Err(lingering);
+            }
+            while batch.len() < LIST_TAKE
+                && let Some(w) = q.fresh.pop_front()
+            {
+                batch.push(w);
+            }
+            q.fresh_since = (!q.fresh.is_empty()).then(Instant::now);
+        }
+        if batch.is_empty() {
+            Err(None)
+        } else {
+            Ok(batch)
+        }
+    }
+
+    /// Answers every waiter still queued: the run stopped.
+    fn close(&self) {
+        let mut q = self.lock();
+        let q = &mut *q;
+        for w in q.rechecks.drain(..).chain(q.fresh.drain(..)) {
+            let _ = w.answer.send((Lookup::Stopped, None));
+        }
+    }
+}
+
+/// The desk's task: sends lists until the run stops or `done` fires.
+pub(crate) async fn serve(
+    ctx: Arc<Ctx>,
+    desk: Arc<Desk>,
+    done: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let batch = loop {
+            match desk.take() {
+                Ok(batch) => break batch,
+                Err(wait) => {
+                    let linger = async {
+                        match wait {
+                            Some(d) => tokio::time::sleep(d).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        () = desk.wake.notified() => {}
+                        () = linger => {}
+                        () = ctx.control.stop.cancelled() => return desk.close(),
+                        () = done.cancelled() => return desk.close(),
+                    }
+                }
+            }
+        };
+        send(&ctx, &desk, batch).await;
+    }
+}
+
+/// Sends one list and answers each of its waiters.
+async fn send(ctx: &Ctx, desk: &Arc<Desk>, batch: Vec<Waiter>) {
+    let ids: Vec<&str> = batch.iter().map(|w| w.order_id.as_str()).collect();
+    let Some(reply) = ctx.paced(ctx.api.list_orders(&ids)).await else {
+        for w in batch {
+            let _ = w.answer.send((Lookup::Stopped, None));
+        }
+        return;
+    };
+    let listing = Listing {
+        batch: desk.batches.fetch_add(1, Ordering::Relaxed) + 1,
+        reply: Reply {
+            value: Some(()),
+            class: reply.class,
+            status: reply.status,
+            started_at: reply.started_at,
+            latency: reply.latency,
+            retry_after: reply.retry_after,
+            error: reply.error.clone(),
+        },
+    };
+    if reply.class == Class::Definitive && desk.batching.swap(false, Ordering::AcqRel) {
+        tracing::warn!(
+            parent: &ctx.span,
+            error = reply.error.as_deref().unwrap_or_default(),
+            "the API refused a list of orders ({}); existence checks go one order at a time \
+             for the rest of the run",
+            reply.error.as_deref().unwrap_or("no reason given")
+        );
+    }
+    let listed = reply.value.unwrap_or_default();
+    for w in batch {
+        let lookup = answer_for(
+            desk,
+            &reply.class,
+            &reply.retry_after,
+            &reply.error,
+            &listed,
+            &w.order_id,
+        );
+        let _ = w.answer.send((lookup, Some(listing.clone())));
+    }
+}
+
+/// What the list said about `order_id`: only an entry with exactly that id counts,
+/// and a group in any such entry wins.
+fn answer_for(
+    desk: &Arc<Desk>,
+    class: &Class,
+    retry_after: &Option<Duration>,
+    error: &Option<String>,
+    listed: &[ListedOrder],
+    order_id: &str,
+) -> Lookup {
+    match class {
+        Class::Ok => {}
+        Class::Definitive => return Lookup::Single,
+        Class::Stop => return Lookup::Stopped,
+        Class::Retry | Class::Ambiguous => {
+            return Lookup::Failed {
+                retry_after: *retry_after,
+                error: error.clone().unwrap_or_default(),
+            };
+        }
+    }
+    let mut entries = listed.iter().filter(|o| o.id == order_id).peekable();
+    if entries.peek().is_none() {
+        return Lookup::Single;
+    }
+    match entries.find_map(|o| o.group_id.clone()) {
+        Some(group) => Lookup::Grouped(group),
+        None => {
+            desk.cleared.fetch_add(1, Ordering::AcqRel);
+            Lookup::Clear(Cleared(desk.clone()))
+        }
+    }
+}

@@ -218,7 +218,20 @@ impl Cmd {
         self.arg(name).arg(value)
     }
 
-    /// Sets `name` (replacing an earlier value).
+    /// `name value`, in place of the value an earlier `name` had (another `--db`, say),
+    /// or added.
+    pub fn set(mut self, name: &str, value: impl AsRef<OsStr>) -> Cmd {
+        let value = value.as_ref().to_string_lossy().into_owned();
+        match self.argv.iter().position(|a| a == name) {
+            Some(i) if i + 1 < self.argv.len() => {
+                self.argv[i + 1] = value;
+                self
+            }
+            _ => self.flag(name, value),
+        }
+    }
+
+    /// Sets the variable `name` (replacing an earlier value).
     pub fn env(mut self, name: &str, value: impl Into<String>) -> Cmd {
         self.env.retain(|(k, _)| k != name);
         self.env.push((name.to_owned(), value.into()));
@@ -264,10 +277,15 @@ impl Cmd {
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
     }
 
+    /// Runs to completion, on this thread (in a test without the sandbox).
+    pub fn output_blocking(&self) -> std::process::Output {
+        self.command().output().unwrap()
+    }
+
     /// Runs to completion, off the async worker threads (the in-process sandbox runs
     /// on them).
     pub async fn output(self) -> std::process::Output {
-        tokio::task::spawn_blocking(move || self.command().output().unwrap())
+        tokio::task::spawn_blocking(move || self.output_blocking())
             .await
             .unwrap()
     }

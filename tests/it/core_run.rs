@@ -51,8 +51,7 @@ async fn happy_path_creates_one_group_per_order_and_records_it() {
         40
     );
     let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(s.path("report.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(s.path("report.json")).unwrap()).unwrap();
     assert_eq!(report["jobs"]["succeeded"], 40);
     assert_eq!(report["exit_code"], 0);
     assert_eq!(report["requests"]["total"], 80);

@@ -11,7 +11,7 @@ use kohort_batch::config::{self, SendConfig};
 use kohort_batch::engine::Control;
 use kohort_batch::sandbox::{Sandbox, SandboxConfig};
 
-pub use crate::scene::{Api, Cmd, Scene};
+pub use crate::scene::{Cmd, Scene};
 
 pub const KEY: &str = "sk_test_integration";
 
@@ -132,23 +132,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_kohort-batch");
 /// variables of the calling environment are cleared first, then `env` is set.
 pub fn bin(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let cmd = env.iter().fold(Cmd::new(args), |c, (k, v)| c.env(k, *v));
-    cmd.command().output().unwrap()
-}
-
-/// [`bin`] off the async worker threads (the in-process sandbox runs on them).
-pub async fn bin_async(args: Vec<String>, env: Vec<(String, String)>) -> std::process::Output {
-    let cmd = env.into_iter().fold(Cmd::new(&[]).args(args), |c, (k, v)| c.env(&k, v));
-    cmd.output().await
-}
-
-/// Owned copies of arguments, for [`bin_async`].
-pub fn owned(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| (*x).to_owned()).collect()
-}
-
-/// An environment holding the test key.
-pub fn with_key() -> Vec<(String, String)> {
-    vec![("KOHORTPAY_API_KEY".to_owned(), KEY.to_owned())]
+    cmd.output_blocking()
 }
 
 /// Waits (polling, up to a minute) until `done` holds: tests wait for events, not for

@@ -28,7 +28,11 @@ async fn orders_that_already_have_a_group_are_recorded_not_created() {
     )
     .await;
     assert_eq!(s.run(&s.args()).await, Exit::RowsFailed);
-    assert_eq!(served(&s.sb, "POST /groups 201"), 1, "only ord_3 is created");
+    assert_eq!(
+        served(&s.sb, "POST /groups 201"),
+        1,
+        "only ord_3 is created"
+    );
     assert_eq!(
         column(
             &s.db,

@@ -60,16 +60,7 @@ async fn happy_path_creates_one_group_per_order_and_records_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn transient_503s_are_retried_and_every_attempt_recorded() {
-    let s = Scene::new(
-        SandboxConfig {
-            error_503: 0.3,
-            retry_after_secs: 0,
-            seed: 11,
-            ..SandboxConfig::default()
-        },
-        &csv_rows(30),
-    )
-    .await;
+    let s = Scene::new(some_503s(0.3, 0, 11), &csv_rows(30)).await;
     let exit = s.run(&s.args()).await;
     let not_done = column(
         &s.db,

@@ -200,16 +200,7 @@ async fn a_retry_after_beyond_max_pause_stops_the_run_saying_when_to_come_back()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_pause_is_logged_with_its_length_cause_and_end() {
-    let s = Scene::new(
-        SandboxConfig {
-            error_503: 0.3,
-            retry_after_secs: 1,
-            seed: 3,
-            ..SandboxConfig::default()
-        },
-        &csv_rows(10),
-    )
-    .await;
+    let s = Scene::new(some_503s(0.3, 1, 3), &csv_rows(10)).await;
     let out = s.run_bin(&["--rate", "0", "--settle", "100ms"]).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");

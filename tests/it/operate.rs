@@ -101,12 +101,7 @@ fn assert_no_sentinel(what: &str, bytes: &[u8]) {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_key_appears_nowhere() {
     let s = Scene::new(
-        SandboxConfig {
-            error_503: 0.2,
-            retry_after_secs: 0,
-            seed: 4,
-            ..SandboxConfig::default()
-        },
+        some_503s(0.2, 0, 4),
         "customerId,orderId\ncus_1,ord_1\ncus_unknown_2,ord_2\n,ord_3\ncus_4,ord_4\n",
     )
     .await;

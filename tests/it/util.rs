@@ -21,6 +21,17 @@ pub async fn sandbox(cfg: SandboxConfig) -> Sandbox {
         .unwrap()
 }
 
+/// A sandbox that answers a share `rate` of requests with a 503 and this
+/// `Retry-After`, the faults drawn from `seed`.
+pub fn some_503s(rate: f64, retry_after_secs: u64, seed: u64) -> SandboxConfig {
+    SandboxConfig {
+        error_503: rate,
+        retry_after_secs,
+        seed,
+        ..SandboxConfig::default()
+    }
+}
+
 /// Fast, test-friendly send options against `base`.
 pub fn args(base: &str) -> SendArgs {
     SendArgs {

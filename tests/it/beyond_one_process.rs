@@ -13,23 +13,10 @@ use kohort_batch::store::Store;
 use crate::util::*;
 
 /// A `run` of the real binary in the background, slow enough to be caught sending.
-fn slow_run(sb_url: &str, db: &std::path::Path, csv: &std::path::Path) -> std::process::Child {
-    Command::new(BIN)
-        .args([
-            "run",
-            "--rate",
-            "0",
-            "--concurrency",
-            "1",
-            "--api-base",
-            sb_url,
-            "--db",
-        ])
-        .arg(db)
-        .arg("--csv")
-        .arg(csv)
-        .env("KOHORTPAY_API_KEY", KEY)
-        .env_remove("KOHORT_BATCH_CONFIG")
+fn slow_run(s: &Scene) -> std::process::Child {
+    s.bin_run()
+        .args(["--rate", "0", "--concurrency", "1"])
+        .command()
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -71,35 +58,26 @@ async fn a_second_run_exits_5_even_from_another_pid_namespace_and_producers_stil
         &csv_rows(40),
     )
     .await;
-    let mut first = slow_run(&s.sb.url(), &s.db, &s.csv);
+    let mut first = slow_run(&s);
     let holder = wait_for_holder(&s.db).await;
     assert!(holder.contains(&format!("pid {}", first.id())), "{holder}");
-    let dbs = s.db.display().to_string();
-    let url = s.sb.url();
 
     // Same namespace: run and retry-failed both exit 5, naming the holder.
-    for cmd in ["run", "retry-failed"] {
-        let out = bin_async(owned(&[cmd, "--db", &dbs, "--api-base", &url]), with_key()).await;
+    for second in [s.bin_run_queue(), s.bin_retry_failed()] {
+        let cmd = second.argv()[0].clone();
+        let out = second.output().await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(5), "{cmd}: {err}");
         assert!(err.contains(&format!("pid {}", first.id())), "{err}");
     }
     // Another PID namespace cannot see the holder's pid; the kernel's lock holds anyway.
     if unshare_works() {
-        let out = tokio::task::spawn_blocking({
-            let (dbs, url) = (dbs.clone(), url.clone());
-            move || {
-                Command::new("unshare")
-                    .args(["--pid", "--fork", "--mount-proc", BIN, "run", "--db", &dbs])
-                    .args(["--api-base", &url])
-                    .env("KOHORTPAY_API_KEY", KEY)
-                    .env_remove("KOHORT_BATCH_CONFIG")
-                    .output()
-                    .unwrap()
-            }
-        })
-        .await
-        .unwrap();
+        let mut unshared = s
+            .bin_run_queue()
+            .wrapped("unshare", &["--pid", "--fork", "--mount-proc"]);
+        let out = tokio::task::spawn_blocking(move || unshared.output().unwrap())
+            .await
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(5), "{err}");
         assert!(err.contains("in use by another kohort-batch run"), "{err}");
@@ -123,18 +101,14 @@ async fn a_second_run_exits_5_even_from_another_pid_namespace_and_producers_stil
     conn.execute("UPDATE lock SET pid = ?1", [i64::from(std::process::id())])
         .unwrap();
     drop(conn);
-    let out = bin_async(
-        owned(&["run", "--db", &dbs, "--rate", "0", "--api-base", &url]),
-        with_key(),
-    )
-    .await;
+    let out = s.bin_run_queue().args(["--rate", "0"]).output().await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     let mut all = orders(40);
     all.push("ord_p".into());
     assert_one_group_each(&s.sb, all);
     // The killed run's report says how it ended.
-    let out = bin_async(owned(&["report", "--db", &dbs, "--run", "1"]), vec![]).await;
+    let out = s.report(&["--run", "1"]).output().await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("the process ended before the run finished"),
@@ -166,9 +140,9 @@ async fn two_engines_without_the_lock_never_duplicate() {
         kohort_batch::Exit::Success
     );
     let engine = |rate: f64| {
-        let mut a = args(&s.sb.url());
+        let mut a = s.args();
         a.rate = rate;
-        let cfg = config(&a, &s.db);
+        let cfg = s.config(&a);
         let db = s.db.clone();
         async move {
             let store = Store::open(&db).unwrap();
@@ -213,32 +187,14 @@ async fn an_unclosed_quote_makes_the_row_invalid_and_sends_nothing_of_it() {
         "customerId,orderId\ncus_1,ord_1\ncus_2,\"ord_2\ncus_3,ord_3\n",
     )
     .await;
-    let csv = s.csv.display().to_string();
-    let out = bin_async(owned(&["validate", "--csv", &csv]), vec![]).await;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = s.validate().output().await;
+    let text = all_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
         text.contains("line 3") && text.contains("check for an unclosed quote on line 3"),
         "{text}"
     );
-    let dbs = s.db.display().to_string();
-    let out = bin_async(
-        owned(&[
-            "run",
-            "--db",
-            &dbs,
-            "--csv",
-            &csv,
-            "--api-base",
-            &s.sb.url(),
-        ]),
-        with_key(),
-    )
-    .await;
+    let out = s.run_bin(&[]).await;
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -250,7 +206,7 @@ async fn an_unclosed_quote_makes_the_row_invalid_and_sends_nothing_of_it() {
     let per = stats.groups_per_key.unwrap();
     assert_eq!(per.keys().collect::<Vec<_>>(), ["ord_1"]);
     // The swallowed row is in the record, for export failures.
-    let out = bin_async(owned(&["export", "failures", "--db", &dbs]), vec![]).await;
+    let out = s.export("failures", &[]).output().await;
     let exported = String::from_utf8_lossy(&out.stdout);
     assert!(exported.contains("cus_3,ord_3"), "{exported}");
 }
@@ -263,13 +219,8 @@ async fn a_stray_quote_in_metadata_is_reported_not_merged() {
                 cus_3,ord_3,end\"\n\
                 cus_4,ord_4,fine\n";
     let s = Scene::new(SandboxConfig::default(), text).await;
-    let csv = s.csv.display().to_string();
-    let out = bin_async(owned(&["validate", "--csv", &csv]), vec![]).await;
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = s.validate().output().await;
+    let all = all_text(&out);
     assert_eq!(out.status.code(), Some(1), "{all}");
     assert!(
         all.contains("metadata.note is a quoted field that begins on line 2")
@@ -299,21 +250,8 @@ async fn two_columns_for_one_field_stop_before_anything_is_imported() {
             &format!("{header}\ncus_1,ord_1,9999\n"),
         )
         .await;
-        let csv = s.csv.display().to_string();
-        let dbs = s.db.display().to_string();
-        for cmd in [
-            owned(&["validate", "--csv", &csv]),
-            owned(&[
-                "run",
-                "--db",
-                &dbs,
-                "--csv",
-                &csv,
-                "--api-base",
-                &s.sb.url(),
-            ]),
-        ] {
-            let out = bin_async(cmd, with_key()).await;
+        for cmd in [s.validate().key(KEY), s.bin_run()] {
+            let out = cmd.output().await;
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(2), "{header}: {err}");
             assert!(err.contains(named) && err.contains("line 1"), "{err}");
@@ -332,18 +270,15 @@ async fn conflicting_rows_from_a_csv_and_the_inbox_are_kept_and_exported() {
         "customerId,orderId,metadata.campaign\ncus_1,ord_1,spring\ncus_2,ord_2,spring\n",
     )
     .await;
-    let dbs = s.db.display().to_string();
-    let url = s.sb.url();
-    let csv = s.csv.display().to_string();
-    let run = |extra: Vec<String>| {
-        let mut a = owned(&["run", "--db", &dbs, "--api-base", &url, "--rate", "0"]);
-        a.extend(extra);
-        bin_async(a, with_key())
+    let run = |csv: &std::path::Path| {
+        s.bin_run_queue()
+            .args(["--rate", "0"])
+            .flag("--csv", csv)
+            .output()
     };
-    assert_eq!(run(owned(&["--csv", &csv])).await.status.code(), Some(0));
+    assert_eq!(run(&s.csv).await.status.code(), Some(0));
     // The same orders with other data: line 3 of a second file, and inbox row 1.
-    let other = write(
-        s.dir.path(),
+    let other = s.write(
         "other.csv",
         "customerId,orderId,metadata.campaign\ncus_1,ord_1,spring\ncus_9,ord_2,autumn\n",
     );
@@ -354,7 +289,7 @@ async fn conflicting_rows_from_a_csv_and_the_inbox_are_kept_and_exported() {
     )
     .unwrap();
     drop(conn);
-    let out = run(owned(&["--csv", &other.display().to_string()])).await;
+    let out = run(&other).await;
     let report = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{report}");
     assert!(
@@ -363,11 +298,7 @@ async fn conflicting_rows_from_a_csv_and_the_inbox_are_kept_and_exported() {
     );
     assert!(report.contains("ord_1 (inbox line 1)"), "{report}");
 
-    let out = bin_async(
-        owned(&["export", "failures", "--db", &dbs, "--format", "json"]),
-        vec![],
-    )
-    .await;
+    let out = s.export("failures", &["--format", "json"]).output().await;
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let conflicts: Vec<_> = rows.iter().filter(|r| r["state"] == "conflict").collect();
     assert_eq!(conflicts.len(), 2, "{rows:#?}");

@@ -13,19 +13,19 @@ use kohort_batch::cli::PrecheckArg;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn happy_path_creates_one_group_per_order_and_records_it() {
-    let Scene { dir, db, csv, sb } = Scene::new(SandboxConfig::default(), &csv_rows(40)).await;
-    let mut a = args(&sb.url());
-    a.report_json = Some(dir.path().join("report.json"));
-    assert_eq!(run(&a, &db, &[csv]).await, Exit::Success);
+    let s = Scene::new(SandboxConfig::default(), &csv_rows(40)).await;
+    let mut a = s.args();
+    a.report_json = Some(s.path("report.json"));
+    assert_eq!(s.run(&a).await, Exit::Success);
     // The run ended with everything in the database file and an empty WAL.
-    let wal = dir.path().join("k.db-wal");
+    let wal = s.path("k.db-wal");
     assert_eq!(std::fs::metadata(&wal).map_or(0, |m| m.len()), 0);
 
-    assert_one_group_each(&sb, orders(40));
-    assert_eq!(sb.stats(false).groups_total, 40);
+    assert_one_group_each(&s.sb, orders(40));
+    assert_eq!(s.sb.stats(false).groups_total, 40);
     assert_eq!(
         count(
-            &db,
+            &s.db,
             "SELECT count(*) FROM jobs WHERE state = 'succeeded' AND obtained = 'created'"
         ),
         40
@@ -33,7 +33,7 @@ async fn happy_path_creates_one_group_per_order_and_records_it() {
     // Each group is stored with its share id and the raw JSON as received.
     assert_eq!(
         count(
-            &db,
+            &s.db,
             "SELECT count(*) FROM groups WHERE share_id LIKE 'KHT-test-%' AND raw LIKE '{%'"
         ),
         40
@@ -41,18 +41,17 @@ async fn happy_path_creates_one_group_per_order_and_records_it() {
     // Precheck (default always): one check and one create per row.
     assert_eq!(
         count(
-            &db,
+            &s.db,
             "SELECT count(*) FROM attempts WHERE kind = 'check_order'"
         ),
         40
     );
     assert_eq!(
-        count(&db, "SELECT count(*) FROM attempts WHERE kind = 'create'"),
+        count(&s.db, "SELECT count(*) FROM attempts WHERE kind = 'create'"),
         40
     );
     let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(s.path("report.json")).unwrap()).unwrap();
     assert_eq!(report["jobs"]["succeeded"], 40);
     assert_eq!(report["exit_code"], 0);
     assert_eq!(report["requests"]["total"], 80);
@@ -61,25 +60,16 @@ async fn happy_path_creates_one_group_per_order_and_records_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn transient_503s_are_retried_and_every_attempt_recorded() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig {
-        error_503: 0.3,
-        retry_after_secs: 0,
-        seed: 11,
-        ..SandboxConfig::default()
-    })
-    .await;
-    let csv = write(dir.path(), "o.csv", &csv_rows(30));
-    let exit = run(&args(&sb.url()), &db, &[csv]).await;
+    let s = Scene::new(some_503s(0.3, 0, 11), &csv_rows(30)).await;
+    let exit = s.run(&s.args()).await;
     let not_done = column(
-        &db,
+        &s.db,
         "SELECT key || ': ' || state || ': ' || coalesce(error, '') FROM jobs WHERE state != 'succeeded'",
     );
     assert_eq!(exit, Exit::Success, "{not_done:?}");
 
-    assert_one_group_each(&sb, orders(30));
-    let stats = sb.stats(false);
+    assert_one_group_each(&s.sb, orders(30));
+    let stats = s.sb.stats(false);
     let served_503: u64 = stats
         .requests
         .iter()
@@ -89,39 +79,39 @@ async fn transient_503s_are_retried_and_every_attempt_recorded() {
     assert!(served_503 > 0, "{:?}", stats.requests);
     // The worker's attempts match what the sandbox served, 503s included.
     assert_eq!(
-        count(&db, "SELECT count(*) FROM attempts WHERE status = 503") as u64,
+        count(&s.db, "SELECT count(*) FROM attempts WHERE status = 503") as u64,
         served_503
     );
     assert_eq!(
         count(
-            &db,
+            &s.db,
             "SELECT count(*) FROM attempts WHERE status = 503 AND class = 'ambiguous'"
         ) as u64,
         served_503
     );
     let total: u64 = stats.requests.values().sum();
-    assert_eq!(count(&db, "SELECT count(*) FROM attempts") as u64, total);
+    assert_eq!(count(&s.db, "SELECT count(*) FROM attempts") as u64, total);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn retry_after_on_429_delays_the_next_attempt() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig {
-        error_429: 0.5,
-        retry_after_secs: 2,
-        seed: 3,
-        ..SandboxConfig::default()
-    })
+    let s = Scene::new(
+        SandboxConfig {
+            error_429: 0.5,
+            retry_after_secs: 2,
+            seed: 3,
+            ..SandboxConfig::default()
+        },
+        &csv_rows(3),
+    )
     .await;
-    let csv = write(dir.path(), "o.csv", &csv_rows(3));
-    let mut a = args(&sb.url());
+    let mut a = s.args();
     a.precheck = PrecheckArg::Ambiguous;
     a.concurrency = 1;
-    assert_eq!(run(&a, &db, &[csv]).await, Exit::Success);
-    assert_one_group_each(&sb, orders(3));
+    assert_eq!(s.run(&a).await, Exit::Success);
+    assert_one_group_each(&s.sb, orders(3));
 
-    let starts: Vec<(i64, i64, String)> = column(&db, "SELECT started_ms || ',' || CAST(latency_ms AS INTEGER) || ',' || coalesce(status, 0) FROM attempts ORDER BY started_ms")
+    let starts: Vec<(i64, i64, String)> = column(&s.db, "SELECT started_ms || ',' || CAST(latency_ms AS INTEGER) || ',' || coalesce(status, 0) FROM attempts ORDER BY started_ms")
         .iter()
         .map(|s| {
             let p: Vec<&str> = s.split(',').collect();
@@ -151,12 +141,16 @@ async fn retry_after_on_429_delays_the_next_attempt() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_array_message_from_a_400_is_recorded_readably() {
-    let Scene { dir: _dir, db, csv, sb } = Scene::new(SandboxConfig::default(), "customerId,orderId\ncus_reject_1,ord_1\ncus_unknown_2,ord_2\ncus_3,ord_unknown_3\ncus_4,ord_4\n").await;
-    let mut a = args(&sb.url());
+    let s = Scene::new(
+        SandboxConfig::default(),
+        "customerId,orderId\ncus_reject_1,ord_1\ncus_unknown_2,ord_2\ncus_3,ord_unknown_3\ncus_4,ord_4\n",
+    )
+    .await;
+    let mut a = s.args();
     a.precheck = PrecheckArg::Ambiguous;
-    assert_eq!(run(&a, &db, &[csv]).await, Exit::RowsFailed);
+    assert_eq!(s.run(&a).await, Exit::RowsFailed);
     let errors = column(
-        &db,
+        &s.db,
         "SELECT key || ' | ' || state || ' | ' || error FROM jobs WHERE state != 'succeeded' ORDER BY key",
     );
     assert_eq!(
@@ -168,15 +162,19 @@ async fn an_array_message_from_a_400_is_recorded_readably() {
         ]
     );
     // Permanent failures are not retried.
-    assert_eq!(count(&db, "SELECT count(*) FROM attempts"), 4);
+    assert_eq!(count(&s.db, "SELECT count(*) FROM attempts"), 4);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_rows_are_recorded_with_line_numbers_and_never_sent() {
-    let Scene { dir: _dir, db, csv, sb } = Scene::new(SandboxConfig::default(), "customerId,orderId,expiresAt,metadata\r\ncus_1,ord_1,,\r\n,ord_2,,\r\ncus_3,ord_3,yesterday,\r\ncus_4,ord_4,,\"[1]\"\r\ncus_5,ord_5,,\r\n").await;
-    assert_eq!(run(&args(&sb.url()), &db, &[csv]).await, Exit::RowsFailed);
+    let s = Scene::new(
+        SandboxConfig::default(),
+        "customerId,orderId,expiresAt,metadata\r\ncus_1,ord_1,,\r\n,ord_2,,\r\ncus_3,ord_3,yesterday,\r\ncus_4,ord_4,,\"[1]\"\r\ncus_5,ord_5,,\r\n",
+    )
+    .await;
+    assert_eq!(s.run(&s.args()).await, Exit::RowsFailed);
     let invalid = column(
-        &db,
+        &s.db,
         "SELECT line || ' ' || row_key || ': ' || error FROM jobs WHERE state = 'invalid' ORDER BY line",
     );
     assert_eq!(invalid.len(), 3, "{invalid:?}");
@@ -192,28 +190,20 @@ async fn invalid_rows_are_recorded_with_line_numbers_and_never_sent() {
         invalid[2].starts_with("5 ord_4: metadata must be a JSON object"),
         "{invalid:?}"
     );
-    assert_eq!(sb.stats(false).groups_total, 2);
-    assert_one_group_each(&sb, ["ord_1".to_owned(), "ord_5".to_owned()]);
+    assert_eq!(s.sb.stats(false).groups_total, 2);
+    assert_one_group_each(&s.sb, ["ord_1".to_owned(), "ord_5".to_owned()]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rerun_of_the_same_csv_sends_nothing_new() {
-    let Scene {
-        dir: _dir,
-        db,
-        csv,
-        sb,
-    } = Scene::new(SandboxConfig::default(), &csv_rows(25)).await;
-    assert_eq!(
-        run(&args(&sb.url()), &db, std::slice::from_ref(&csv)).await,
-        Exit::Success
-    );
-    let before: u64 = sb.stats(false).requests.values().sum();
-    assert_eq!(run(&args(&sb.url()), &db, &[csv]).await, Exit::Success);
-    let after: u64 = sb.stats(false).requests.values().sum();
+    let s = Scene::new(SandboxConfig::default(), &csv_rows(25)).await;
+    assert_eq!(s.run(&s.args()).await, Exit::Success);
+    let before: u64 = s.sb.stats(false).requests.values().sum();
+    assert_eq!(s.run(&s.args()).await, Exit::Success);
+    let after: u64 = s.sb.stats(false).requests.values().sum();
     assert_eq!(before, after, "the rerun sent requests");
-    assert_one_group_each(&sb, orders(25));
-    let imported = column(&db, "SELECT imported FROM runs ORDER BY id DESC LIMIT 1");
+    assert_one_group_each(&s.sb, orders(25));
+    let imported = column(&s.db, "SELECT imported FROM runs ORDER BY id DESC LIMIT 1");
     let counts: serde_json::Value = serde_json::from_str(&imported[0]).unwrap();
     assert_eq!(counts["duplicates"], 25);
     assert_eq!(counts["queued"], 0);
@@ -221,19 +211,14 @@ async fn a_rerun_of_the_same_csv_sends_nothing_new() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_key_twice_is_a_duplicate_or_a_conflict() {
-    let Scene {
-        dir: _dir,
-        db,
-        csv,
-        sb,
-    } = Scene::new(
+    let s = Scene::new(
         SandboxConfig::default(),
         "customerId,orderId\ncus_1,ord_1\ncus_1,ord_1\ncus_2,ord_1\n",
     )
     .await;
-    assert_eq!(run(&args(&sb.url()), &db, &[csv]).await, Exit::RowsFailed);
-    assert_one_group_each(&sb, ["ord_1".to_owned()]);
-    let issue = column(&db, "SELECT line || ': ' || reason FROM import_issues");
+    assert_eq!(s.run(&s.args()).await, Exit::RowsFailed);
+    assert_one_group_each(&s.sb, ["ord_1".to_owned()]);
+    let issue = column(&s.db, "SELECT line || ': ' || reason FROM import_issues");
     assert_eq!(issue.len(), 1);
     assert!(
         issue[0].starts_with("4: key ord_1 was already imported with different data"),
@@ -243,18 +228,18 @@ async fn the_same_key_twice_is_a_duplicate_or_a_conflict() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrency_cap_holds_at_the_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig {
-        latency: (Duration::from_millis(30), Duration::from_millis(30)),
-        ..SandboxConfig::default()
-    })
+    let s = Scene::new(
+        SandboxConfig {
+            latency: (Duration::from_millis(30), Duration::from_millis(30)),
+            ..SandboxConfig::default()
+        },
+        &csv_rows(60),
+    )
     .await;
-    let csv = write(dir.path(), "o.csv", &csv_rows(60));
-    let mut a = args(&sb.url());
+    let mut a = s.args();
     a.concurrency = 3;
-    assert_eq!(run(&a, &db, &[csv]).await, Exit::Success);
-    let stats = sb.stats(false);
+    assert_eq!(s.run(&a).await, Exit::Success);
+    let stats = s.sb.stats(false);
     assert!(
         stats.peak_concurrency <= 3,
         "peak {}",
@@ -265,30 +250,25 @@ async fn concurrency_cap_holds_at_the_server() {
         "the cap was never reached: {}",
         stats.peak_concurrency
     );
-    assert_one_group_each(&sb, orders(60));
+    assert_one_group_each(&s.sb, orders(60));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn request_starts_follow_the_rate_limit() {
-    let Scene {
-        dir: _dir,
-        db,
-        csv,
-        sb,
-    } = Scene::new(SandboxConfig::default(), &csv_rows(30)).await;
-    let mut a = args(&sb.url());
+    let s = Scene::new(SandboxConfig::default(), &csv_rows(30)).await;
+    let mut a = s.args();
     a.rate = 20.0;
     a.concurrency = 16;
     a.precheck = PrecheckArg::Ambiguous;
     let start = Instant::now();
-    assert_eq!(run(&a, &db, &[csv]).await, Exit::Success);
+    assert_eq!(s.run(&a).await, Exit::Success);
     // 30 starts at 20/s, no burst: at least 29 intervals of 50 ms.
     assert!(
         start.elapsed() >= Duration::from_millis(1450),
         "{:?}",
         start.elapsed()
     );
-    let stats = sb.stats(false);
+    let stats = s.sb.stats(false);
     assert_eq!(stats.requests.values().sum::<u64>(), 30);
     assert!(
         stats.max_starts_in_one_second <= 21,
@@ -299,35 +279,13 @@ async fn request_starts_follow_the_rate_limit() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_401_stops_the_run_with_exit_3_and_fails_no_row() {
-    let Scene {
-        dir: _dir,
-        db,
-        csv,
-        sb,
-    } = Scene::new(SandboxConfig::default(), &csv_rows(20)).await;
-    let (url, dbs, csvs) = (
-        sb.url(),
-        db.display().to_string(),
-        csv.display().to_string(),
-    );
-    let out = tokio::task::spawn_blocking(move || {
-        bin(
-            &[
-                "run",
-                "--csv",
-                &csvs,
-                "--db",
-                &dbs,
-                "--api-base",
-                &url,
-                "--rate",
-                "0",
-            ],
-            &[("KOHORTPAY_API_KEY", "sk_test_revoked_123")],
-        )
-    })
-    .await
-    .unwrap();
+    let s = Scene::new(SandboxConfig::default(), &csv_rows(20)).await;
+    let out = s
+        .bin_run()
+        .args(["--rate", "0"])
+        .key("sk_test_revoked_123")
+        .output()
+        .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -337,16 +295,16 @@ async fn a_401_stops_the_run_with_exit_3_and_fails_no_row() {
     );
     assert!(stdout.contains("the API rejected the key"), "{stdout}");
     assert_eq!(
-        count(&db, "SELECT count(*) FROM jobs WHERE state = 'failed'"),
+        count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'failed'"),
         0
     );
     assert_eq!(
-        count(&db, "SELECT count(*) FROM jobs WHERE state = 'pending'"),
+        count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'pending'"),
         20
     );
-    assert_eq!(sb.stats(false).groups_total, 0);
+    assert_eq!(s.sb.stats(false).groups_total, 0);
     // A few requests raced the stop; most rows were never tried.
-    assert!(count(&db, "SELECT count(*) FROM attempts") <= 8);
+    assert!(count(&s.db, "SELECT count(*) FROM attempts") <= 8);
 }
 
 #[test]
@@ -377,11 +335,11 @@ fn usage_errors_exit_2_and_say_what_to_do() {
 
 #[test]
 fn demo_runs_end_to_end_and_proves_one_group_per_valid_order() {
-    let dir = tempfile::tempdir().unwrap();
+    let s = Scene::offline("");
     let mut cmd = Command::cargo_bin("kohort-batch").unwrap();
     let out = cmd
         .arg("demo")
-        .current_dir(dir.path())
+        .current_dir(s.dir.path())
         .env_remove("KOHORTPAY_API_KEY")
         .output()
         .unwrap();

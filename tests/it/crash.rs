@@ -9,15 +9,12 @@ use kohort_batch::sandbox::SandboxConfig;
 
 use crate::util::*;
 
-fn spawn_run(db: &std::path::Path, base: &str, csv: &std::path::Path, extra: &[&str]) -> Child {
-    Command::new(BIN)
-        .args(["run", "--db"])
-        .arg(db)
-        .args(["--csv"])
-        .arg(csv)
-        .args(["--api-base", base, "--rate", "0", "--log-format", "json"])
+/// The real binary's `run` on the scene, with JSON logs and `extra`, in the background.
+fn spawn_run(s: &Scene, extra: &[&str]) -> Child {
+    s.bin_run()
+        .args(["--rate", "0", "--log-format", "json"])
         .args(extra)
-        .env("KOHORTPAY_API_KEY", KEY)
+        .command()
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -40,22 +37,17 @@ async fn wait(child: Child) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn first_signal_finishes_in_flight_requests_then_reports_and_exits_4() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
     let latency = Duration::from_millis(400);
-    let sb = sandbox(SandboxConfig {
-        latency: (latency, latency),
-        ..SandboxConfig::default()
-    })
+    let s = Scene::new(
+        SandboxConfig {
+            latency: (latency, latency),
+            ..SandboxConfig::default()
+        },
+        &csv_rows(40),
+    )
     .await;
-    let csv = write(dir.path(), "o.csv", &csv_rows(40));
-    let child = spawn_run(
-        &db,
-        &sb.url(),
-        &csv,
-        &["--concurrency", "4", "--precheck", "ambiguous"],
-    );
-    until("four groups", || sb.stats(false).groups_total >= 4).await;
+    let child = spawn_run(&s, &["--concurrency", "4", "--precheck", "ambiguous"]);
+    until("four groups", || s.sb.stats(false).groups_total >= 4).await;
     signal(&child, "-TERM");
     let out = wait(child).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -68,36 +60,34 @@ async fn first_signal_finishes_in_flight_requests_then_reports_and_exits_4() {
     assert!(stdout.contains("interrupted"), "{stdout}");
     // Requests in flight were allowed to finish and were recorded.
     assert_eq!(
-        count(&db, "SELECT count(*) FROM jobs WHERE state = 'in_flight'"),
+        count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'in_flight'"),
         0
     );
     assert_eq!(
-        count(&db, "SELECT count(*) FROM jobs WHERE state = 'failed'"),
+        count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'failed'"),
         0
     );
-    let done = count(&db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'");
+    let done = count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'");
     assert!(done > 0 && done < 40, "{done}");
-    assert_eq!(sb.stats(false).groups_total, done as u64);
+    assert_eq!(s.sb.stats(false).groups_total, done as u64);
     // Creates that were marked but still waiting for a request slot were put back, and
     // the record counts only the creates that left.
-    assert_eq!(count(&db, "SELECT sum(creates) FROM jobs"), done);
+    assert_eq!(count(&s.db, "SELECT sum(creates) FROM jobs"), done);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn second_signal_abandons_in_flight_requests_and_the_next_run_resolves_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
     let latency = Duration::from_millis(1500);
-    let sb = sandbox(SandboxConfig {
-        latency: (latency, latency),
-        ..SandboxConfig::default()
-    })
+    let s = Scene::new(
+        SandboxConfig {
+            latency: (latency, latency),
+            ..SandboxConfig::default()
+        },
+        &csv_rows(12),
+    )
     .await;
-    let csv = write(dir.path(), "o.csv", &csv_rows(12));
     let child = spawn_run(
-        &db,
-        &sb.url(),
-        &csv,
+        &s,
         &[
             "--concurrency",
             "4",
@@ -110,7 +100,7 @@ async fn second_signal_abandons_in_flight_requests_and_the_next_run_resolves_the
         ],
     );
     until("four requests in flight", || {
-        sb.stats(false).peak_concurrency >= 4
+        s.sb.stats(false).peak_concurrency >= 4
     })
     .await;
     signal(&child, "-INT");
@@ -125,14 +115,12 @@ async fn second_signal_abandons_in_flight_requests_and_the_next_run_resolves_the
     );
     // Abandoned, not waited for: had they been waited for, they would be recorded.
     assert_eq!(
-        count(&db, "SELECT count(*) FROM jobs WHERE state = 'in_flight'"),
+        count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'in_flight'"),
         4
     );
 
     let rerun = spawn_run(
-        &db,
-        &sb.url(),
-        &csv,
+        &s,
         &["--concurrency", "4", "--timeout", "5s", "--settle", "2s"],
     );
     let out = wait(rerun).await;
@@ -142,7 +130,7 @@ async fn second_signal_abandons_in_flight_requests_and_the_next_run_resolves_the
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_one_group_each(&sb, orders(12));
+    assert_one_group_each(&s.sb, orders(12));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -155,20 +143,20 @@ async fn sigkill_campaign_never_duplicates_and_never_loses_a_row() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig {
-        latency: (Duration::from_millis(1), Duration::from_millis(8)),
-        error_503: 0.02,
-        error_429: 0.02,
-        retry_after_secs: 0,
-        lost_response: 0.03,
-        reset: 0.02,
-        seed: 42,
-        ..SandboxConfig::default()
-    })
+    let s = Scene::new(
+        SandboxConfig {
+            latency: (Duration::from_millis(1), Duration::from_millis(8)),
+            error_503: 0.02,
+            error_429: 0.02,
+            retry_after_secs: 0,
+            lost_response: 0.03,
+            reset: 0.02,
+            seed: 42,
+            ..SandboxConfig::default()
+        },
+        &csv_rows(rows),
+    )
     .await;
-    let csv = write(dir.path(), "o.csv", &csv_rows(rows));
     let opts = [
         "--concurrency",
         "8",
@@ -183,7 +171,7 @@ async fn sigkill_campaign_never_duplicates_and_never_loses_a_row() {
     ];
     let mut rng = fastrand::Rng::with_seed(7);
     for _ in 0..kills {
-        let mut child = spawn_run(&db, &sb.url(), &csv, &opts);
+        let mut child = spawn_run(&s, &opts);
         tokio::time::sleep(Duration::from_millis(rng.u64(100..600))).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
@@ -191,7 +179,7 @@ async fn sigkill_campaign_never_duplicates_and_never_loses_a_row() {
     let mut finals = 0;
     let code = loop {
         finals += 1;
-        let out = wait(spawn_run(&db, &sb.url(), &csv, &opts)).await;
+        let out = wait(spawn_run(&s, &opts)).await;
         match out.status.code() {
             Some(0) => break 0,
             other if finals >= 3 => panic!(
@@ -201,15 +189,15 @@ async fn sigkill_campaign_never_duplicates_and_never_loses_a_row() {
             _ => continue,
         }
     };
-    let stats = sb.stats(true);
+    let stats = s.sb.stats(true);
     let per = stats.groups_per_key.clone().unwrap();
     let lost = orders(rows)
         .iter()
         .filter(|o| per.get(*o).copied().unwrap_or(0) == 0)
         .count();
-    let succeeded = count(&db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'");
+    let succeeded = count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'");
     let recovered = count(
-        &db,
+        &s.db,
         "SELECT count(*) FROM jobs WHERE obtained = 'recovered'",
     );
     println!(
@@ -221,5 +209,5 @@ async fn sigkill_campaign_never_duplicates_and_never_loses_a_row() {
     assert_eq!(lost, 0);
     assert_eq!(succeeded as usize, rows);
     assert_eq!(stats.groups_total as usize, rows);
-    assert_eq!(column(&db, "PRAGMA integrity_check"), ["ok"]);
+    assert_eq!(column(&s.db, "PRAGMA integrity_check"), ["ok"]);
 }

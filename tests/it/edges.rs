@@ -14,21 +14,17 @@ use crate::util::*;
 
 /// Runs the binary with its stdout (and, with `both`, stderr) a pipe whose reader
 /// is gone before the binary writes.
-fn with_closed_pipe(args: &[&str], env: &[(&str, &str)], both: bool) -> std::process::Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_remove("KOHORT_BATCH_CONFIG")
-        .env_remove("KOHORTPAY_API_KEY")
+fn with_closed_pipe(cmd: &Cmd, both: bool) -> std::process::Output {
+    let mut child = cmd
+        .command()
         .stdout(Stdio::piped())
         .stderr(if both {
             Stdio::piped()
         } else {
             Stdio::inherit()
-        });
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
+        })
+        .spawn()
+        .unwrap();
     drop(child.stdout.take());
     if both {
         drop(child.stderr.take());
@@ -39,35 +35,12 @@ fn with_closed_pipe(args: &[&str], env: &[(&str, &str)], both: bool) -> std::pro
 #[tokio::test(flavor = "multi_thread")]
 async fn a_closed_pipe_is_not_an_error_and_a_run_finishes_its_work() {
     let s = Scene::new(SandboxConfig::default(), &csv_rows(3_000)).await;
-    let (dbs, csv, url) = (
-        s.db.display().to_string(),
-        s.csv.display().to_string(),
-        s.sb.url(),
-    );
     // A run whose stdout and stderr readers are gone: it sends everything, records
     // everything, and exits with its own code.
-    let out = tokio::task::spawn_blocking({
-        let (dbs, csv, url) = (dbs.clone(), csv.clone(), url.clone());
-        move || {
-            with_closed_pipe(
-                &[
-                    "run",
-                    "--db",
-                    &dbs,
-                    "--csv",
-                    &csv,
-                    "--api-base",
-                    &url,
-                    "--rate",
-                    "0",
-                ],
-                &[("KOHORTPAY_API_KEY", KEY)],
-                true,
-            )
-        }
-    })
-    .await
-    .unwrap();
+    let run = s.bin_run().args(["--rate", "0"]);
+    let out = tokio::task::spawn_blocking(move || with_closed_pipe(&run, true))
+        .await
+        .unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'"),
@@ -78,15 +51,16 @@ async fn a_closed_pipe_is_not_an_error_and_a_run_finishes_its_work() {
         1
     );
     // Readers that stop early: report, export (more than a pipe's buffer), validate, config.
-    for args in [
-        vec!["report", "--db", &dbs],
-        vec!["report", "--db", &dbs, "--last"],
-        vec!["export", "groups", "--db", &dbs],
-        vec!["export", "groups", "--db", &dbs, "--format", "json"],
-        vec!["validate", "--csv", &csv, "--json"],
-        vec!["config"],
+    for cmd in [
+        s.report(&[]),
+        s.report(&["--last"]),
+        s.export("groups", &[]),
+        s.export("groups", &["--format", "json"]),
+        s.validate().arg("--json"),
+        Cmd::new(&["config"]),
     ] {
-        let out = with_closed_pipe(&args, &[], false);
+        let args = cmd.argv();
+        let out = with_closed_pipe(&cmd, false);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
         assert!(
@@ -98,9 +72,7 @@ async fn a_closed_pipe_is_not_an_error_and_a_run_finishes_its_work() {
 
 #[test]
 fn absurd_numbers_are_refused_up_front_naming_the_flag_and_range() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let dbs = db.display().to_string();
+    let s = Scene::offline("");
     for (flag, value, says) in [
         (
             "--timeout",
@@ -123,17 +95,19 @@ fn absurd_numbers_are_refused_up_front_naming_the_flag_and_range() {
         ("--busy-timeout", "abc", "is not a duration"),
     ] {
         for cmd in ["run", "config"] {
-            let mut argv = vec![cmd, "--db", &dbs, flag];
-            if !value.is_empty() {
-                argv.push(value);
-            }
-            let out = bin(&argv, &[("KOHORTPAY_API_KEY", KEY)]);
+            let argv = s.on_db(&[cmd]).arg(flag);
+            let argv = if value.is_empty() {
+                argv
+            } else {
+                argv.arg(value)
+            };
+            let out = argv.key(KEY).output_blocking();
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(2), "{cmd} {flag} {value}: {err}");
             assert!(err.contains(says), "{cmd} {flag} {value}: {err}");
             assert!(!err.contains("panicked"), "{err}");
         }
-        assert!(!db.exists(), "{flag} {value}: a database was opened");
+        assert!(!s.db.exists(), "{flag} {value}: a database was opened");
     }
     // `config` checks exactly as `run` does, and says where each value came from.
     let out = bin(
@@ -226,16 +200,7 @@ async fn a_retry_after_beyond_max_pause_stops_the_run_saying_when_to_come_back()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_pause_is_logged_with_its_length_cause_and_end() {
-    let s = Scene::new(
-        SandboxConfig {
-            error_503: 0.3,
-            retry_after_secs: 1,
-            seed: 3,
-            ..SandboxConfig::default()
-        },
-        &csv_rows(10),
-    )
-    .await;
+    let s = Scene::new(some_503s(0.3, 1, 3), &csv_rows(10)).await;
     let out = s.run_bin(&["--rate", "0", "--settle", "100ms"]).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
@@ -277,14 +242,13 @@ async fn stub(status: u16, location: Option<&'static str>) -> (String, Arc<Atomi
 #[tokio::test(flavor = "multi_thread")]
 async fn no_request_leaves_after_a_401() {
     let (url, hits) = stub(401, None).await;
-    let dir = tempfile::tempdir().unwrap();
-    let csv = write(dir.path(), "o.csv", &csv_rows(50));
+    let s = Scene::against(url, &csv_rows(50));
     for i in 0..20 {
         let before = hits.load(Ordering::SeqCst);
-        let db = dir.path().join(format!("k{i}.db"));
-        let mut a = args(&url);
+        let db = s.path(&format!("k{i}.db"));
+        let mut a = s.args();
         a.concurrency = 1;
-        let exit = run(&a, &db, std::slice::from_ref(&csv)).await;
+        let exit = run(&a, &db, std::slice::from_ref(&s.csv)).await;
         assert_eq!(exit, kohort_batch::Exit::StoppedByApi);
         assert_eq!(hits.load(Ordering::SeqCst) - before, 1, "run {i}");
     }
@@ -293,22 +257,8 @@ async fn no_request_leaves_after_a_401() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redirect_is_named_as_such_with_its_location() {
     let (url, _) = stub(301, Some("https://api.example.test/v2/orders")).await;
-    let dir = tempfile::tempdir().unwrap();
-    let csv = write(dir.path(), "o.csv", &csv_rows(3));
-    let db = dir.path().join("k.db");
-    let out = bin_async(
-        owned(&[
-            "run",
-            "--db",
-            &db.display().to_string(),
-            "--csv",
-            &csv.display().to_string(),
-            "--api-base",
-            &url,
-        ]),
-        with_key(),
-    )
-    .await;
+    let s = Scene::against(url, &csv_rows(3));
+    let out = s.run_bin(&[]).await;
     let text = all_text(&out);
     assert_eq!(out.status.code(), Some(3), "{text}");
     assert!(
@@ -331,39 +281,15 @@ fn root() -> bool {
 async fn a_database_locked_past_the_busy_timeout_exits_74_with_rows_pending() {
     let s = Scene::new(SandboxConfig::default(), &csv_rows(5)).await;
     let dbs = s.db.display().to_string();
-    let url = s.sb.url();
-    assert_eq!(
-        bin_async(
-            owned(&[
-                "enqueue",
-                "--db",
-                &dbs,
-                "--csv",
-                &s.csv.display().to_string()
-            ]),
-            vec![]
-        )
-        .await
-        .status
-        .code(),
-        Some(0)
-    );
+    assert_eq!(s.enqueue().output().await.status.code(), Some(0));
     // A producer's transaction left open.
     let holder = rusqlite::Connection::open(&s.db).unwrap();
     holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    let out = bin_async(
-        owned(&[
-            "run",
-            "--db",
-            &dbs,
-            "--api-base",
-            &url,
-            "--busy-timeout",
-            "200ms",
-        ]),
-        with_key(),
-    )
-    .await;
+    let out = s
+        .bin_run_queue()
+        .args(["--busy-timeout", "200ms"])
+        .output()
+        .await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(74), "{err}");
     assert!(
@@ -389,19 +315,15 @@ async fn a_database_locked_past_the_busy_timeout_exits_74_with_rows_pending() {
 
 #[test]
 fn a_full_disk_exits_74() {
-    let dir = tempfile::tempdir().unwrap();
-    let csv = write(dir.path(), "o.csv", &csv_rows(20_000));
-    let db = dir.path().join("k.db");
+    let s = Scene::offline(&csv_rows(20_000));
     // A 256 KiB file size limit stands in for a full disk (SIGXFSZ ignored, so the
     // write fails with EFBIG as on a full file system).
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "ulimit -f 256; trap '' XFSZ; exec {BIN} enqueue --db {} --csv {}",
-            db.display(),
-            csv.display()
-        ))
-        .env_remove("KOHORT_BATCH_CONFIG")
+    let out = s
+        .enqueue()
+        .wrapped(
+            "sh",
+            &["-c", "ulimit -f 256; trap '' XFSZ; exec \"$0\" \"$@\""],
+        )
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -414,19 +336,8 @@ fn a_full_disk_exits_74() {
 
 #[test]
 fn a_database_this_user_cannot_write_exits_74() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let csv = write(dir.path(), "o.csv", &csv_rows(2));
-    let out = bin(
-        &[
-            "enqueue",
-            "--db",
-            &db.display().to_string(),
-            "--csv",
-            &csv.display().to_string(),
-        ],
-        &[],
-    );
+    let s = Scene::offline(&csv_rows(2));
+    let out = s.enqueue().output_blocking();
     assert_eq!(out.status.code(), Some(0));
     if !root() {
         println!("skipped the other-user case: it needs root to switch users");
@@ -434,24 +345,16 @@ fn a_database_this_user_cannot_write_exits_74() {
     }
     // The same database, as a user who may read but not write it or its directory.
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     for f in ["k.db", "o.csv"] {
-        std::fs::set_permissions(dir.path().join(f), std::fs::Permissions::from_mode(0o644))
-            .unwrap();
+        std::fs::set_permissions(s.path(f), std::fs::Permissions::from_mode(0o644)).unwrap();
     }
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            BIN,
-            "enqueue",
-            "--db",
-        ])
-        .arg(&db)
-        .arg("--csv")
-        .arg(&csv)
-        .env_remove("KOHORT_BATCH_CONFIG")
+    let out = s
+        .enqueue()
+        .wrapped(
+            "setpriv",
+            &["--reuid=65534", "--regid=65534", "--clear-groups"],
+        )
         .output();
     let Ok(out) = out else {
         println!("skipped the other-user case: setpriv is not installed");
@@ -485,18 +388,18 @@ fn foreign_database(path: &Path) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread")]
 async fn another_applications_database_is_refused_unchanged() {
     let s = Scene::new(SandboxConfig::default(), &csv_rows(2)).await;
-    let other = s.dir.path().join("other.db");
+    let other = s.path("other.db");
     let before = foreign_database(&other);
-    let others = other.display().to_string();
     let csv = s.csv.display().to_string();
-    let url = s.sb.url();
-    for args in [
-        owned(&["report", "--db", &others]),
-        owned(&["export", "groups", "--db", &others]),
-        owned(&["enqueue", "--db", &others, "--csv", &csv]),
-        owned(&["run", "--db", &others, "--csv", &csv, "--api-base", &url]),
+    for cmd in [
+        s.report(&[]),
+        s.export("groups", &[]),
+        s.enqueue(),
+        s.bin_run(),
     ] {
-        let out = bin_async(args.clone(), with_key()).await;
+        let cmd = cmd.set("--db", &other).key(KEY);
+        let args = cmd.argv().to_vec();
+        let out = cmd.output().await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains("not a kohort-batch database"), "{err}");
@@ -505,7 +408,7 @@ async fn another_applications_database_is_refused_unchanged() {
             before,
             "{args:?} changed it"
         );
-        assert!(!s.dir.path().join("other.db-wal").exists());
+        assert!(!s.path("other.db-wal").exists());
     }
     assert_eq!(s.sb.stats(false).groups_total, 0);
     // Not SQLite at all (a CSV given as --db), a directory, a missing file for a reader.
@@ -513,31 +416,30 @@ async fn another_applications_database_is_refused_unchanged() {
         (csv.clone(), "not a SQLite database", 2),
         (s.dir.path().display().to_string(), "is a directory", 2),
         (
-            s.dir.path().join("missing.db").display().to_string(),
+            s.path("missing.db").display().to_string(),
             "there is no database",
             2,
         ),
     ] {
-        let out = bin_async(owned(&["report", "--db", &db]), vec![]).await;
+        let out = s.report(&[]).set("--db", &db).output().await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(code), "{db}: {err}");
         assert!(err.contains(says), "{db}: {err}");
     }
     assert!(
-        !s.dir.path().join("missing.db").exists(),
+        !s.path("missing.db").exists(),
         "a reader created a database"
     );
     assert_eq!(std::fs::read_to_string(&s.csv).unwrap(), csv_rows(2));
     // A database of a newer kohort-batch is refused too, unchanged.
-    let newer = s.dir.path().join("newer.db");
-    let dbs = newer.display().to_string();
-    let out = bin_async(owned(&["enqueue", "--db", &dbs, "--csv", &csv]), vec![]).await;
+    let newer = s.path("newer.db");
+    let out = s.enqueue().set("--db", &newer).output().await;
     assert_eq!(out.status.code(), Some(0));
     rusqlite::Connection::open(&newer)
         .unwrap()
         .execute_batch("PRAGMA user_version = 99")
         .unwrap();
-    let out = bin_async(owned(&["report", "--db", &dbs]), vec![]).await;
+    let out = s.report(&[]).set("--db", &newer).output().await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("newer kohort-batch (schema 99"), "{err}");
@@ -567,22 +469,9 @@ async fn text_from_the_input_cannot_drive_the_terminal_or_forge_log_lines() {
                 cus_2,\"ord_2\r\n2026-01-01T00:00:00Z  INFO forged line\",{}\n\
                 cus_3,ord_3,\"{\u{1b}]0;pwned\u{7}\"\n";
     let s = Scene::new(SandboxConfig::default(), text).await;
-    let dbs = s.db.display().to_string();
-    let out = bin_async(
-        owned(&[
-            "run",
-            "--db",
-            &dbs,
-            "--csv",
-            &s.csv.display().to_string(),
-            "--api-base",
-            &s.sb.url(),
-        ]),
-        with_key(),
-    )
-    .await;
+    let out = s.run_bin(&[]).await;
     assert_eq!(out.status.code(), Some(1), "{}", all_text(&out));
-    let last = bin_async(owned(&["report", "--db", &dbs, "--last"]), vec![]).await;
+    let last = s.report(&["--last"]).output().await;
     for (what, bytes) in [
         ("stdout", &out.stdout),
         ("stderr", &out.stderr),
@@ -605,43 +494,31 @@ async fn text_from_the_input_cannot_drive_the_terminal_or_forge_log_lines() {
 #[tokio::test(flavor = "multi_thread")]
 async fn mistakes_are_found_before_the_database_is_opened() {
     let s = Scene::new(SandboxConfig::default(), &csv_rows(2)).await;
-    let dir = s.dir.path();
-    let dbs = s.db.display().to_string();
-    let csv = s.csv.display().to_string();
-    let url = s.sb.url();
     let key_file = |name: &str, text: &str| {
-        let p = write(dir, name, text);
+        let p = s.write(name, text);
         std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         p.display().to_string()
     };
     let empty = key_file("empty-key", "\n");
     let assignment = key_file("env-key", "KOHORTPAY_API_KEY=sk_test_abc\n");
     let publishable = key_file("pk-key", "pk_test_abc\n");
-    let cases: Vec<(Vec<String>, &str)> = vec![
+    let cases: [([&str; 2], &str); 7] = [
         (
-            owned(&["--report-json", "/nonexistent/dir/r.json"]),
+            ["--report-json", "/nonexistent/dir/r.json"],
             "--report-json /nonexistent/dir/r.json: cannot write in /nonexistent/dir",
         ),
         (
-            owned(&["--metrics-file", "/nonexistent/m.prom"]),
+            ["--metrics-file", "/nonexistent/m.prom"],
             "--metrics-file /nonexistent/m.prom",
         ),
-        (
-            owned(&["--csv", "/nonexistent/o.csv"]),
-            "/nonexistent/o.csv",
-        ),
-        (owned(&["--ca-cert", "/nonexistent/ca.pem"]), "--ca-cert"),
-        (owned(&["--api-key-file", &empty]), "is empty"),
-        (owned(&["--api-key-file", &assignment]), "NAME=value"),
-        (
-            owned(&["--api-key-file", &publishable]),
-            "publishable key (pk_…)",
-        ),
+        (["--csv", "/nonexistent/o.csv"], "/nonexistent/o.csv"),
+        (["--ca-cert", "/nonexistent/ca.pem"], "--ca-cert"),
+        (["--api-key-file", &empty], "is empty"),
+        (["--api-key-file", &assignment], "NAME=value"),
+        (["--api-key-file", &publishable], "publishable key (pk_…)"),
     ];
     for (extra, says) in cases {
-        let mut a = owned(&["run", "--db", &dbs, "--api-base", &url, "--csv", &csv]);
-        a.extend(extra.clone());
-        let out = bin_async(a, with_key()).await;
+        let out = s.run_bin(&extra).await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
         assert!(err.contains(says), "{extra:?}: {err}");
@@ -649,11 +526,7 @@ async fn mistakes_are_found_before_the_database_is_opened() {
         assert!(!err.contains("abc"), "the key is never shown: {err}");
         assert!(!s.db.exists(), "{extra:?}: the database was opened");
     }
-    let out = bin_async(
-        owned(&["run", "--db", &dbs, "--api-base", &url, "--csv", &csv]),
-        vec![("KOHORTPAY_API_KEY".into(), "pk_live_abc".into())],
-    )
-    .await;
+    let out = s.bin_run().key("pk_live_abc").output().await;
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(
         s.sb.stats(false).requests.values().sum::<u64>(),
@@ -677,13 +550,12 @@ async fn a_run_with_nothing_to_send_says_so() {
 
 #[test]
 fn many_unknown_columns_make_one_line() {
-    let dir = tempfile::tempdir().unwrap();
     let mut header = String::from("customerId,orderId");
     for i in 0..5_000 {
         header.push_str(&format!(",extra_{i}"));
     }
-    let csv = write(dir.path(), "wide.csv", &format!("{header}\n"));
-    let out = bin(&["validate", "--csv", &csv.display().to_string()], &[]);
+    let s = Scene::offline(&format!("{header}\n"));
+    let out = s.validate().output_blocking();
     let mut text = String::new();
     out.stdout.as_slice().read_to_string(&mut text).unwrap();
     assert_eq!(out.status.code(), Some(0), "{text}");
@@ -692,21 +564,14 @@ fn many_unknown_columns_make_one_line() {
     assert!(lines[0].contains("5000 columns are not used") && lines[0].contains("and 4980 more"));
 }
 
-/// Runs the binary with `args` (and the test key) under a small Python parent that
-/// reads the peak memory from the kernel: (exit code, peak RSS in KiB). A bound on
-/// memory, not a timing.
-async fn peak_memory(args: Vec<String>) -> (i32, u64) {
+/// Runs `cmd` under a small Python parent that reads the peak memory from the
+/// kernel: (exit code, peak RSS in KiB). A bound on memory, not a timing.
+async fn peak_memory(cmd: Cmd) -> (i32, u64) {
     let script = "import resource, subprocess, sys\n\
          r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n\
          print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)";
     let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .args(["-c", script, BIN])
-            .args(&args)
-            .env("KOHORTPAY_API_KEY", KEY)
-            .env_remove("KOHORT_BATCH_CONFIG")
-            .output()
-            .unwrap()
+        cmd.wrapped("python3", &["-c", script]).output().unwrap()
     })
     .await
     .unwrap();
@@ -723,26 +588,12 @@ async fn memory_does_not_follow_the_concurrency_setting() {
     // Peak memory of one-row runs at the lowest and the highest concurrency, read
     // from the kernel by a small Python parent (a bound on memory, not a timing).
     let s = Scene::new(SandboxConfig::default(), &csv_rows(1)).await;
-    let (url, csv) = (s.sb.url(), s.csv.display().to_string());
     let mut peaks = Vec::new();
     for concurrency in ["1", "1024"] {
-        let db = s
-            .dir
-            .path()
-            .join(format!("c{concurrency}.db"))
-            .display()
-            .to_string();
-        let argv = [
-            "run",
-            "--rate",
-            "0",
-            "--concurrency",
-            concurrency,
-            "--db",
-            &db,
-        ];
-        let mut argv = owned(&argv);
-        argv.extend(owned(&["--api-base", &url, "--csv", &csv]));
+        let argv = s
+            .bin_run()
+            .set("--db", s.path(&format!("c{concurrency}.db")))
+            .args(["--rate", "0", "--concurrency", concurrency]);
         let (code, kib) = peak_memory(argv).await;
         assert_eq!(code, 0);
         peaks.push(kib);
@@ -755,27 +606,9 @@ async fn memory_does_not_follow_the_concurrency_setting() {
 #[tokio::test(flavor = "multi_thread")]
 async fn conventions_quiet_verbose_version_completions_man_and_help() {
     let s = Scene::new(SandboxConfig::default(), &csv_rows(2)).await;
-    let (dbs, csv, url) = (
-        s.db.display().to_string(),
-        s.csv.display().to_string(),
-        s.sb.url(),
-    );
+    let csv = s.csv.display().to_string();
     // -q: no report on stdout; -v: debug lines on stderr.
-    let out = bin_async(
-        owned(&[
-            "run",
-            "-q",
-            "-v",
-            "--db",
-            &dbs,
-            "--csv",
-            &csv,
-            "--api-base",
-            &url,
-        ]),
-        with_key(),
-    )
-    .await;
+    let out = s.run_bin(&["-q", "-v"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", all_text(&out));
     assert!(
         out.stdout.is_empty(),
@@ -786,7 +619,7 @@ async fn conventions_quiet_verbose_version_completions_man_and_help() {
     // Without a terminal no colour codes reach the logs; on one, NO_COLOR turns them off.
     assert!(!out.stderr.contains(&0x1b));
     let on_a_terminal = |no_color: bool| {
-        let db = s.dir.path().join(format!("tty-{no_color}.db"));
+        let db = s.path(&format!("tty-{no_color}.db"));
         let cmd = format!(
             "{}{BIN} enqueue --db {} --csv {csv}",
             if no_color { "NO_COLOR=1 " } else { "" },
@@ -832,19 +665,18 @@ async fn conventions_quiet_verbose_version_completions_man_and_help() {
         let text = String::from_utf8_lossy(&help.stdout);
         assert_eq!(text.contains("--db"), has_db, "{cmd}: {text}");
     }
-    let out = bin(&["validate", "--db", &dbs, "--csv", &csv], &[]);
+    let out = s.validate().flag("--db", &s.db).output_blocking();
     assert_eq!(out.status.code(), Some(2), "validate takes no --db");
 }
 
 #[test]
 fn demo_keeps_its_database_where_asked() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("demo.db");
-    let dbs = db.display().to_string();
-    let out = bin(&["demo", "--db", &dbs], &[]);
+    let s = Scene::offline("");
+    let demo = s.on_db(&["demo"]);
+    let out = demo.output_blocking();
     assert_eq!(out.status.code(), Some(0), "{}", all_text(&out));
-    assert!(count(&db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'") > 0);
-    let again = bin(&["demo", "--db", &dbs], &[]);
+    assert!(count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'") > 0);
+    let again = demo.output_blocking();
     assert_eq!(
         again.status.code(),
         Some(2),
@@ -859,14 +691,8 @@ async fn a_50_mb_response_is_not_read_and_its_create_is_checked_not_resent() {
         ..SandboxConfig::default()
     };
     let s = Scene::new(oversized, &csv_rows(3)).await;
-    let (db, csv) = (s.db.display().to_string(), s.csv.display().to_string());
-    let url = s.sb.url();
-    let argv = [
-        "run", "--rate", "0", "--settle", "100ms", "--db", &db, "--csv", &csv,
-    ];
-    let mut argv = owned(&argv);
-    argv.extend(owned(&["--api-base", &url]));
-    let (code, peak_kib) = peak_memory(argv).await;
+    let (code, peak_kib) =
+        peak_memory(s.bin_run().args(["--rate", "0", "--settle", "100ms"])).await;
     assert_eq!(code, 0);
     // A run's usual peak is 14–50 MB; a 50 MB body held whole would add at least 50.
     assert!(peak_kib < 48 * 1024, "{peak_kib} KiB");
@@ -891,28 +717,17 @@ async fn a_50_mb_response_is_not_read_and_its_create_is_checked_not_resent() {
 #[tokio::test(flavor = "multi_thread")]
 async fn uris_symlinks_bad_certificates_and_odd_keys_are_handled() {
     let s = Scene::new(SandboxConfig::default(), &csv_rows(2)).await;
-    let dir = s.dir.path();
-    let csv = s.csv.display().to_string();
-    let url = s.sb.url();
     // A SQLite URI would open another file than the one the lock is taken beside.
-    let out = bin_async(
-        owned(&[
-            "run",
-            "--db",
-            "file:uri.db?nolock=1",
-            "--csv",
-            &csv,
-            "--api-base",
-            &url,
-        ]),
-        with_key(),
-    )
-    .await;
+    let out = s
+        .bin_run()
+        .set("--db", "file:uri.db?nolock=1")
+        .output()
+        .await;
     assert_eq!(out.status.code(), Some(2), "{}", all_text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a SQLite URI"));
     // A report written through a symlink lands in its target; the link stays a link.
-    let target = dir.join("target.json");
-    let link = dir.join("link.json");
+    let target = s.path("target.json");
+    let link = s.path("link.json");
     std::os::unix::fs::symlink(&target, &link).unwrap();
     let out = s
         .run_bin(&["--report-json", &link.display().to_string()])
@@ -930,46 +745,29 @@ async fn uris_symlinks_bad_certificates_and_odd_keys_are_handled() {
             .contains("\"run_id\"")
     );
     // Certificates that cannot be used are a flag error (2), found before anything runs.
-    let broken = write(
-        dir,
+    let broken = s.write(
         "broken.pem",
         "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
     );
-    let none = write(dir, "none.pem", "just text\n");
-    let fresh = dir.join("fresh.db").display().to_string();
+    let none = s.write("none.pem", "just text\n");
+    let fresh = s.bin_run().set("--db", s.path("fresh.db"));
     for (pem, says) in [(&broken, "cannot be used"), (&none, "no PEM certificate")] {
-        let out = bin_async(
-            owned(&[
-                "run",
-                "--db",
-                &fresh,
-                "--csv",
-                &csv,
-                "--api-base",
-                &url,
-                "--ca-cert",
-                &pem.display().to_string(),
-            ]),
-            with_key(),
-        )
-        .await;
+        let out = fresh.clone().flag("--ca-cert", pem).output().await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(err.contains(says), "{err}");
     }
     // Keys with characters no key has; `config` checks the CSV files like `run`.
     for key in ["sk_test_abc\u{e9}", "sk_test_abc\u{1b}[31m"] {
-        let out = bin_async(
-            owned(&["run", "--db", &fresh, "--csv", &csv, "--api-base", &url]),
-            vec![("KOHORTPAY_API_KEY".into(), key.into())],
-        )
-        .await;
+        let out = fresh.clone().key(key).output().await;
         assert_eq!(out.status.code(), Some(2), "{}", all_text(&out));
         assert!(!String::from_utf8_lossy(&out.stderr).contains("abc"));
     }
-    assert!(!dir.join("fresh.db").exists());
-    let out = bin_async(owned(&["config", "--csv", "/nonexistent.csv"]), vec![]).await;
+    assert!(!s.path("fresh.db").exists());
+    let out = Cmd::new(&["config", "--csv", "/nonexistent.csv"])
+        .output()
+        .await;
     assert_eq!(out.status.code(), Some(2));
-    let out = bin_async(owned(&["run", "--version"]), vec![]).await;
+    let out = Cmd::new(&["run", "--version"]).output().await;
     assert_eq!(out.status.code(), Some(0));
 }

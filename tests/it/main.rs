@@ -21,6 +21,7 @@ mod install;
 mod nightly;
 mod operate;
 mod robustness;
+mod scene;
 mod spreadsheets;
 mod util;
 mod workflows;

@@ -7,9 +7,9 @@ use kohort_batch::sandbox::SandboxConfig;
 
 use crate::util::*;
 
-/// Runs the binary with the test key; returns (exit code, stdout, stderr).
-async fn kb(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = bin_async(owned(args), with_key()).await;
+/// Runs `cmd` with the test key; returns (exit code, stdout, stderr).
+async fn kb(cmd: Cmd) -> (Option<i32>, String, String) {
+    let out = cmd.key(KEY).output().await;
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -26,63 +26,36 @@ async fn a_runs_report_is_what_was_printed_whatever_later_runs_do() {
     }
     text.push_str(",ord_00014,it\n,ord_00015,it\n");
     let s = Scene::new(SandboxConfig::default(), &text).await;
-    let dir = s.dir.path();
-    let (dbs, csv, url) = (
-        s.db.display().to_string(),
-        s.csv.display().to_string(),
-        s.sb.url(),
-    );
-    let first_json = dir.join("first.json");
-    let (code, printed, _) = kb(&[
-        "run",
-        "--db",
-        &dbs,
-        "--csv",
-        &csv,
-        "--api-base",
-        &url,
-        "--report-json",
-        &first_json.display().to_string(),
-    ])
-    .await;
+    let first_json = s.path("first.json");
+    let (code, printed, _) = kb(s.bin_run().flag("--report-json", &first_json)).await;
     assert_eq!(code, Some(1), "{printed}");
     // Two later runs touch the same rows: a fix of the invalid ones, and a retry.
-    let fixes = write(
-        dir,
+    let fixes = s.write(
         "fix.csv",
         "customerId,orderId,metadata.batch\ncus_14,ord_00014,it\ncus_15,ord_00015,it\n",
     );
-    let (code, fixed, _) = kb(&[
-        "run",
-        "--db",
-        &dbs,
-        "--csv",
-        &fixes.display().to_string(),
-        "--api-base",
-        &url,
-    ])
-    .await;
+    let (code, fixed, _) = kb(s.bin_run().set("--csv", &fixes)).await;
     assert_eq!(code, Some(0), "{fixed}");
     assert!(
         fixed.contains("Backlog    3 failed remain from earlier runs"),
         "{fixed}"
     );
-    let (code, second, _) = kb(&["retry-failed", "--db", &dbs, "--api-base", &url]).await;
+    let (code, second, _) = kb(s.bin_retry_failed()).await;
     assert_eq!(code, Some(1));
     assert!(
         second.contains("Retried    3 failed jobs matched the filters"),
         "{second}"
     );
     // run 1, as printed then, as JSON and as text.
-    let (_, again, _) = kb(&["report", "--db", &dbs, "--run", "1", "--format", "json"]).await;
+    let (_, again, _) = kb(s.report(&["--run", "1", "--format", "json"])).await;
     let then: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&first_json).unwrap()).unwrap();
     let now: serde_json::Value = serde_json::from_str(&again).unwrap();
     assert_eq!(then, now);
-    let (_, text_now, _) = kb(&["report", "--db", &dbs, "--run", "1"]).await;
+    let (_, text_now, _) = kb(s.report(&["--run", "1"])).await;
     assert_eq!(text_now, printed);
     // The list keeps run 1's count of jobs too.
-    let (_, list, _) = kb(&["report", "--db", &dbs, "--format", "json"]).await;
+    let (_, list, _) = kb(s.report(&["--format", "json"])).await;
     let runs: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
     let first = runs.iter().find(|r| r["run_id"] == 1).unwrap();
     assert_eq!(first["jobs"], 15, "{first}");
@@ -93,20 +66,15 @@ async fn every_report_shows_what_is_left_and_a_retry_says_what_it_matched() {
     let mut text = csv_rows(3);
     text.push_str("cus_unknown_9,ord_00009,it\n");
     let s = Scene::new(SandboxConfig::default(), &text).await;
-    let (dbs, csv, url) = (
-        s.db.display().to_string(),
-        s.csv.display().to_string(),
-        s.sb.url(),
-    );
-    let (code, _, _) = kb(&["run", "--db", &dbs, "--csv", &csv, "--api-base", &url]).await;
+    let (code, _, _) = kb(s.bin_run()).await;
     assert_eq!(code, Some(1));
     // Re-importing the same file: the failed row is still failed; not "every job succeeded".
-    let (code, again, _) = kb(&["run", "--db", &dbs, "--csv", &csv, "--api-base", &url]).await;
+    let (code, again, _) = kb(s.bin_run()).await;
     assert_eq!(code, Some(1), "{again}");
     assert!(!again.contains("every job succeeded"), "{again}");
     assert!(again.contains("ord_00009"), "{again}");
     // A new night with nothing new: the backlog is shown, with the command to see it.
-    let (code, empty, _) = kb(&["run", "--db", &dbs, "--api-base", &url]).await;
+    let (code, empty, _) = kb(s.bin_run_queue()).await;
     assert_eq!(code, Some(0), "{empty}");
     assert!(
         empty.contains("Backlog    1 failed remain from earlier runs")
@@ -114,16 +82,7 @@ async fn every_report_shows_what_is_left_and_a_retry_says_what_it_matched() {
         "{empty}"
     );
     // A filter that matches nothing: said, and exit 1 while failures remain.
-    let (code, none, _) = kb(&[
-        "retry-failed",
-        "--db",
-        &dbs,
-        "--api-base",
-        &url,
-        "--status",
-        "503",
-    ])
-    .await;
+    let (code, none, _) = kb(s.bin_retry_failed().args(["--status", "503"])).await;
     assert_eq!(code, Some(1), "{none}");
     assert!(
         none.contains("Retried    0 failed jobs matched the filters")
@@ -131,16 +90,7 @@ async fn every_report_shows_what_is_left_and_a_retry_says_what_it_matched() {
         "{none}"
     );
     // A class that does not exist is a typo, not an empty match.
-    let (code, _, err) = kb(&[
-        "retry-failed",
-        "--db",
-        &dbs,
-        "--api-base",
-        &url,
-        "--class",
-        "retries_exausted",
-    ])
-    .await;
+    let (code, _, err) = kb(s.bin_retry_failed().args(["--class", "retries_exausted"])).await;
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("retries_exhausted, order_not_found"), "{err}");
 }
@@ -158,16 +108,7 @@ async fn more_reasons_than_listed_are_counted() {
                 cus_8,ord_8,,,,extra\n\
                 cus_9,ord_9,,tomorrow,\n";
     let s = Scene::new(SandboxConfig::default(), text).await;
-    let (code, out, _) = kb(&[
-        "run",
-        "--db",
-        &s.db.display().to_string(),
-        "--csv",
-        &s.csv.display().to_string(),
-        "--api-base",
-        &s.sb.url(),
-    ])
-    .await;
+    let (code, out, _) = kb(s.bin_run()).await;
     assert_eq!(code, Some(1));
     assert!(out.contains("           … and 3 more reasons\n"), "{out}");
 }
@@ -177,26 +118,8 @@ async fn metrics_are_written_by_every_run_readable_and_with_the_backlog() {
     let mut text = csv_rows(3);
     text.push_str("cus_unknown_9,ord_00009,it\n");
     let s = Scene::new(SandboxConfig::default(), &text).await;
-    let dir = s.dir.path();
-    let metrics = dir.join("kb.prom");
-    let (dbs, csv, url, ms) = (
-        s.db.display().to_string(),
-        s.csv.display().to_string(),
-        s.sb.url(),
-        metrics.display().to_string(),
-    );
-    let (code, _, _) = kb(&[
-        "run",
-        "--db",
-        &dbs,
-        "--csv",
-        &csv,
-        "--api-base",
-        &url,
-        "--metrics-file",
-        &ms,
-    ])
-    .await;
+    let metrics = s.path("kb.prom");
+    let (code, _, _) = kb(s.bin_run().flag("--metrics-file", &metrics)).await;
     assert_eq!(code, Some(1));
     let text = std::fs::read_to_string(&metrics).unwrap();
     assert!(
@@ -216,21 +139,12 @@ async fn metrics_are_written_by_every_run_readable_and_with_the_backlog() {
         0o644
     );
     // A run stopped by the API (a revoked key) still writes them, with its code.
-    let out = bin_async(
-        owned(&[
-            "run",
-            "--db",
-            &dbs,
-            "--api-base",
-            &url,
-            "--metrics-file",
-            &ms,
-            "--csv",
-            &csv,
-        ]),
-        vec![("KOHORTPAY_API_KEY".into(), "sk_test_revoked_1".into())],
-    )
-    .await;
+    let out = s
+        .bin_run()
+        .flag("--metrics-file", &metrics)
+        .key("sk_test_revoked_1")
+        .output()
+        .await;
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -243,16 +157,7 @@ async fn metrics_are_written_by_every_run_readable_and_with_the_backlog() {
         .open(kohort_batch::store::lock_path(&s.db))
         .unwrap();
     holder.try_lock().unwrap();
-    let (code, _, _) = kb(&[
-        "run",
-        "--db",
-        &dbs,
-        "--api-base",
-        &url,
-        "--metrics-file",
-        &ms,
-    ])
-    .await;
+    let (code, _, _) = kb(s.bin_run_queue().flag("--metrics-file", &metrics)).await;
     assert_eq!(code, Some(5));
     let text = std::fs::read_to_string(&metrics).unwrap();
     assert!(
@@ -267,18 +172,7 @@ async fn json_logs_end_with_one_run_finished_event_and_rows_name_their_run_and_f
     let mut text = csv_rows(2);
     text.push_str("cus_unknown_9,ord_00009,it\n,ord_00010,it\n");
     let s = Scene::new(SandboxConfig::default(), &text).await;
-    let (code, _, err) = kb(&[
-        "run",
-        "--log-format",
-        "json",
-        "--db",
-        &s.db.display().to_string(),
-        "--csv",
-        &s.csv.display().to_string(),
-        "--api-base",
-        &s.sb.url(),
-    ])
-    .await;
+    let (code, _, err) = kb(s.bin_run().args(["--log-format", "json"])).await;
     assert_eq!(code, Some(1));
     let lines: Vec<serde_json::Value> = err
         .lines()

@@ -1,17 +1,14 @@
 //! Operating the tool (issue 5): configuration precedence through the real binary,
 //! the key never leaking, metrics, and logs.
 
-use std::path::Path;
-
 use kohort_batch::sandbox::SandboxConfig;
 
 use crate::util::*;
 
 #[test]
 fn flags_beat_environment_beat_file_beat_defaults() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = write(
-        dir.path(),
+    let s = Scene::offline("");
+    let file = s.write(
         "c.toml",
         "api-base = \"https://file.example\"\ndb = \"/file.db\"\nrate = 3\nconcurrency = 7\n",
     );
@@ -81,7 +78,7 @@ fn flags_beat_environment_beat_file_beat_defaults() {
         assert_eq!(v["settings"]["engine"]["rate"], rate, "{name}");
         assert_eq!(v["settings"]["engine"]["concurrency"], conc, "{name}");
     }
-    let bad = write(dir.path(), "bad.toml", "rate = \"fast\"\n");
+    let bad = s.write("bad.toml", "rate = \"fast\"\n");
     let out = bin(&["run", "--config", &bad.display().to_string()], &[]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -103,110 +100,43 @@ fn assert_no_sentinel(what: &str, bytes: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_key_appears_nowhere() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let sb = sandbox(SandboxConfig {
-        error_503: 0.2,
-        retry_after_secs: 0,
-        seed: 4,
-        ..SandboxConfig::default()
-    })
-    .await;
-    let csv = write(
-        dir.path(),
-        "o.csv",
+    let s = Scene::new(
+        some_503s(0.2, 0, 4),
         "customerId,orderId\ncus_1,ord_1\ncus_unknown_2,ord_2\n,ord_3\ncus_4,ord_4\n",
-    );
-    let key_file = write(dir.path(), "key", SENTINEL);
+    )
+    .await;
+    let key_file = s.write("key", SENTINEL);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
-    let (dbs, csvs, url, kf) = (
-        db.display().to_string(),
-        csv.display().to_string(),
-        sb.url(),
-        key_file.display().to_string(),
-    );
-    let report = dir.path().join("r.json").display().to_string();
-    let metrics = dir.path().join("m.prom").display().to_string();
-    let env_key = vec![
-        ("KOHORTPAY_API_KEY".to_owned(), SENTINEL.to_owned()),
-        ("RUST_LOG".to_owned(), "trace".to_owned()),
+    let (report, metrics) = (s.path("r.json"), s.path("m.prom"));
+    // The key in the environment, with every log line on.
+    let leaky = |cmd: Cmd| cmd.key(SENTINEL).env("RUST_LOG", "trace");
+    let runs = [
+        leaky(s.bin_run())
+            .args(["--rate", "0", "--settle", "100ms"])
+            .flag("--report-json", &report)
+            .flag("--metrics-file", &metrics),
+        s.bin_retry_failed()
+            .args(["--log-format", "json", "--rate", "0", "--settle", "100ms"])
+            .flag("--api-key-file", &key_file)
+            .no_key()
+            .env("RUST_LOG", "trace"),
+        leaky(s.enqueue()),
+        leaky(s.validate().arg("--json")),
+        leaky(s.report(&["--last"])),
+        leaky(s.report(&["--last", "--format", "json"])),
+        leaky(s.export("groups", &[])),
+        leaky(s.export("failures", &["--format", "json"])),
+        leaky(Cmd::new(&["config"]).flag("--api-key-file", &key_file)),
+        leaky(s.on_db(&["run"]).args(["--api-base", "http://example.com"])),
+        s.on_db(&["run"]).key("sk_live_SENTINEL_7f3a9c2e"),
     ];
-    let file_key = vec![("RUST_LOG".to_owned(), "trace".to_owned())];
-    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
-    type Env = Vec<(String, String)>;
-    let runs: Vec<(Vec<String>, Env)> = vec![
-        (
-            s(&[
-                "run",
-                "--db",
-                &dbs,
-                "--csv",
-                &csvs,
-                "--api-base",
-                &url,
-                "--rate",
-                "0",
-                "--settle",
-                "100ms",
-                "--report-json",
-                &report,
-                "--metrics-file",
-                &metrics,
-            ]),
-            env_key.clone(),
-        ),
-        (
-            s(&[
-                "--log-format",
-                "json",
-                "retry-failed",
-                "--db",
-                &dbs,
-                "--api-base",
-                &url,
-                "--rate",
-                "0",
-                "--settle",
-                "100ms",
-                "--api-key-file",
-                &kf,
-            ]),
-            file_key.clone(),
-        ),
-        (
-            s(&["enqueue", "--db", &dbs, "--csv", &csvs]),
-            env_key.clone(),
-        ),
-        (s(&["validate", "--csv", &csvs, "--json"]), env_key.clone()),
-        (s(&["report", "--last", "--db", &dbs]), env_key.clone()),
-        (
-            s(&["report", "--last", "--format", "json", "--db", &dbs]),
-            env_key.clone(),
-        ),
-        (s(&["export", "groups", "--db", &dbs]), env_key.clone()),
-        (
-            s(&["export", "failures", "--format", "json", "--db", &dbs]),
-            env_key.clone(),
-        ),
-        (s(&["config", "--api-key-file", &kf]), env_key.clone()),
-        (
-            s(&["run", "--db", &dbs, "--api-base", "http://example.com"]),
-            env_key.clone(),
-        ),
-        (
-            s(&["run", "--db", &dbs]),
-            vec![(
-                "KOHORTPAY_API_KEY".to_owned(),
-                "sk_live_SENTINEL_7f3a9c2e".to_owned(),
-            )],
-        ),
-    ];
-    for (args, env) in runs {
-        let out = bin_async(args.clone(), env).await;
+    for cmd in runs {
+        let args = cmd.argv().to_vec();
+        let out = cmd.output().await;
         assert_no_sentinel(&format!("stdout of {args:?}"), &out.stdout);
         assert_no_sentinel(&format!("stderr of {args:?}"), &out.stderr);
         assert!(
@@ -215,63 +145,48 @@ async fn the_key_appears_nowhere() {
         );
     }
     for file in ["k.db", "k.db-wal", "r.json", "m.prom"] {
-        if let Ok(bytes) = std::fs::read(dir.path().join(file)) {
+        if let Ok(bytes) = std::fs::read(s.path(file)) {
             assert_no_sentinel(file, &bytes);
         }
     }
-    assert!(Path::new(&metrics).exists() && Path::new(&report).exists());
+    assert!(metrics.exists() && report.exists());
     // The key went out as a bearer header all the same.
-    assert!(sb.stats(false).groups_total >= 2);
+    assert!(s.sb.stats(false).groups_total >= 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_key_file_others_can_read_draws_a_warning() {
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = write(dir.path(), "key", "sk_test_x");
+    let s = Scene::new(SandboxConfig::default(), "").await;
+    let key_file = s.write("key", "sk_test_x");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
-    let sb = sandbox(SandboxConfig::default()).await;
-    let args = vec![
-        "run".into(),
-        "--db".into(),
-        dir.path().join("k.db").display().to_string(),
-        "--api-key-file".into(),
-        key_file.display().to_string(),
-        "--api-base".into(),
-        sb.url(),
-    ];
-    let out = bin_async(args, vec![]).await;
+    let out = s
+        .bin_run_queue()
+        .flag("--api-key-file", &key_file)
+        .no_key()
+        .output()
+        .await;
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_carry_one_line_per_failed_row_and_none_per_success() {
-    let Scene { dir, db, csv, sb } = Scene::new(
+    let s = Scene::new(
         SandboxConfig::default(),
         &format!("{}cus_unknown_9,ord_00009,x\n", csv_rows(8)),
     )
     .await;
-    let metrics = dir.path().join("m.prom");
-    let args = vec![
-        "--log-format".into(),
-        "json".into(),
-        "run".into(),
-        "--db".into(),
-        db.display().to_string(),
-        "--csv".into(),
-        csv.display().to_string(),
-        "--api-base".into(),
-        sb.url(),
-        "--rate".into(),
-        "0".into(),
-        "--metrics-file".into(),
-        metrics.display().to_string(),
-    ];
-    let out = bin_async(args, vec![("KOHORTPAY_API_KEY".into(), KEY.into())]).await;
+    let metrics = s.path("m.prom");
+    let out = s
+        .bin_run()
+        .args(["--log-format", "json", "--rate", "0"])
+        .flag("--metrics-file", &metrics)
+        .output()
+        .await;
     assert_eq!(out.status.code(), Some(1));
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
         .lines()
@@ -310,7 +225,6 @@ async fn json_logs_carry_one_line_per_failed_row_and_none_per_success() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_with_a_private_root_and_a_refusal_without_it() {
-    let dir = tempfile::tempdir().unwrap();
     let ca = rcgen::CertifiedIssuer::self_signed(
         {
             let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -327,113 +241,61 @@ async fn tls_with_a_private_root_and_a_refusal_without_it() {
         .unwrap()
         .signed_by(&leaf_key, &ca)
         .unwrap();
-    let cert = write(dir.path(), "leaf.pem", &leaf.pem());
-    let key = write(dir.path(), "leaf.key", &leaf_key.serialize_pem());
-    let root = write(dir.path(), "root.pem", &ca.pem());
-    let sb = sandbox(SandboxConfig {
-        tls: Some((cert, key)),
-        ..SandboxConfig::default()
+    let s = Scene::with_files(&csv_rows(3), |dir| {
+        let cert = write(dir, "leaf.pem", &leaf.pem());
+        let key = write(dir, "leaf.key", &leaf_key.serialize_pem());
+        SandboxConfig {
+            tls: Some((cert, key)),
+            ..SandboxConfig::default()
+        }
     })
     .await;
-    assert!(sb.url().starts_with("https://127.0.0.1:"));
-    let csv = write(dir.path(), "o.csv", &csv_rows(3))
-        .display()
-        .to_string();
+    let root = s.write("root.pem", &ca.pem());
+    assert!(s.url().starts_with("https://127.0.0.1:"));
 
-    let db = dir.path().join("a.db").display().to_string();
-    let untrusted = bin_async(
-        [
-            "run",
-            "--db",
-            &db,
-            "--csv",
-            &csv,
-            "--api-base",
-            &sb.url(),
-            "--max-attempts",
-            "1",
-        ]
-        .map(String::from)
-        .to_vec(),
-        vec![("KOHORTPAY_API_KEY".into(), KEY.into())],
-    )
-    .await;
+    let untrusted = s.run_bin(&["--max-attempts", "1"]).await;
     assert_eq!(untrusted.status.code(), Some(1));
-    let errors = column(Path::new(&db), "SELECT DISTINCT error FROM jobs");
+    let errors = column(&s.db, "SELECT DISTINCT error FROM jobs");
     assert!(
         errors[0].contains("could not connect") && errors[0].to_lowercase().contains("certificate"),
         "{errors:?}"
     );
-    assert_eq!(sb.stats(false).groups_total, 0);
+    assert_eq!(s.sb.stats(false).groups_total, 0);
 
-    let db = dir.path().join("b.db").display().to_string();
-    let root = root.display().to_string();
-    let trusted = bin_async(
-        [
-            "run",
-            "--db",
-            &db,
-            "--csv",
-            &csv,
-            "--api-base",
-            &sb.url(),
-            "--ca-cert",
-            &root,
-            "--rate",
-            "0",
-        ]
-        .map(String::from)
-        .to_vec(),
-        vec![("KOHORTPAY_API_KEY".into(), KEY.into())],
-    )
-    .await;
+    let trusted = s
+        .bin_run()
+        .set("--db", s.path("b.db"))
+        .flag("--ca-cert", &root)
+        .args(["--rate", "0"])
+        .output()
+        .await;
     assert_eq!(
         trusted.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&trusted.stderr)
     );
-    assert_one_group_each(&sb, orders(3));
+    assert_one_group_each(&s.sb, orders(3));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_standard_proxy_variables_are_honoured() {
-    let dir = tempfile::tempdir().unwrap();
     // The sandbox plays the proxy: nothing listens at the API address itself, so a
     // group can only be created if the request went through HTTP_PROXY.
-    let sb = sandbox(SandboxConfig::default()).await;
-    let csv = write(dir.path(), "o.csv", &csv_rows(2))
-        .display()
-        .to_string();
-    let db = dir.path().join("p.db").display().to_string();
-    let out = bin_async(
-        [
-            "run",
-            "--db",
-            &db,
-            "--csv",
-            &csv,
-            "--api-base",
-            "http://127.0.0.2:9",
-            "--rate",
-            "0",
-            "--max-attempts",
-            "1",
-        ]
-        .map(String::from)
-        .to_vec(),
-        vec![
-            ("KOHORTPAY_API_KEY".into(), KEY.into()),
-            ("HTTP_PROXY".into(), sb.url()),
-            ("NO_PROXY".into(), String::new()),
-        ],
-    )
-    .await;
+    let s = Scene::new(SandboxConfig::default(), &csv_rows(2)).await;
+    let out = s
+        .bin_run()
+        .set("--api-base", "http://127.0.0.2:9")
+        .args(["--rate", "0", "--max-attempts", "1"])
+        .env("HTTP_PROXY", s.url())
+        .env("NO_PROXY", "")
+        .output()
+        .await;
     assert_eq!(
         out.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    assert_one_group_each(&sb, orders(2));
+    assert_one_group_each(&s.sb, orders(2));
 }

@@ -1,30 +1,26 @@
 //! Files as spreadsheets save them: another separator, another encoding, empty
 //! trailing rows, ids Excel made into numbers, and cells far too large.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use kohort_batch::sandbox::SandboxConfig;
 
 use crate::util::*;
 
 /// The French sample: `;`-separated, Windows-1252 (é, ç, €), two trailing `;;;` rows.
-fn french_sample() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("samples/orders-excel-fr.csv")
-        .display()
-        .to_string()
+fn french_sample() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/orders-excel-fr.csv")
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_windows_1252_semicolon_file_is_refused_whole_until_its_encoding_is_given() {
+    // The scene's CSV is a copy of the sample (not text: it is not UTF-8).
     let s = Scene::new(SandboxConfig::default(), "").await;
-    let (dbs, url, csv) = (s.db.display().to_string(), s.sb.url(), french_sample());
-    for argv in [
-        owned(&["validate", "--csv", &csv]),
-        owned(&["run", "--db", &dbs, "--csv", &csv, "--api-base", &url]),
-        owned(&["enqueue", "--db", &dbs, "--csv", &csv]),
-    ] {
-        let out = bin_async(argv.clone(), with_key()).await;
+    std::fs::copy(french_sample(), &s.csv).unwrap();
+    for cmd in [s.validate(), s.bin_run(), s.enqueue()] {
+        let cmd = cmd.key(KEY);
+        let argv = cmd.argv().to_vec();
+        let out = cmd.output().await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{argv:?}: {err}");
         assert!(
@@ -35,21 +31,11 @@ async fn a_windows_1252_semicolon_file_is_refused_whole_until_its_encoding_is_gi
     assert!(!s.db.exists(), "nothing of the file was imported");
     assert_eq!(s.sb.stats(false).requests.values().sum::<u64>(), 0);
 
-    let out = bin_async(
-        owned(&[
-            "run",
-            "--db",
-            &dbs,
-            "--csv",
-            &csv,
-            "--api-base",
-            &url,
-            "--encoding",
-            "windows-1252",
-        ]),
-        with_key(),
-    )
-    .await;
+    let out = s
+        .bin_run()
+        .args(["--encoding", "windows-1252"])
+        .output()
+        .await;
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -66,30 +52,18 @@ async fn a_windows_1252_semicolon_file_is_refused_whole_until_its_encoding_is_gi
     );
     assert!(cities[1].contains("Besançon") && cities[2].contains("Saint-Étienne"));
     // latin1 is read the same way; a separator may be given.
-    let out = bin_async(
-        owned(&[
-            "validate",
-            "--csv",
-            &csv,
-            "--encoding",
-            "latin1",
-            "--delimiter",
-            ";",
-        ]),
-        vec![],
-    )
-    .await;
+    let out = s
+        .validate()
+        .args(["--encoding", "latin1", "--delimiter", ";"])
+        .output()
+        .await;
     assert_eq!(
         out.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = bin_async(
-        owned(&["validate", "--csv", &csv, "--delimiter", "|"]),
-        vec![],
-    )
-    .await;
+    let out = s.validate().args(["--delimiter", "|"]).output().await;
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -126,7 +100,7 @@ async fn every_success_has_a_share_id_or_says_why_not() {
     // the lookup answers with an empty 200.
     let text = "customerId,orderId\ncus_1,ord_1\ncus_lateshare_2,ord_2\ncus_noshare_3,ord_3\ncus_4,ord_ghost_4\n";
     let s = Scene::new(SandboxConfig::default(), text).await;
-    let metrics = s.dir.path().join("m.prom");
+    let metrics = s.path("m.prom");
     let out = s
         .run_bin(&["--metrics-file", &metrics.display().to_string()])
         .await;
@@ -161,8 +135,7 @@ async fn every_success_has_a_share_id_or_says_why_not() {
         m.contains("kohort_batch_groups_without_share_id 2\n"),
         "{m}"
     );
-    let dbs = s.db.display().to_string();
-    let out = bin_async(owned(&["export", "groups", "--db", &dbs]), vec![]).await;
+    let out = s.export("groups", &[]).output().await;
     let csv = String::from_utf8_lossy(&out.stdout);
     assert!(csv.lines().next().unwrap().ends_with(",note"), "{csv}");
     assert_eq!(
@@ -170,11 +143,7 @@ async fn every_success_has_a_share_id_or_says_why_not() {
         2,
         "{csv}"
     );
-    let out = bin_async(
-        owned(&["export", "groups", "--db", &dbs, "--missing-share-id"]),
-        vec![],
-    )
-    .await;
+    let out = s.export("groups", &["--missing-share-id"]).output().await;
     let only = String::from_utf8_lossy(&out.stdout);
     assert_eq!(only.lines().count(), 3, "{only}");
     assert!(
@@ -191,15 +160,8 @@ async fn a_dry_run_says_what_would_happen_and_changes_nothing() {
     let s = Scene::new(SandboxConfig::default(), &text).await;
     let out = s.run_bin(&[]).await;
     assert_eq!(out.status.code(), Some(1));
-    let dir = s.dir.path();
-    let dbs = s.db.display().to_string();
-    let url = s.sb.url();
     // New rows, in a file and in the inbox.
-    let more = write(
-        dir,
-        "more.csv",
-        &format!("{}cus_8,ord_00001,it\n", csv_rows(7)),
-    );
+    let more = s.write("more.csv", &format!("{}cus_8,ord_00001,it\n", csv_rows(7)));
     let conn = rusqlite::Connection::open(&s.db).unwrap();
     conn.execute(
         "INSERT INTO inbox (customer_id, order_id) VALUES ('cus_in', 'ord_inbox')",
@@ -208,28 +170,17 @@ async fn a_dry_run_says_what_would_happen_and_changes_nothing() {
     .unwrap();
     drop(conn);
     let bytes = |p: &Path| std::fs::read(p).unwrap_or_default();
-    let wal = dir.join("k.db-wal");
+    let wal = s.path("k.db-wal");
     let (db_before, wal_before) = (bytes(&s.db), bytes(&wal));
     let requests_before = s.sb.stats(false).requests.values().sum::<u64>();
-    let plan = dir.join("plan.json");
-    let out = bin_async(
-        owned(&[
-            "run",
-            "--dry-run",
-            "--db",
-            &dbs,
-            "--csv",
-            &more.display().to_string(),
-            "--api-base",
-            &url,
-            "--rate",
-            "2",
-            "--report-json",
-            &plan.display().to_string(),
-        ]),
-        with_key(),
-    )
-    .await;
+    let plan = s.path("plan.json");
+    let out = s
+        .bin_run()
+        .set("--csv", &more)
+        .args(["--dry-run", "--rate", "2"])
+        .flag("--report-json", &plan)
+        .output()
+        .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     // ord_00001 with another customer is a conflict: exit 1, as `validate` would say.
     assert_eq!(
@@ -251,18 +202,7 @@ async fn a_dry_run_says_what_would_happen_and_changes_nothing() {
     assert_eq!(v["requests"], 8, "{v}");
     assert_eq!(v["estimated_secs"], 4.0, "{v}");
     assert_eq!(v["conflicts"], 1, "{v}");
-    let out = bin_async(
-        owned(&[
-            "retry-failed",
-            "--dry-run",
-            "--db",
-            &dbs,
-            "--api-base",
-            &url,
-        ]),
-        with_key(),
-    )
-    .await;
+    let out = s.bin_retry_failed().arg("--dry-run").output().await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(

@@ -1,5 +1,5 @@
-//! Shared helpers: a sandbox on loopback, configs, CSV files, and direct looks
-//! into the database the worker wrote.
+//! Shared helpers: a sandbox on loopback, configs, CSV files, the binary, and direct
+//! looks into the database the worker wrote. A test's setup is a [`Scene`] (`scene.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,12 +11,25 @@ use kohort_batch::config::{self, SendConfig};
 use kohort_batch::engine::Control;
 use kohort_batch::sandbox::{Sandbox, SandboxConfig};
 
+pub use crate::scene::{Cmd, Scene};
+
 pub const KEY: &str = "sk_test_integration";
 
 pub async fn sandbox(cfg: SandboxConfig) -> Sandbox {
     Sandbox::start(cfg, ([127, 0, 0, 1], 0).into())
         .await
         .unwrap()
+}
+
+/// A sandbox that answers a share `rate` of requests with a 503 and this
+/// `Retry-After`, the faults drawn from `seed`.
+pub fn some_503s(rate: f64, retry_after_secs: u64, seed: u64) -> SandboxConfig {
+    SandboxConfig {
+        error_503: rate,
+        retry_after_secs,
+        seed,
+        ..SandboxConfig::default()
+    }
 }
 
 /// Fast, test-friendly send options against `base`.
@@ -65,43 +78,6 @@ pub fn csv_rows(n: usize) -> String {
         s.push_str(&format!("cus_{i:05},ord_{i:05},it\n"));
     }
     s
-}
-
-/// What most tests start from: a scratch directory with a database path and one
-/// input CSV in it, and a sandbox on loopback.
-pub struct Scene {
-    pub dir: tempfile::TempDir,
-    pub db: PathBuf,
-    pub csv: PathBuf,
-    pub sb: Sandbox,
-}
-
-impl Scene {
-    pub async fn new(cfg: SandboxConfig, csv: &str) -> Scene {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("k.db");
-        let csv = write(dir.path(), "o.csv", csv);
-        let sb = sandbox(cfg).await;
-        Scene { dir, db, csv, sb }
-    }
-}
-
-impl Scene {
-    /// The real binary's `run` on this scene (its database, CSV and sandbox, the test
-    /// key), with `extra` arguments.
-    pub async fn run_bin(&self, extra: &[&str]) -> std::process::Output {
-        let mut argv = owned(&[
-            "run",
-            "--db",
-            &self.db.display().to_string(),
-            "--csv",
-            &self.csv.display().to_string(),
-            "--api-base",
-            &self.sb.url(),
-        ]);
-        argv.extend(owned(extra));
-        bin_async(argv, with_key()).await
-    }
 }
 
 /// stdout then stderr of a finished binary, as text.
@@ -166,41 +142,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_kohort-batch");
 /// Runs the real binary to completion. The key, API base, database and config
 /// variables of the calling environment are cleared first, then `env` is set.
 pub fn bin(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.args(args);
-    for var in [
-        "KOHORTPAY_API_KEY",
-        "KOHORTPAY_API_BASE",
-        "KOHORT_BATCH_DB",
-        "KOHORT_BATCH_CONFIG",
-    ] {
-        cmd.env_remove(var);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
-}
-
-/// [`bin`] off the async worker threads (the in-process sandbox runs on them).
-pub async fn bin_async(args: Vec<String>, env: Vec<(String, String)>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        bin(&a, &e)
-    })
-    .await
-    .unwrap()
-}
-
-/// Owned copies of arguments, for [`bin_async`].
-pub fn owned(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| (*x).to_owned()).collect()
-}
-
-/// An environment holding the test key.
-pub fn with_key() -> Vec<(String, String)> {
-    vec![("KOHORTPAY_API_KEY".to_owned(), KEY.to_owned())]
+    let cmd = env.iter().fold(Cmd::new(args), |c, (k, v)| c.env(k, *v));
+    cmd.output_blocking()
 }
 
 /// Waits (polling, up to a minute) until `done` holds: tests wait for events, not for

@@ -4,12 +4,10 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use kohort_batch::Exit;
 use kohort_batch::commands;
-use kohort_batch::engine::Control;
 use kohort_batch::sandbox::SandboxConfig;
 use kohort_batch::store::{RetryFilter, Store};
 
@@ -33,31 +31,32 @@ for i in range(1, n + 1):
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_producer_keeps_inserting_while_runs_drain_nothing_lost_or_doubled() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    create_db(&db);
     let latency = Duration::from_millis(40);
-    let sb = sandbox(SandboxConfig {
-        latency: (latency, latency),
-        ..SandboxConfig::default()
-    })
+    let s = Scene::new(
+        SandboxConfig {
+            latency: (latency, latency),
+            ..SandboxConfig::default()
+        },
+        "",
+    )
     .await;
+    create_db(&s.db);
     let producer = Command::new("python3")
         .args(["-c", PRODUCER])
-        .arg(&db)
+        .arg(&s.db)
         .args(["300", "0.02"])
         .stdout(Stdio::null())
         .spawn()
         .expect("python3 runs the producer");
     // The run starts once the producer is under way, with most of its rows to come.
     until("the producer's first rows", || {
-        count(&db, "SELECT count(*) FROM inbox") >= 5
+        count(&s.db, "SELECT count(*) FROM inbox") >= 5
     })
     .await;
-    let mut a = args(&sb.url());
+    let mut a = s.args();
     a.concurrency = 2;
-    assert_eq!(run(&a, &db, &[]).await, Exit::Success);
-    let first = count(&db, "SELECT count(*) FROM jobs");
+    assert_eq!(s.run_queue(&a).await, Exit::Success);
+    let first = count(&s.db, "SELECT count(*) FROM jobs");
     let status = tokio::task::spawn_blocking(move || {
         let mut p = producer;
         p.wait().unwrap()
@@ -67,28 +66,27 @@ async fn a_producer_keeps_inserting_while_runs_drain_nothing_lost_or_doubled() {
     assert!(status.success(), "the producer failed (a locked database?)");
     // Rows that arrived after the move waited in the inbox for the next run.
     assert!(first < 300, "the first run moved {first} rows");
-    assert!(count(&db, "SELECT count(*) FROM inbox") > 0);
-    assert_eq!(run(&a, &db, &[]).await, Exit::Success);
-    assert_eq!(count(&db, "SELECT count(*) FROM inbox"), 0);
+    assert!(count(&s.db, "SELECT count(*) FROM inbox") > 0);
+    assert_eq!(s.run_queue(&a).await, Exit::Success);
+    assert_eq!(count(&s.db, "SELECT count(*) FROM inbox"), 0);
     assert_eq!(
         count(
-            &db,
+            &s.db,
             "SELECT count(*) FROM jobs j JOIN sources s ON s.id = j.source_id \
              WHERE j.state = 'succeeded' AND s.name = 'inbox'"
         ),
         300
     );
     let orders: Vec<String> = (1..=300).map(|i| format!("ord_q{i:05}")).collect();
-    assert_one_group_each(&sb, orders);
-    assert_eq!(sb.stats(false).groups_total, 300);
+    assert_one_group_each(&s.sb, orders);
+    assert_eq!(s.sb.stats(false).groups_total, 300);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_inbox_rows_are_recorded_with_their_inbox_id() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    create_db(&db);
-    let conn = rusqlite::Connection::open(&db).unwrap();
+    let s = Scene::new(SandboxConfig::default(), "").await;
+    create_db(&s.db);
+    let conn = rusqlite::Connection::open(&s.db).unwrap();
     conn.execute_batch(
         "INSERT INTO inbox (customer_id, order_id) VALUES ('cus_1', 'ord_1');
          INSERT INTO inbox (customer_id, order_id, metadata) VALUES ('cus_2', 'ord_2', '[1]');
@@ -96,11 +94,10 @@ async fn invalid_inbox_rows_are_recorded_with_their_inbox_id() {
     )
     .unwrap();
     drop(conn);
-    let sb = sandbox(SandboxConfig::default()).await;
-    assert_eq!(run(&args(&sb.url()), &db, &[]).await, Exit::RowsFailed);
+    assert_eq!(s.run_queue(&s.args()).await, Exit::RowsFailed);
     assert_eq!(
         column(
-            &db,
+            &s.db,
             "SELECT s.name || ' ' || j.line || ' ' || j.state FROM jobs j \
              JOIN sources s ON s.id = j.source_id ORDER BY j.id"
         ),
@@ -110,26 +107,24 @@ async fn invalid_inbox_rows_are_recorded_with_their_inbox_id() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn enqueue_fills_the_queue_without_sending() {
-    let Scene {
-        dir: _dir,
-        db,
-        csv,
-        sb,
-    } = Scene::new(SandboxConfig::default(), &csv_rows(15)).await;
-    assert_eq!(commands::enqueue(&db, &[csv]).await.unwrap(), Exit::Success);
-    assert_eq!(sb.stats(false).requests.len(), 0);
+    let s = Scene::new(SandboxConfig::default(), &csv_rows(15)).await;
     assert_eq!(
-        count(&db, "SELECT count(*) FROM jobs WHERE state = 'pending'"),
+        commands::enqueue(&s.db, std::slice::from_ref(&s.csv))
+            .await
+            .unwrap(),
+        Exit::Success
+    );
+    assert_eq!(s.sb.stats(false).requests.len(), 0);
+    assert_eq!(
+        count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'pending'"),
         15
     );
-    assert_eq!(run(&args(&sb.url()), &db, &[]).await, Exit::Success);
-    assert_one_group_each(&sb, orders(15));
+    assert_eq!(s.run_queue(&s.args()).await, Exit::Success);
+    assert_one_group_each(&s.sb, orders(15));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn after_an_outage_retry_failed_completes_every_row_without_duplicates() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
     // The outage: most requests get a 503; some creates succeed but lose their response.
     let outage = SandboxConfig {
         error_503: 0.7,
@@ -138,72 +133,59 @@ async fn after_an_outage_retry_failed_completes_every_row_without_duplicates() {
         seed: 21,
         ..SandboxConfig::default()
     };
-    let sb = sandbox(outage).await;
     let mut text = csv_rows(40);
     text.push_str("cus_unknown_1,ord_00041,it\n");
-    let csv = write(dir.path(), "o.csv", &text);
-    let mut a = args(&sb.url());
+    let s = Scene::new(outage, &text).await;
+    let mut a = s.args();
     a.max_attempts = 2;
     a.breaker = 10_000;
-    assert_eq!(run(&a, &db, &[csv]).await, Exit::RowsFailed);
+    assert_eq!(s.run(&a).await, Exit::RowsFailed);
     let failed = count(
-        &db,
+        &s.db,
         "SELECT count(*) FROM jobs WHERE state = 'failed' AND error_class = 'retries_exhausted'",
     );
     assert!(failed > 10, "the outage left only {failed} failures");
     // Some of the failed rows do have a group (lost responses): retry must find, not re-create.
-    let groups_before = sb.stats(false).groups_total;
+    let groups_before = s.sb.stats(false).groups_total;
 
-    sb.set_faults(SandboxConfig::default());
+    s.sb.set_faults(SandboxConfig::default());
     // A filter that matches nothing sends nothing, and says failed rows remain (exit 1).
-    let control = Arc::new(Control::default());
-    let exit = commands::retry_failed(
-        &config(&args(&sb.url()), &db),
-        RetryFilter {
-            statuses: vec![418],
-            ..RetryFilter::default()
-        },
-        control,
-    )
-    .await
-    .unwrap();
+    let exit = s
+        .retry_failed(
+            &s.args(),
+            RetryFilter {
+                statuses: vec![418],
+                ..RetryFilter::default()
+            },
+        )
+        .await;
     assert_eq!(exit, Exit::RowsFailed);
-    assert_eq!(sb.stats(false).groups_total, groups_before);
+    assert_eq!(s.sb.stats(false).groups_total, groups_before);
     // Only the 503s: the 404 row stays failed and is not retried.
-    let control = Arc::new(Control::default());
     let filter = RetryFilter {
         statuses: vec![503],
         ..RetryFilter::default()
     };
     let pending_503 = count(
-        &db,
+        &s.db,
         "SELECT count(*) FROM jobs WHERE state = 'failed' AND last_status = 503",
     );
     assert!(pending_503 > 0);
-    commands::retry_failed(&config(&args(&sb.url()), &db), filter, control)
-        .await
-        .unwrap();
+    s.retry_failed(&s.args(), filter).await;
     assert_eq!(
-        column(&db, "SELECT state FROM jobs WHERE key = 'ord_00041'"),
+        column(&s.db, "SELECT state FROM jobs WHERE key = 'ord_00041'"),
         ["failed"]
     );
     // Then everything else (transport failures included).
-    let control = Arc::new(Control::default());
-    commands::retry_failed(
-        &config(&args(&sb.url()), &db),
-        RetryFilter::default(),
-        control,
-    )
-    .await
-    .unwrap();
+    s.retry_failed(&s.args(), RetryFilter::default()).await;
     assert_eq!(
-        count(&db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'"),
+        count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'"),
         40
     );
-    assert_one_group_each(&sb, orders(40));
+    assert_one_group_each(&s.sb, orders(40));
     assert!(
         count(
-            &db,
+            &s.db,
             "SELECT count(*) FROM jobs WHERE obtained = 'recovered'"
         ) > 0
     );
@@ -211,23 +193,10 @@ async fn after_an_outage_retry_failed_completes_every_row_without_duplicates() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn validate_prints_bodies_and_every_invalid_row_and_writes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("never.db");
-    let csv = write(
-        dir.path(),
-        "o.csv",
+    let s = Scene::offline(
         "customerId,order_id,metadata.c\ncus_1,ord_1,x\n,ord_2,\ncus_3,ord_3,\ncus_3,ord_3,\ncus_9,ord_3,\ncus_4,,\n",
     );
-    let out = bin_async(
-        vec![
-            "validate".into(),
-            "--json".into(),
-            "--csv".into(),
-            csv.display().to_string(),
-        ],
-        with_key(),
-    )
-    .await;
+    let out = s.validate().arg("--json").key(KEY).output().await;
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let bodies: Vec<serde_json::Value> = stdout
@@ -259,23 +228,22 @@ async fn validate_prints_bodies_and_every_invalid_row_and_writes_nothing() {
         stderr.contains("6 rows: 2 would be sent, 2 invalid, 1 duplicate, 1 conflict"),
         "{stderr}"
     );
-    assert!(!db.exists(), "validate wrote a database");
+    assert!(!s.db.exists(), "validate wrote a database");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn report_rebuilds_a_run_from_the_database() {
-    let Scene { dir, db, csv, sb } = Scene::new(SandboxConfig::default(), &csv_rows(5)).await;
-    let mut a = args(&sb.url());
-    a.report_json = Some(dir.path().join("r.json"));
-    assert_eq!(run(&a, &db, &[csv]).await, Exit::Success);
-    let dbs = db.display().to_string();
+    let s = Scene::new(SandboxConfig::default(), &csv_rows(5)).await;
+    let mut a = s.args();
+    a.report_json = Some(s.path("r.json"));
+    assert_eq!(s.run(&a).await, Exit::Success);
     let at_end: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("r.json")).unwrap()).unwrap();
-    let out = bin_async(
-        owned(&["report", "--last", "--format", "json", "--db", &dbs]),
-        with_key(),
-    )
-    .await;
+        serde_json::from_str(&std::fs::read_to_string(s.path("r.json")).unwrap()).unwrap();
+    let out = s
+        .report(&["--last", "--format", "json"])
+        .key(KEY)
+        .output()
+        .await;
     let later: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for field in [
         "jobs",
@@ -287,38 +255,35 @@ async fn report_rebuilds_a_run_from_the_database() {
     ] {
         assert_eq!(at_end[field], later[field], "{field}");
     }
-    let text = bin_async(owned(&["report", "--run", "1", "--db", &dbs]), with_key()).await;
+    let text = s.report(&["--run", "1"]).key(KEY).output().await;
     assert!(
         String::from_utf8_lossy(&text.stdout).contains("kohort-batch run #1: every job succeeded")
     );
-    let list = bin_async(owned(&["report", "--db", &dbs]), with_key()).await;
+    let list = s.report(&[]).key(KEY).output().await;
     let list = String::from_utf8_lossy(&list.stdout);
     assert!(
         list.contains("run") && list.lines().nth(1).unwrap().trim_start().starts_with('1'),
         "{list}"
     );
-    let missing = bin_async(owned(&["report", "--run", "9", "--db", &dbs]), with_key()).await;
+    let missing = s.report(&["--run", "9"]).key(KEY).output().await;
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("there is no run 9"));
-    let nodb = bin_async(owned(&["report", "--db", "/nonexistent/x.db"]), with_key()).await;
+    let nodb = Cmd::new(&["report", "--db", "/nonexistent/x.db"])
+        .key(KEY)
+        .output()
+        .await;
     assert_eq!(nodb.status.code(), Some(2));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn export_groups_lists_share_ids_per_order() {
-    let Scene {
-        dir: _dir,
-        db,
-        csv,
-        sb,
-    } = Scene::new(
+    let s = Scene::new(
         SandboxConfig::default(),
         "customerId,orderId\ncus_1,ord_1\ncus_2,ord_checkout_2\n",
     )
     .await;
-    assert_eq!(run(&args(&sb.url()), &db, &[csv]).await, Exit::Success);
-    let dbs = db.display().to_string();
-    let out = bin_async(owned(&["export", "groups", "--db", &dbs]), with_key()).await;
+    assert_eq!(s.run(&s.args()).await, Exit::Success);
+    let out = s.export("groups", &[]).key(KEY).output().await;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lines = text.lines();
     assert_eq!(
@@ -336,11 +301,11 @@ async fn export_groups_lists_share_ids_per_order() {
         "{rows:?}"
     );
     assert!(rows[1].ends_with(",existing,"), "{rows:?}");
-    let out = bin_async(
-        owned(&["export", "groups", "--format", "json", "--db", &dbs]),
-        with_key(),
-    )
-    .await;
+    let out = s
+        .export("groups", &["--format", "json"])
+        .key(KEY)
+        .output()
+        .await;
     let json: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json[0]["order_id"], "ord_1");
     assert!(
@@ -353,7 +318,7 @@ async fn export_groups_lists_share_ids_per_order() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn exported_failures_fixed_in_a_spreadsheet_import_and_succeed() {
-    let Scene { dir, db, csv, sb } = Scene::new(
+    let s = Scene::new(
         SandboxConfig::default(),
         "customer_id,order_id,expires_at,metadata.campaign\n\
          cus_1,ord_1,,spring\n\
@@ -362,21 +327,14 @@ async fn exported_failures_fixed_in_a_spreadsheet_import_and_succeed() {
          cus_4,ord_4,,\n",
     )
     .await;
-    assert_eq!(run(&args(&sb.url()), &db, &[csv]).await, Exit::RowsFailed);
-    let export = dir.path().join("failures.csv");
-    let dbs = db.display().to_string();
-    let out = bin_async(
-        owned(&[
-            "export",
-            "failures",
-            "--db",
-            &dbs,
-            "-o",
-            &export.display().to_string(),
-        ]),
-        with_key(),
-    )
-    .await;
+    assert_eq!(s.run(&s.args()).await, Exit::RowsFailed);
+    let export = s.path("failures.csv");
+    let out = s
+        .export("failures", &[])
+        .flag("-o", &export)
+        .key(KEY)
+        .output()
+        .await;
     assert_eq!(out.status.code(), Some(0));
     let text = std::fs::read_to_string(&export).unwrap();
     let lines: Vec<&str> = text.lines().collect();
@@ -399,22 +357,13 @@ async fn exported_failures_fixed_in_a_spreadsheet_import_and_succeed() {
     let fixed = text
         .replace("next week", "")
         .replace("cus_unknown_3", "cus_3");
-    let fixed = write(dir.path(), "fixed.csv", &fixed);
-    let out = bin_async(
-        owned(&[
-            "run",
-            "--db",
-            &dbs,
-            "--rate",
-            "0",
-            "--api-base",
-            &sb.url(),
-            "--csv",
-            &fixed.display().to_string(),
-        ]),
-        with_key(),
-    )
-    .await;
+    let fixed = s.write("fixed.csv", &fixed);
+    let out = s
+        .bin_run_queue()
+        .args(["--rate", "0"])
+        .flag("--csv", &fixed)
+        .output()
+        .await;
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -422,17 +371,17 @@ async fn exported_failures_fixed_in_a_spreadsheet_import_and_succeed() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert_eq!(
-        count(&db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'"),
+        count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'"),
         4
     );
-    assert_eq!(count(&db, "SELECT count(*) FROM jobs"), 4);
-    assert_one_group_each(&sb, orders_named(&["ord_1", "ord_2", "ord_3", "ord_4"]));
+    assert_eq!(count(&s.db, "SELECT count(*) FROM jobs"), 4);
+    assert_one_group_each(&s.sb, orders_named(&["ord_1", "ord_2", "ord_3", "ord_4"]));
     assert_eq!(
-        column(&db, "SELECT customer_id FROM jobs WHERE key = 'ord_3'"),
+        column(&s.db, "SELECT customer_id FROM jobs WHERE key = 'ord_3'"),
         ["cus_3"]
     );
     // Nothing left to export.
-    let out = bin_async(owned(&["export", "failures", "--db", &dbs]), with_key()).await;
+    let out = s.export("failures", &[]).key(KEY).output().await;
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
 }
 

@@ -1,10 +1,12 @@
 //! One function per subcommand: they wire config, store, source, engine, API and
 //! report together. Errors end here: each is printed once, with its exit code.
 //!
-//! `send.rs`: run, retry-failed, enqueue. `inspect.rs`: validate, report, export.
+//! `send.rs`: run, retry-failed, enqueue; `dry_run.rs`: their `--dry-run`.
+//! `inspect.rs`: validate, report, export.
 //! `demo.rs`: sandbox, demo.
 
 mod demo;
+mod dry_run;
 mod inspect;
 pub mod out;
 mod progress;

@@ -2,11 +2,12 @@
 //! report together. Errors end here: each is printed once, with its exit code.
 //!
 //! `send.rs`: run, retry-failed, enqueue; `dry_run.rs`: their `--dry-run`.
-//! `inspect.rs`: validate, report, export.
+//! `inspect.rs`: validate, report; `export.rs`: export.
 //! `demo.rs`: sandbox, demo.
 
 mod demo;
 mod dry_run;
+mod export;
 mod inspect;
 pub mod out;
 mod progress;
@@ -113,7 +114,7 @@ pub async fn dispatch(cli: Cli) -> Exit {
             inspect::report(&args.db.db, args.run, args.last, args.format).await
         }
         Command::Export(args) => {
-            inspect::export(
+            export::export(
                 &args.db.db,
                 args.what,
                 args.format,

@@ -206,20 +206,50 @@ fn parse_ts(field: &str, text: &str) -> Result<Timestamp, String> {
 /// Checks a row against the rules the server enforces (plus safety margins) and
 /// builds its request body. Every problem is listed, so one pass fixes the row.
 pub fn validate(row: &RowFields, now: Timestamp) -> Result<Payload, Vec<String>> {
-    let mut problems = Vec::new();
     let customer_id = clean(&row.customer_id);
+    let order_id = clean(&row.order_id);
+    let payment_intent_id = clean(&row.payment_intent_id);
+    let mut problems = id_problems(&customer_id, &order_id, &payment_intent_id);
+    let oversized = oversized_fields(row);
+    if !oversized.is_empty() {
+        // Nothing more is parsed out of a field that large.
+        problems.extend(oversized);
+        return Err(problems);
+    }
+    let expires_at = expiry(clean(&row.expires_at), now, &mut problems);
+    let mid_expire_at = mid_expiry(clean(&row.mid_expire_at), expires_at, &mut problems);
+    let metadata = metadata(row, &mut problems);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Payload {
+        customer_id: customer_id.unwrap_or_default(),
+        order_id,
+        payment_intent_id,
+        expires_at: expires_at.map(format_ts),
+        mid_expire_at: mid_expire_at.map(format_ts),
+        metadata,
+    })
+}
+
+/// What is wrong with the ids (already trimmed): missing, reformatted by Excel, or
+/// holding a control character.
+fn id_problems(
+    customer_id: &Option<String>,
+    order_id: &Option<String>,
+    payment_intent_id: &Option<String>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
     if customer_id.is_none() {
         problems.push("customerId is empty: every row needs the KohortPay customer id".to_owned());
     }
-    let order_id = clean(&row.order_id);
-    let payment_intent_id = clean(&row.payment_intent_id);
     if order_id.is_none() && payment_intent_id.is_none() {
         problems.push("orderId and paymentIntentId are both empty: give at least one".to_owned());
     }
     for (field, value) in [
-        ("customerId", &customer_id),
-        ("orderId", &order_id),
-        ("paymentIntentId", &payment_intent_id),
+        ("customerId", customer_id),
+        ("orderId", order_id),
+        ("paymentIntentId", payment_intent_id),
     ] {
         if let Some(v) = value.as_deref().filter(|v| excel_number(v)) {
             problems.push(format!(
@@ -238,7 +268,12 @@ pub fn validate(row: &RowFields, now: Timestamp) -> Result<Payload, Vec<String>>
             ));
         }
     }
+    problems
+}
 
+/// One problem per field (as written, `metadata.KEY` columns included) over
+/// [`MAX_FIELD_BYTES`].
+fn oversized_fields(row: &RowFields) -> Vec<String> {
     let cells = [
         ("customerId", &row.customer_id),
         ("orderId", &row.order_id),
@@ -248,68 +283,75 @@ pub fn validate(row: &RowFields, now: Timestamp) -> Result<Payload, Vec<String>>
         ("metadata", &row.metadata),
     ];
     let metadata_columns = row.metadata_columns.iter().map(|(k, v)| (k.as_str(), v));
-    let mut too_large = false;
-    for (field, len) in cells
+    cells
         .iter()
         .filter_map(|(f, v)| v.as_ref().map(|v| (*f, v.len())))
         .chain(metadata_columns.map(|(k, v)| (k, v.len())))
-    {
-        if len > MAX_FIELD_BYTES {
-            too_large = true;
-            problems.push(format!(
+        .filter(|(_, len)| *len > MAX_FIELD_BYTES)
+        .map(|(field, len)| {
+            format!(
                 "{field} is {}, over the limit of {} for one field: shorten it (this row \
                  was not sent)",
                 size_text(len),
                 size_text(MAX_FIELD_BYTES)
-            ));
-        }
-    }
-    if too_large {
-        // Nothing more is parsed out of a field that large.
-        return Err(problems);
-    }
-    let expires_at = match clean(&row.expires_at) {
-        None => None,
-        Some(text) => match parse_ts("expiresAt", &text) {
-            Err(e) => {
-                problems.push(e);
-                None
-            }
-            Ok(ts) => {
-                let (lo, hi) = (now + MIN_EXPIRY, now + MAX_EXPIRY);
-                if ts < lo || ts > hi {
-                    problems.push(format!(
-                        "expiresAt {text} is outside the allowed window: it must lie between \
-                         2 minutes and 89 days from now ({} … {})",
-                        format_ts(lo),
-                        format_ts(hi)
-                    ));
-                }
-                Some(ts)
-            }
-        },
-    };
-    let mid_expire_at = match clean(&row.mid_expire_at) {
-        None => None,
-        Some(text) => match parse_ts("midExpireAt", &text) {
-            Err(e) => {
-                problems.push(e);
-                None
-            }
-            Ok(mid) => {
-                if let Some(end) = expires_at
-                    && mid >= end
-                {
-                    problems.push(format!(
-                        "midExpireAt {text} is not before expiresAt {}",
-                        format_ts(end)
-                    ));
-                }
-                Some(mid)
-            }
-        },
-    };
+            )
+        })
+        .collect()
+}
 
+/// `expiresAt`, parsed and checked against the window the API accepts from `now`.
+/// A timestamp outside the window is still returned, so `midExpireAt` is checked
+/// against it too.
+fn expiry(text: Option<String>, now: Timestamp, problems: &mut Vec<String>) -> Option<Timestamp> {
+    let text = text?;
+    let ts = match parse_ts("expiresAt", &text) {
+        Ok(ts) => ts,
+        Err(e) => {
+            problems.push(e);
+            return None;
+        }
+    };
+    let (lo, hi) = (now + MIN_EXPIRY, now + MAX_EXPIRY);
+    if ts < lo || ts > hi {
+        problems.push(format!(
+            "expiresAt {text} is outside the allowed window: it must lie between \
+             2 minutes and 89 days from now ({} … {})",
+            format_ts(lo),
+            format_ts(hi)
+        ));
+    }
+    Some(ts)
+}
+
+/// `midExpireAt`, parsed and checked to come before `expires_at`.
+fn mid_expiry(
+    text: Option<String>,
+    expires_at: Option<Timestamp>,
+    problems: &mut Vec<String>,
+) -> Option<Timestamp> {
+    let text = text?;
+    let mid = match parse_ts("midExpireAt", &text) {
+        Ok(mid) => mid,
+        Err(e) => {
+            problems.push(e);
+            return None;
+        }
+    };
+    if let Some(end) = expires_at
+        && mid >= end
+    {
+        problems.push(format!(
+            "midExpireAt {text} is not before expiresAt {}",
+            format_ts(end)
+        ));
+    }
+    Some(mid)
+}
+
+/// The metadata object: the `metadata` column's JSON, with the non-empty
+/// `metadata.KEY` columns added (a column wins over the same key in the JSON);
+/// checked against [`MAX_FIELD_BYTES`] as a whole.
+fn metadata(row: &RowFields, problems: &mut Vec<String>) -> Option<Map<String, Value>> {
     let mut metadata = match clean(&row.metadata) {
         None => None,
         Some(text) => match serde_json::from_str::<Value>(&text) {
@@ -335,7 +377,6 @@ pub fn validate(row: &RowFields, now: Timestamp) -> Result<Payload, Vec<String>>
             .get_or_insert_with(Map::new)
             .insert(key.clone(), Value::String(value.clone()));
     }
-
     if let Some(m) = &metadata {
         let len = serde_json::to_string(m).map_or(0, |t| t.len());
         if len > MAX_FIELD_BYTES {
@@ -347,17 +388,7 @@ pub fn validate(row: &RowFields, now: Timestamp) -> Result<Payload, Vec<String>>
             ));
         }
     }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    Ok(Payload {
-        customer_id: customer_id.unwrap_or_default(),
-        order_id,
-        payment_intent_id,
-        expires_at: expires_at.map(format_ts),
-        mid_expire_at: mid_expire_at.map(format_ts),
-        metadata,
-    })
+    metadata
 }
 
 /// The largest field (or metadata as JSON) a row may carry: far above any real id,

@@ -158,15 +158,27 @@ impl Report {
     /// The report as text for a terminal or a log.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
-        let verdict = match self.exit_code {
+        self.write_headline(&mut out);
+        self.write_imported(&mut out);
+        self.write_jobs(&mut out);
+        self.write_requests(&mut out);
+        self.write_problems(&mut out);
+        self.write_backlog(&mut out);
+        out
+    }
+
+    /// What the run came to, in a few words, from its exit code.
+    fn verdict(&self) -> String {
+        let nothing = self.jobs.values().all(|n| *n == 0);
+        match self.exit_code {
             // `enqueue` sends nothing: its success is that every row is queued.
             Some(0) if self.command == "enqueue" => "every row imported, to be sent".to_owned(),
-            Some(0) if self.jobs.values().all(|n| *n == 0) && self.requeued == Some(0) => {
+            Some(0) if nothing && self.requeued == Some(0) => {
                 "no failed job matched the filters".to_owned()
             }
-            Some(0) if self.jobs.values().all(|n| *n == 0) => "no job to send".to_owned(),
+            Some(0) if nothing => "no job to send".to_owned(),
             Some(0) => "every job succeeded".to_owned(),
-            Some(1) if self.jobs.values().all(|n| *n == 0) && self.requeued == Some(0) => {
+            Some(1) if nothing && self.requeued == Some(0) => {
                 "no failed job matched the filters, and failed jobs remain".to_owned()
             }
             Some(1) => "some rows did not succeed (see below)".to_owned(),
@@ -174,7 +186,12 @@ impl Report {
             Some(4) => "interrupted".to_owned(),
             Some(c) => format!("exit {c}"),
             None => "not finished".to_owned(),
-        };
+        }
+    }
+
+    /// The first line (command, run, verdict, time, exit code), then why it
+    /// stopped early and what `retry-failed` put back.
+    fn write_headline(&self, out: &mut String) {
         let took = self
             .duration_secs
             .map(|d| format!(" in {d:.1} s"))
@@ -185,8 +202,10 @@ impl Report {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "kohort-batch {} #{}: {verdict}{took}{code}",
-            self.command, self.run_id
+            "kohort-batch {} #{}: {}{took}{code}",
+            self.command,
+            self.run_id,
+            self.verdict()
         );
         if let Some(why) = &self.stopped {
             let _ = writeln!(out, "  Stopped    {}", escape(why));
@@ -198,25 +217,33 @@ impl Report {
                 count(n, "failed job", "failed jobs")
             );
         }
-        if let Some(i) = &self.imported {
+    }
+
+    fn write_imported(&self, out: &mut String) {
+        let Some(i) = &self.imported else {
+            return;
+        };
+        let _ = writeln!(
+            out,
+            "  Imported   {}: {} queued, {} fixed, {} invalid, {} (not sent again), {}",
+            count(i.rows, "row", "rows"),
+            i.queued,
+            i.fixed,
+            i.invalid,
+            count(i.duplicates, "duplicate", "duplicates"),
+            count(i.conflicts, "conflict", "conflicts")
+        );
+        if i.empty > 0 {
             let _ = writeln!(
                 out,
-                "  Imported   {}: {} queued, {} fixed, {} invalid, {} (not sent again), {}",
-                count(i.rows, "row", "rows"),
-                i.queued,
-                i.fixed,
-                i.invalid,
-                count(i.duplicates, "duplicate", "duplicates"),
-                count(i.conflicts, "conflict", "conflicts")
+                "             {} skipped (every field empty)",
+                count(i.empty, "empty line", "empty lines")
             );
-            if i.empty > 0 {
-                let _ = writeln!(
-                    out,
-                    "             {} skipped (every field empty)",
-                    count(i.empty, "empty line", "empty lines")
-                );
-            }
         }
+    }
+
+    /// Jobs by final state, and how the succeeded ones got their group.
+    fn write_jobs(&self, out: &mut String) {
         let n = |s: &str| self.jobs.get(s).copied().unwrap_or(0);
         let how: Vec<String> = self
             .obtained
@@ -238,6 +265,10 @@ impl Report {
             n("pending"),
             n("in_flight")
         );
+    }
+
+    /// Requests, groups without a share id, and latency.
+    fn write_requests(&self, out: &mut String) {
         let r = &self.requests;
         // A rate over a few milliseconds of sending says nothing: it is left out.
         let rate = if r.rate_per_sec > 0.0 {
@@ -271,25 +302,34 @@ impl Report {
                 l.p50, l.p95, l.p99, l.max
             );
         }
-        if !self.top_failures.is_empty() {
-            let _ = writeln!(out, "  Problems   most common first:");
-            for g in &self.top_failures {
-                let _ = writeln!(out, "    {:>6} {}: {}", g.count, g.state, escape(&g.reason));
-                let _ = writeln!(out, "           e.g. {}", escape(&g.examples.join(", ")));
-            }
-            if self.more_reasons > 0 {
-                let _ = writeln!(
-                    out,
-                    "           … and {} more {}",
-                    self.more_reasons,
-                    if self.more_reasons == 1 {
-                        "reason"
-                    } else {
-                        "reasons"
-                    }
-                );
-            }
+    }
+
+    /// The most common failure reasons, with examples.
+    fn write_problems(&self, out: &mut String) {
+        if self.top_failures.is_empty() {
+            return;
         }
+        let _ = writeln!(out, "  Problems   most common first:");
+        for g in &self.top_failures {
+            let _ = writeln!(out, "    {:>6} {}: {}", g.count, g.state, escape(&g.reason));
+            let _ = writeln!(out, "           e.g. {}", escape(&g.examples.join(", ")));
+        }
+        if self.more_reasons > 0 {
+            let _ = writeln!(
+                out,
+                "           … and {} more {}",
+                self.more_reasons,
+                if self.more_reasons == 1 {
+                    "reason"
+                } else {
+                    "reasons"
+                }
+            );
+        }
+    }
+
+    /// What earlier runs left undone, and the commands that deal with it.
+    fn write_backlog(&self, out: &mut String) {
         let left: Vec<String> = ["failed", "unknown", "invalid", "pending"]
             .iter()
             .filter_map(|s| {
@@ -305,7 +345,6 @@ impl Report {
                 join_and(&left)
             );
         }
-        out
     }
 }
 

@@ -1,5 +1,6 @@
 //! `sandbox` (serve the simulated API) and `demo` (sandbox + samples end to end).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -55,17 +56,7 @@ pub async fn demo(keep: Option<&Path>) -> Result<Exit> {
             path.display()
         )));
     }
-    let faults = SandboxConfig {
-        latency: (
-            std::time::Duration::from_millis(5),
-            std::time::Duration::from_millis(40),
-        ),
-        error_503: 0.02,
-        retry_after_secs: 1,
-        seed: 2026,
-        ..SandboxConfig::default()
-    };
-    let sb = Sandbox::start(faults, ([127, 0, 0, 1], 0).into())
+    let sb = Sandbox::start(mild_faults(), ([127, 0, 0, 1], 0).into())
         .await
         .map_err(|e| Error::Internal(format!("cannot start the sandbox on loopback: {e}")))?;
     let dir = tempfile::tempdir()
@@ -82,8 +73,56 @@ pub async fn demo(keep: Option<&Path>) -> Result<Exit> {
         sb.url(),
         db.display()
     ))?;
-    let args = crate::cli::SendArgs {
-        api_base: sb.url(),
+    let mut cfg = config::resolve_send(
+        &send_args(sb.url()),
+        db.clone(),
+        Some("sk_test_demo".into()),
+    )?;
+    cfg.key = ApiKey::new("sk_test_demo".into());
+    let control = Arc::new(Control::default());
+    listen_for_signals(control.clone());
+    let exit = send::run(&cfg, &[csv], control).await?;
+
+    let stats = sb.stats(true);
+    let per_key = stats.groups_per_key.clone().unwrap_or_default();
+    let (valid, problems) = one_group_each(&db, &per_key).await?;
+    sb.shutdown().await;
+    out::say(&format!(
+        "\nSandbox count: {} groups for {} valid orders; {} orders with more than one group.\n",
+        stats.groups_total, valid, stats.duplicate_keys
+    ))?;
+    if problems.is_empty() && stats.duplicate_keys == 0 && exit != Exit::Internal {
+        out::say(
+            "Every valid row got exactly one group. (Invalid sample rows are explained in samples/README.md.)\n",
+        )?;
+        Ok(Exit::Success)
+    } else {
+        for p in &problems {
+            out::say(&format!("  problem: {}\n", crate::text::escape(p)))?;
+        }
+        Ok(Exit::RowsFailed)
+    }
+}
+
+/// The demo's sandbox: some latency and an occasional 503 with a short
+/// Retry-After, so retries show; seeded, so every demo is the same.
+fn mild_faults() -> SandboxConfig {
+    SandboxConfig {
+        latency: (
+            std::time::Duration::from_millis(5),
+            std::time::Duration::from_millis(40),
+        ),
+        error_503: 0.02,
+        retry_after_secs: 1,
+        seed: 2026,
+        ..SandboxConfig::default()
+    }
+}
+
+/// The flags the demo's `run` is given, against the sandbox at `api_base`.
+fn send_args(api_base: String) -> crate::cli::SendArgs {
+    crate::cli::SendArgs {
+        api_base,
         api_key_file: None,
         live: false,
         concurrency: 8,
@@ -103,16 +142,16 @@ pub async fn demo(keep: Option<&Path>) -> Result<Exit> {
         max_pause: "5m".into(),
         busy_timeout: "60s".into(),
         seed: Some(7),
-    };
-    let mut cfg = config::resolve_send(&args, db.clone(), Some("sk_test_demo".into()))?;
-    cfg.key = ApiKey::new("sk_test_demo".into());
-    let control = Arc::new(Control::default());
-    listen_for_signals(control.clone());
-    let exit = send::run(&cfg, &[csv], control).await?;
+    }
+}
 
-    let stats = sb.stats(true);
-    let per_key = stats.groups_per_key.clone().unwrap_or_default();
-    let store = Store::open(&db)?;
+/// How many valid jobs `db` holds, and each one that did not succeed or has other
+/// than one group in the sandbox's count `per_key`.
+async fn one_group_each(
+    db: &Path,
+    per_key: &BTreeMap<String, u32>,
+) -> Result<(usize, Vec<String>)> {
+    let store = Store::open(db)?;
     let jobs = store.jobs().await?;
     let mut valid = 0;
     let mut problems = Vec::new();
@@ -127,20 +166,5 @@ pub async fn demo(keep: Option<&Path>) -> Result<Exit> {
             ));
         }
     }
-    sb.shutdown().await;
-    out::say(&format!(
-        "\nSandbox count: {} groups for {} valid orders; {} orders with more than one group.\n",
-        stats.groups_total, valid, stats.duplicate_keys
-    ))?;
-    if problems.is_empty() && stats.duplicate_keys == 0 && exit != Exit::Internal {
-        out::say(
-            "Every valid row got exactly one group. (Invalid sample rows are explained in samples/README.md.)\n",
-        )?;
-        Ok(Exit::Success)
-    } else {
-        for p in &problems {
-            out::say(&format!("  problem: {}\n", crate::text::escape(p)))?;
-        }
-        Ok(Exit::RowsFailed)
-    }
+    Ok((valid, problems))
 }

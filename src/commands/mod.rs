@@ -1,10 +1,13 @@
 //! One function per subcommand: they wire config, store, source, engine, API and
 //! report together. Errors end here: each is printed once, with its exit code.
 //!
-//! `send.rs`: run, retry-failed, enqueue. `inspect.rs`: validate, report, export.
+//! `send.rs`: run, retry-failed, enqueue; `dry_run.rs`: their `--dry-run`.
+//! `inspect.rs`: validate, report; `export.rs`: export.
 //! `demo.rs`: sandbox, demo.
 
 mod demo;
+mod dry_run;
+mod export;
 mod inspect;
 pub mod out;
 mod progress;
@@ -13,7 +16,7 @@ mod send;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::cli::{Cli, Command, LogFormat};
+use crate::cli::{Cli, Command, LogFormat, RetryArgs, RunArgs};
 use crate::config;
 use crate::engine::Control;
 use crate::error::{Error, Exit, Result};
@@ -73,32 +76,8 @@ pub async fn dispatch(cli: Cli) -> Exit {
     out::set_quiet(cli.quiet);
     let env_key = std::env::var("KOHORTPAY_API_KEY").ok();
     let result = match cli.command {
-        Command::Run(args) => {
-            let cfg = config::resolve_send(&args.send, args.db.db.clone(), env_key).and_then(
-                |mut cfg| {
-                    cfg.csv = config::resolve_csv(&args.csv_format)?;
-                    Ok(cfg)
-                },
-            );
-            match cfg {
-                Ok(cfg) => run(&cfg, &args.csv, signals()).await,
-                Err(e) => Err(e),
-            }
-        }
-        Command::RetryFailed(args) => {
-            match config::resolve_send(&args.send, args.db.db.clone(), env_key) {
-                Ok(cfg) => {
-                    let filter = RetryFilter {
-                        statuses: args.statuses,
-                        transport_only: args.transport,
-                        classes: args.classes,
-                        include_unknown: false,
-                    };
-                    retry_failed(&cfg, filter, signals()).await
-                }
-                Err(e) => Err(e),
-            }
-        }
+        Command::Run(args) => run_command(args, env_key).await,
+        Command::RetryFailed(args) => retry_command(args, env_key).await,
         Command::Enqueue(args) => match config::resolve_csv(&args.csv_format) {
             Ok(opts) => enqueue_with(&args.db.db, &args.csv, &opts).await,
             Err(e) => Err(e),
@@ -111,7 +90,7 @@ pub async fn dispatch(cli: Cli) -> Exit {
             inspect::report(&args.db.db, args.run, args.last, args.format).await
         }
         Command::Export(args) => {
-            inspect::export(
+            export::export(
                 &args.db.db,
                 args.what,
                 args.format,
@@ -133,25 +112,8 @@ pub async fn dispatch(cli: Cli) -> Exit {
             &cli.sources,
         ),
         Command::Init(args) => init(&args.db.db).await,
-        Command::Completions(args) => {
-            let mut text = Vec::new();
-            clap_complete::generate(
-                args.shell,
-                &mut crate::cli::command(),
-                "kohort-batch",
-                &mut text,
-            );
-            out::say(&String::from_utf8_lossy(&text)).map(|()| Exit::Success)
-        }
-        Command::Man => {
-            let mut text = Vec::new();
-            match clap_mangen::Man::new(crate::cli::command()).render(&mut text) {
-                Ok(()) => out::say(&String::from_utf8_lossy(&text)).map(|()| Exit::Success),
-                Err(e) => Err(Error::Internal(format!(
-                    "cannot render the manual page: {e}"
-                ))),
-            }
-        }
+        Command::Completions(args) => completions(args.shell),
+        Command::Man => man(),
     };
     match result {
         Ok(exit) => exit,
@@ -161,6 +123,44 @@ pub async fn dispatch(cli: Cli) -> Exit {
             out::tell(&format!("error: {e}"));
             e.exit()
         }
+    }
+}
+
+/// `run`: the settings resolved from the flags, then [`run`].
+async fn run_command(args: RunArgs, env_key: Option<String>) -> Result<Exit> {
+    let mut cfg = config::resolve_send(&args.send, args.db.db.clone(), env_key)?;
+    cfg.csv = config::resolve_csv(&args.csv_format)?;
+    run(&cfg, &args.csv, signals()).await
+}
+
+/// `retry-failed`: the settings and the filter resolved from the flags, then
+/// [`retry_failed`].
+async fn retry_command(args: RetryArgs, env_key: Option<String>) -> Result<Exit> {
+    let cfg = config::resolve_send(&args.send, args.db.db.clone(), env_key)?;
+    let filter = RetryFilter {
+        statuses: args.statuses,
+        transport_only: args.transport,
+        classes: args.classes,
+        include_unknown: false,
+    };
+    retry_failed(&cfg, filter, signals()).await
+}
+
+/// `completions`: the completion script for `shell`.
+fn completions(shell: clap_complete::Shell) -> Result<Exit> {
+    let mut text = Vec::new();
+    clap_complete::generate(shell, &mut crate::cli::command(), "kohort-batch", &mut text);
+    out::say(&String::from_utf8_lossy(&text)).map(|()| Exit::Success)
+}
+
+/// `man`: the manual page, as roff.
+fn man() -> Result<Exit> {
+    let mut text = Vec::new();
+    match clap_mangen::Man::new(crate::cli::command()).render(&mut text) {
+        Ok(()) => out::say(&String::from_utf8_lossy(&text)).map(|()| Exit::Success),
+        Err(e) => Err(Error::Internal(format!(
+            "cannot render the manual page: {e}"
+        ))),
     }
 }
 

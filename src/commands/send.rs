@@ -2,6 +2,7 @@
 //! (import only). They share one shape: begin a run, prepare the queue, drain,
 //! then finish (record the end, print the report, pick the exit code).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use crate::engine::{self, Control, StopReason};
 use crate::error::{Error, Exit, Result};
 use crate::report::Report;
 use crate::source::{CsvEncoding, CsvOptions, CsvSource, ImportRow};
-use crate::store::{Access, ImportCounts, RetryFilter, Store};
+use crate::store::{Access, ImportCounts, RetryFilter, RunFacts, Store};
 
 /// Rows per import transaction.
 const IMPORT_BATCH: usize = 4_000;
@@ -37,6 +38,8 @@ pub async fn retry_failed(
     session(cfg, "retry-failed", &[], Some(filter), control).await
 }
 
+/// One sending run: begin it, prepare the queue (requeue, import, inbox), drain,
+/// finish.
 async fn session(
     cfg: &SendConfig,
     command: &str,
@@ -45,98 +48,24 @@ async fn session(
     control: Arc<Control>,
 ) -> Result<Exit> {
     if cfg.dry_run {
-        return dry_run(cfg, command, csv, retry).await;
+        return super::dry_run::dry_run(cfg, command, csv, retry).await;
     }
-    let started = async {
-        // Everything that can be checked is, before the database is opened or changed.
-        check_inputs(csv, &cfg.csv)?;
-        if let Some(filter) = &retry {
-            check_classes(&filter.classes)?;
-        }
-        let api = ApiClient::new(&cfg.api_base, &cfg.key, cfg.timeout, cfg.ca_cert.as_deref())?;
-        let store = Store::open_with(&cfg.db, Access::Write, cfg.busy_timeout)?;
-        let options = serde_json::json!({
-            "api_base": cfg.api_base,
-            "timeout_secs": cfg.timeout.as_secs_f64(),
-            "engine": cfg.engine,
-            "csv": csv,
-            "retry_filter": retry.as_ref().map(|f| format!("{f:?}")),
-        })
-        .to_string();
-        let run_id = store.begin_run(command, options, true).await?;
-        Ok::<_, Error>((api, store, run_id))
-    }
-    .await;
-    let (api, store, run_id) = match started {
+    let (api, store, run_id) = match begin(cfg, command, csv, retry.as_ref()).await {
         Ok(started) => started,
         Err(e) => {
-            // A run that could not start still says so to monitoring (exit 5, 74, …).
-            if let Some(path) = &cfg.metrics_file {
-                let text =
-                    crate::metrics::render(&crate::metrics::Finished::early(e.exit().code()));
-                if let Err(m) = super::write_readable(path, text.as_bytes()) {
-                    tracing::warn!(error = %m, "cannot write the metrics file");
-                }
-            }
+            write_early_metrics(cfg, &e);
             return Err(e);
         }
     };
     tracing::info!(run = run_id, command, db = %cfg.db.display(), "run started");
     let mut requeued = None;
     let outcome = async {
-        match &retry {
-            Some(filter) => {
-                let n = store.requeue_failed(run_id, filter.clone()).await?;
-                tracing::info!(jobs = n, "put failed jobs back to pending");
-                requeued = Some(n as u64);
-            }
-            None if cfg.engine.resend_unknown => {
-                let n = store.requeue_unknown(run_id).await?;
-                tracing::warn!(
-                    jobs = n,
-                    "re-sending rows whose earlier outcome is unknown (--include-unknown)"
-                );
-            }
-            None => {}
-        }
+        requeued = requeue(cfg, &store, run_id, retry.as_ref()).await?;
         for path in csv {
             import_csv(&store, run_id, path, &cfg.csv).await?;
         }
-        let moved = store.move_inbox(run_id, Timestamp::now()).await?;
-        if moved.rows > 0 {
-            tracing::info!(
-                rows = moved.rows,
-                queued = moved.queued,
-                invalid = moved.invalid,
-                "moved the inbox into jobs"
-            );
-        }
-        // Counting the pending jobs reads the whole table: only for a bar that shows.
-        let bar = if super::progress::wanted() {
-            let pending = store
-                .state_counts()
-                .await?
-                .into_iter()
-                .find(|(s, _)| s == "pending")
-                .map_or(0, |(_, n)| n as u64);
-            super::progress::start(pending)
-        } else {
-            None
-        };
-        let on_done = bar
-            .clone()
-            .map(|b| Arc::new(move || b.inc(1)) as engine::OnDone);
-        let drained = engine::drain(
-            store.clone(),
-            api,
-            cfg.engine.clone(),
-            control,
-            run_id,
-            on_done,
-        )
-        .await;
-        super::progress::finish(bar);
-        drained
+        move_inbox(&store, run_id).await?;
+        send_pending(cfg, &store, api, control, run_id).await
     }
     .instrument(tracing::info_span!("run", run = run_id))
     .await;
@@ -151,111 +80,112 @@ async fn session(
     finish(&store, run_id, outcome, true, outputs).await
 }
 
-/// `--dry-run`: the same import, inbox move and requeue as the command, on a copy
-/// of the database in a temporary directory (the database itself is only read, no
-/// lock is taken, nothing is sent); then what sending would take.
-async fn dry_run(
+/// Checks everything that can be checked before the database is opened or
+/// changed, then opens the API client and the database and records the run.
+async fn begin(
     cfg: &SendConfig,
     command: &str,
     csv: &[PathBuf],
-    retry: Option<RetryFilter>,
-) -> Result<Exit> {
+    retry: Option<&RetryFilter>,
+) -> Result<(ApiClient, Store, i64)> {
     check_inputs(csv, &cfg.csv)?;
-    if let Some(filter) = &retry {
+    if let Some(filter) = retry {
         check_classes(&filter.classes)?;
     }
-    let dir = tempfile::tempdir()
-        .map_err(|e| Error::Internal(format!("cannot make a temporary directory: {e}")))?;
-    let copy = dir.path().join("dry-run.db");
-    if cfg.db.exists() {
-        Store::snapshot(&cfg.db, &copy)?;
-    }
-    let store = Store::open(&copy)?;
-    let run_id = store.begin_run(command, "{}".into(), true).await?;
-    let requeued = match &retry {
-        Some(filter) => Some(store.requeue_failed(run_id, filter.clone()).await? as u64),
-        None if cfg.engine.resend_unknown => {
-            store.requeue_unknown(run_id).await?;
-            None
-        }
-        None => None,
-    };
-    let mut imported = ImportCounts::default();
-    for path in csv {
-        imported += import_csv(&store, run_id, path, &cfg.csv).await?;
-    }
-    imported += store.move_inbox(run_id, Timestamp::now()).await?;
-    let always = cfg.engine.precheck == engine::Precheck::Always;
-    let (jobs, checks) = store.send_plan(always).await?;
-    let states = store.state_counts().await?;
-    store.close().await;
-    let in_copy = |s: &str| states.iter().find(|(n, _)| n == s).map_or(0, |(_, n)| *n);
-    let requests = jobs + checks;
-    let estimate = cfg.engine.rate.map(|r| requests as f64 / r);
-    let plan = serde_json::json!({
-        "dry_run": true,
-        "command": command,
-        "imported": imported,
-        "requeued": requeued,
-        "jobs_to_send": jobs,
-        "checked_first": checks,
-        "already_succeeded": in_copy("succeeded"),
-        "invalid": in_copy("invalid"),
-        "failed": in_copy("failed"),
-        "unknown": in_copy("unknown"),
-        "conflicts": imported.conflicts,
-        "requests": requests,
-        "rate_per_sec": cfg.engine.rate,
-        "concurrency": cfg.engine.concurrency,
-        "estimated_secs": estimate,
-    });
-    let mut text = format!(
-        "kohort-batch {command} --dry-run: nothing was changed, nothing was sent\n\
-         \x20 Imported   {}: {} queued, {} fixed, {} invalid, {}, {}\n",
-        crate::text::count(imported.rows, "row", "rows"),
-        imported.queued,
-        imported.fixed,
-        imported.invalid,
-        crate::text::count(imported.duplicates, "duplicate", "duplicates"),
-        crate::text::count(imported.conflicts, "conflict", "conflicts"),
-    );
-    if let Some(n) = requeued {
-        text.push_str(&format!(
-            "  Retry      {} would go back to pending\n",
-            crate::text::count(n, "failed job", "failed jobs")
-        ));
-    }
-    text.push_str(&format!(
-        "  Would send {} ({} checked first for an existing group); {} already succeeded\n\
-         \x20 Requests   about {requests} ({jobs} creates, {checks} checks; a check that finds a \
-         group fetches it instead of creating one)\n",
-        crate::text::count(jobs.max(0) as u64, "job", "jobs"),
-        checks,
-        in_copy("succeeded"),
-    ));
-    text.push_str(&match estimate {
-        Some(secs) => format!(
-            "  Time       about {} at --rate {}/s (--concurrency {})\n",
-            crate::text::human(Duration::from_secs(secs.ceil() as u64)),
-            cfg.engine.rate.unwrap_or(0.0),
-            cfg.engine.concurrency
-        ),
-        None => "  Time       no --rate: as fast as the API answers\n".to_owned(),
-    });
-    super::out::report(&text)?;
-    if let Some(path) = &cfg.report_json {
-        write_atomic(
-            path,
-            serde_json::to_string_pretty(&plan)
-                .unwrap_or_default()
-                .as_bytes(),
-        )?;
-    }
-    Ok(if imported.invalid + imported.conflicts > 0 {
-        Exit::RowsFailed
-    } else {
-        Exit::Success
+    let api = ApiClient::new(&cfg.api_base, &cfg.key, cfg.timeout, cfg.ca_cert.as_deref())?;
+    let store = Store::open_with(&cfg.db, Access::Write, cfg.busy_timeout)?;
+    let options = serde_json::json!({
+        "api_base": cfg.api_base,
+        "timeout_secs": cfg.timeout.as_secs_f64(),
+        "engine": cfg.engine,
+        "csv": csv,
+        "retry_filter": retry.map(|f| format!("{f:?}")),
     })
+    .to_string();
+    let run_id = store.begin_run(command, options, true).await?;
+    Ok((api, store, run_id))
+}
+
+/// A run that could not start still says so to monitoring (exit 5, 74, …).
+fn write_early_metrics(cfg: &SendConfig, e: &Error) {
+    if let Some(path) = &cfg.metrics_file {
+        let text = crate::metrics::render(&crate::metrics::Finished::early(e.exit().code()));
+        if let Err(m) = super::write_readable(path, text.as_bytes()) {
+            tracing::warn!(error = %m, "cannot write the metrics file");
+        }
+    }
+}
+
+/// Puts jobs back to pending before the run sends: the failed ones `retry`
+/// matches (how many, for the report), else with `--include-unknown` those whose
+/// outcome is unknown.
+async fn requeue(
+    cfg: &SendConfig,
+    store: &Store,
+    run_id: i64,
+    retry: Option<&RetryFilter>,
+) -> Result<Option<u64>> {
+    match retry {
+        Some(filter) => {
+            let n = store.requeue_failed(run_id, filter.clone()).await?;
+            tracing::info!(jobs = n, "put failed jobs back to pending");
+            Ok(Some(n as u64))
+        }
+        None if cfg.engine.resend_unknown => {
+            let n = store.requeue_unknown(run_id).await?;
+            tracing::warn!(
+                jobs = n,
+                "re-sending rows whose earlier outcome is unknown (--include-unknown)"
+            );
+            Ok(None)
+        }
+        None => Ok(None),
+    }
+}
+
+/// Moves the rows producers wrote to the inbox into jobs.
+async fn move_inbox(store: &Store, run_id: i64) -> Result<()> {
+    let moved = store.move_inbox(run_id, Timestamp::now()).await?;
+    if moved.rows > 0 {
+        tracing::info!(
+            rows = moved.rows,
+            queued = moved.queued,
+            invalid = moved.invalid,
+            "moved the inbox into jobs"
+        );
+    }
+    Ok(())
+}
+
+/// Sends every pending job, with a progress bar when one shows.
+async fn send_pending(
+    cfg: &SendConfig,
+    store: &Store,
+    api: ApiClient,
+    control: Arc<Control>,
+    run_id: i64,
+) -> Result<engine::Drained> {
+    // Counting the pending jobs reads the whole table: only for a bar that shows.
+    let bar = if super::progress::wanted() {
+        let pending = state_count(&store.state_counts().await?, "pending");
+        super::progress::start(pending as u64)
+    } else {
+        None
+    };
+    let on_done = bar
+        .clone()
+        .map(|b| Arc::new(move || b.inc(1)) as engine::OnDone);
+    let drained = engine::drain(
+        store.clone(),
+        api,
+        cfg.engine.clone(),
+        control,
+        run_id,
+        on_done,
+    )
+    .await;
+    super::progress::finish(bar);
+    drained
 }
 
 /// Where a run's report and metrics go besides stdout.
@@ -298,55 +228,18 @@ async fn finish(
     sent: bool,
     outputs: Outputs<'_>,
 ) -> Result<Exit> {
-    let (exit, stopped, error) = match outcome {
-        Err(e) => (e.exit(), Some(e.to_string()), Some(e)),
-        Ok(Some(StopReason::Api(why))) => (Exit::StoppedByApi, Some(why), None),
-        Ok(Some(StopReason::Signal)) => (
-            Exit::Interrupted,
-            Some("interrupted by a signal".to_owned()),
-            None,
-        ),
-        Ok(None) => (Exit::Success, None, None),
-    };
+    let (exit, stopped, error) = ending(outcome);
     // The writing is done: the WAL can be copied while the report is read.
     store.checkpoint_soon();
     let mut facts = store
         .run_facts(run_id)
         .await?
         .ok_or_else(|| Error::Internal(format!("run {run_id} vanished from the database")))?;
-    // What is left to do in the whole database, and how much of it is older than
-    // this run (the report's backlog; the metrics' gauges).
     let all_states = store.state_counts().await?;
-    let in_db = |s: &str| {
-        all_states
-            .iter()
-            .find(|(n, _)| n == s)
-            .map_or(0, |(_, n)| *n)
-    };
-    let this_run = |s: &str| {
-        facts
-            .states
-            .iter()
-            .find(|(n, _)| n == s)
-            .map_or(0, |(_, n)| *n)
-    };
-    let backlog: std::collections::BTreeMap<String, i64> =
-        ["failed", "unknown", "invalid", "pending"]
-            .iter()
-            .map(|s| ((*s).to_owned(), (in_db(s) - this_run(s)).max(0)))
-            .collect();
+    let in_db = |s: &str| state_count(&all_states, s);
+    let backlog = backlog(&all_states, &facts.states);
     let exit = if exit == Exit::Success {
-        // Without sending, pending is the expected end state of a row.
-        let fine = |s: &str| s == "succeeded" || (!sent && s == "pending");
-        let bad =
-            facts.states.iter().any(|(s, n)| *n > 0 && !fine(s)) || !facts.conflicts.is_empty();
-        // A retry whose filters matched nothing has not dealt with the failures left.
-        let retried_nothing = outputs.requeued == Some(0) && in_db("failed") > 0;
-        if bad || retried_nothing {
-            Exit::RowsFailed
-        } else {
-            Exit::Success
-        }
+        judge(&facts, sent, outputs.requeued, in_db("failed"))
     } else {
         exit
     };
@@ -379,29 +272,17 @@ async fn finish(
         None => None,
     };
     store.close().await;
-    tracing::info!(
-        run = run_id,
-        command = %report.command,
-        exit_code = exit.code(),
-        duration_secs = report.duration_secs.unwrap_or(0.0),
-        succeeded = report.jobs.get("succeeded").copied().unwrap_or(0),
-        failed = report.jobs.get("failed").copied().unwrap_or(0),
-        unknown = report.jobs.get("unknown").copied().unwrap_or(0),
-        invalid = report.jobs.get("invalid").copied().unwrap_or(0),
-        pending = report.jobs.get("pending").copied().unwrap_or(0),
-        requests = report.requests.total,
-        "run finished"
-    );
+    log_finished(run_id, &report, exit);
     super::out::report(&report.to_text())?;
     if let Some(path) = outputs.report_json {
         write_atomic(path, report.to_json().as_bytes())?;
     }
     if let Some(path) = outputs.metrics_file {
-        let backlog: Vec<(String, i64)> = ["failed", "unknown", "invalid", "pending", "in_flight"]
+        let gauges: Vec<(String, i64)> = ["failed", "unknown", "invalid", "pending", "in_flight"]
             .iter()
             .map(|s| ((*s).to_owned(), in_db(s)))
             .collect();
-        let mut finished = crate::metrics::Finished::of(&report, &backlog, last_success);
+        let mut finished = crate::metrics::Finished::of(&report, &gauges, last_success);
         finished.groups_without_share_id = no_share_id;
         let text = crate::metrics::render(&finished);
         super::write_readable(path, text.as_bytes())?;
@@ -412,12 +293,79 @@ async fn finish(
     }
 }
 
+/// How the run ended, before its jobs are looked at: the exit code, why it
+/// stopped (for the report), and the error to hand back.
+fn ending(outcome: Result<Option<StopReason>>) -> (Exit, Option<String>, Option<Error>) {
+    match outcome {
+        Err(e) => (e.exit(), Some(e.to_string()), Some(e)),
+        Ok(Some(StopReason::Api(why))) => (Exit::StoppedByApi, Some(why), None),
+        Ok(Some(StopReason::Signal)) => (
+            Exit::Interrupted,
+            Some("interrupted by a signal".to_owned()),
+            None,
+        ),
+        Ok(None) => (Exit::Success, None, None),
+    }
+}
+
+/// The exit code of a run that ended normally: rows that did not succeed (or
+/// conflicted) fail it, and so does a retry whose filters matched nothing while
+/// `failed_in_db` failed jobs are left.
+fn judge(facts: &RunFacts, sent: bool, requeued: Option<u64>, failed_in_db: i64) -> Exit {
+    // Without sending, pending is the expected end state of a row.
+    let fine = |s: &str| s == "succeeded" || (!sent && s == "pending");
+    let bad = facts.states.iter().any(|(s, n)| *n > 0 && !fine(s)) || !facts.conflicts.is_empty();
+    let retried_nothing = requeued == Some(0) && failed_in_db > 0;
+    if bad || retried_nothing {
+        Exit::RowsFailed
+    } else {
+        Exit::Success
+    }
+}
+
+/// What is left to do in the whole database that is older than this run: jobs
+/// by state, less those of `this_run`.
+fn backlog(all_states: &[(String, i64)], this_run: &[(String, i64)]) -> BTreeMap<String, i64> {
+    ["failed", "unknown", "invalid", "pending"]
+        .iter()
+        .map(|s| {
+            let older = state_count(all_states, s) - state_count(this_run, s);
+            ((*s).to_owned(), older.max(0))
+        })
+        .collect()
+}
+
+/// How many jobs `counts` (state, count) has in `state`.
+pub(super) fn state_count(counts: &[(String, i64)], state: &str) -> i64 {
+    counts
+        .iter()
+        .find(|(n, _)| n == state)
+        .map_or(0, |(_, n)| *n)
+}
+
+fn log_finished(run_id: i64, report: &Report, exit: Exit) {
+    let jobs = |s: &str| report.jobs.get(s).copied().unwrap_or(0);
+    tracing::info!(
+        run = run_id,
+        command = %report.command,
+        exit_code = exit.code(),
+        duration_secs = report.duration_secs.unwrap_or(0.0),
+        succeeded = jobs("succeeded"),
+        failed = jobs("failed"),
+        unknown = jobs("unknown"),
+        invalid = jobs("invalid"),
+        pending = jobs("pending"),
+        requests = report.requests.total,
+        "run finished"
+    );
+}
+
 /// The failure classes `retry-failed --class` knows: those the engine records.
 pub const FAILURE_CLASSES: &str =
     "retries_exhausted, order_not_found, http_400, http_404, http_422 (any http_NNN of a 4xx)";
 
 /// Refuses a `--class` no failed job can have (a typo would match nothing, silently).
-fn check_classes(classes: &[String]) -> Result<()> {
+pub(super) fn check_classes(classes: &[String]) -> Result<()> {
     for class in classes {
         let http = class.strip_prefix("http_").is_some_and(|n| {
             n.len() == 3 && n.starts_with('4') && n.bytes().all(|b| b.is_ascii_digit())

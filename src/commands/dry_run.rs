@@ -1,0 +1,176 @@
+//! `--dry-run` of `run` and `retry-failed`: the same import, inbox move and requeue
+//! as the command, on a copy of the database in a temporary directory (the database
+//! itself is only read, no lock is taken, nothing is sent); then what sending
+//! would take, as text and (with `--report-json`) as JSON.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use super::send::{check_classes, check_inputs, import_csv, state_count};
+use super::write_atomic;
+use crate::config::SendConfig;
+use crate::engine;
+use crate::error::{Error, Exit, Result};
+use crate::store::{ImportCounts, RetryFilter, Store};
+use crate::text::count;
+
+/// Runs the command's preparation on a copy of the database and says what
+/// sending would take.
+pub(super) async fn dry_run(
+    cfg: &SendConfig,
+    command: &str,
+    csv: &[PathBuf],
+    retry: Option<RetryFilter>,
+) -> Result<Exit> {
+    check_inputs(csv, &cfg.csv)?;
+    if let Some(filter) = &retry {
+        check_classes(&filter.classes)?;
+    }
+    let plan = plan_on_copy(cfg, command, csv, retry.as_ref()).await?;
+    super::out::report(&plan.to_text(cfg))?;
+    if let Some(path) = &cfg.report_json {
+        write_atomic(
+            path,
+            serde_json::to_string_pretty(&plan.to_json(cfg))
+                .unwrap_or_default()
+                .as_bytes(),
+        )?;
+    }
+    Ok(if plan.imported.invalid + plan.imported.conflicts > 0 {
+        Exit::RowsFailed
+    } else {
+        Exit::Success
+    })
+}
+
+/// What the copy of the database holds once the command prepared it.
+struct Plan<'a> {
+    command: &'a str,
+    imported: ImportCounts,
+    /// `retry-failed`: how many failed jobs its filters put back.
+    requeued: Option<u64>,
+    /// Jobs that would be sent, and how many of them are checked first.
+    jobs: i64,
+    checks: i64,
+    /// Jobs by state in the copy.
+    states: Vec<(String, i64)>,
+}
+
+/// Requeues, imports and moves the inbox as the command would, on a copy of the
+/// database that is dropped afterwards.
+async fn plan_on_copy<'a>(
+    cfg: &SendConfig,
+    command: &'a str,
+    csv: &[PathBuf],
+    retry: Option<&RetryFilter>,
+) -> Result<Plan<'a>> {
+    let dir = tempfile::tempdir()
+        .map_err(|e| Error::Internal(format!("cannot make a temporary directory: {e}")))?;
+    let copy = dir.path().join("dry-run.db");
+    if cfg.db.exists() {
+        Store::snapshot(&cfg.db, &copy)?;
+    }
+    let store = Store::open(&copy)?;
+    let run_id = store.begin_run(command, "{}".into(), true).await?;
+    let requeued = match retry {
+        Some(filter) => Some(store.requeue_failed(run_id, filter.clone()).await? as u64),
+        None if cfg.engine.resend_unknown => {
+            store.requeue_unknown(run_id).await?;
+            None
+        }
+        None => None,
+    };
+    let mut imported = ImportCounts::default();
+    for path in csv {
+        imported += import_csv(&store, run_id, path, &cfg.csv).await?;
+    }
+    imported += store.move_inbox(run_id, Timestamp::now()).await?;
+    let always = cfg.engine.precheck == engine::Precheck::Always;
+    let (jobs, checks) = store.send_plan(always).await?;
+    let states = store.state_counts().await?;
+    store.close().await;
+    Ok(Plan {
+        command,
+        imported,
+        requeued,
+        jobs,
+        checks,
+        states,
+    })
+}
+
+impl Plan<'_> {
+    fn in_copy(&self, state: &str) -> i64 {
+        state_count(&self.states, state)
+    }
+
+    fn requests(&self) -> i64 {
+        self.jobs + self.checks
+    }
+
+    /// Seconds sending would take at the configured rate; `None` without a rate.
+    fn estimated_secs(&self, cfg: &SendConfig) -> Option<f64> {
+        cfg.engine.rate.map(|r| self.requests() as f64 / r)
+    }
+
+    fn to_json(&self, cfg: &SendConfig) -> serde_json::Value {
+        serde_json::json!({
+            "dry_run": true,
+            "command": self.command,
+            "imported": self.imported,
+            "requeued": self.requeued,
+            "jobs_to_send": self.jobs,
+            "checked_first": self.checks,
+            "already_succeeded": self.in_copy("succeeded"),
+            "invalid": self.in_copy("invalid"),
+            "failed": self.in_copy("failed"),
+            "unknown": self.in_copy("unknown"),
+            "conflicts": self.imported.conflicts,
+            "requests": self.requests(),
+            "rate_per_sec": cfg.engine.rate,
+            "concurrency": cfg.engine.concurrency,
+            "estimated_secs": self.estimated_secs(cfg),
+        })
+    }
+
+    fn to_text(&self, cfg: &SendConfig) -> String {
+        let (command, imported) = (self.command, &self.imported);
+        let (jobs, checks, requests) = (self.jobs, self.checks, self.requests());
+        let mut text = format!(
+            "kohort-batch {command} --dry-run: nothing was changed, nothing was sent\n\
+             \x20 Imported   {}: {} queued, {} fixed, {} invalid, {}, {}\n",
+            count(imported.rows, "row", "rows"),
+            imported.queued,
+            imported.fixed,
+            imported.invalid,
+            count(imported.duplicates, "duplicate", "duplicates"),
+            count(imported.conflicts, "conflict", "conflicts"),
+        );
+        if let Some(n) = self.requeued {
+            text.push_str(&format!(
+                "  Retry      {} would go back to pending\n",
+                count(n, "failed job", "failed jobs")
+            ));
+        }
+        text.push_str(&format!(
+            "  Would send {} ({} checked first for an existing group); {} already succeeded\n\
+             \x20 Requests   about {requests} ({jobs} creates, {checks} checks; a check that finds a \
+             group fetches it instead of creating one)\n",
+            count(jobs.max(0) as u64, "job", "jobs"),
+            checks,
+            self.in_copy("succeeded"),
+        ));
+        text.push_str(&match self.estimated_secs(cfg) {
+            Some(secs) => format!(
+                "  Time       about {} at --rate {}/s (--concurrency {})\n",
+                crate::text::human(Duration::from_secs(secs.ceil() as u64)),
+                cfg.engine.rate.unwrap_or(0.0),
+                cfg.engine.concurrency
+            ),
+            None => "  Time       no --rate: as fast as the API answers\n".to_owned(),
+        });
+        text
+    }
+}

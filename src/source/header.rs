@@ -1,0 +1,121 @@
+//! The header: what each column means (case, spaces and snake/camel case folded),
+//! and the checks a header must pass before any row is read.
+
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Column {
+    CustomerId,
+    OrderId,
+    PaymentIntentId,
+    ExpiresAt,
+    MidExpireAt,
+    Metadata,
+    MetadataKey(String),
+    /// Columns that `export failures` adds; ignored on re-import.
+    ExportOnly,
+    Unknown,
+}
+
+pub(super) fn column_for(header: &str) -> Column {
+    let trimmed = header.trim();
+    if let Some(rest) = trimmed
+        .get(..9)
+        .filter(|p| p.eq_ignore_ascii_case("metadata."))
+        .map(|_| &trimmed[9..])
+    {
+        return Column::MetadataKey(rest.to_owned());
+    }
+    let norm: String = trimmed
+        .chars()
+        .filter(|c| !matches!(c, '_' | '-' | ' '))
+        .flat_map(char::to_lowercase)
+        .collect();
+    match norm.as_str() {
+        "customerid" => Column::CustomerId,
+        "orderid" => Column::OrderId,
+        "paymentintentid" => Column::PaymentIntentId,
+        "expiresat" => Column::ExpiresAt,
+        "midexpireat" => Column::MidExpireAt,
+        "metadata" => Column::Metadata,
+        "error" | "line" | "state" | "source" => Column::ExportOnly,
+        _ => Column::Unknown,
+    }
+}
+
+/// The canonical name of an input column (`customer_id` → `customerId`,
+/// `Metadata.x` → `metadata.x`); `None` for columns that are not input.
+pub fn canonical_header(header: &str) -> Option<String> {
+    Some(match column_for(header) {
+        Column::CustomerId => "customerId".to_owned(),
+        Column::OrderId => "orderId".to_owned(),
+        Column::PaymentIntentId => "paymentIntentId".to_owned(),
+        Column::ExpiresAt => "expiresAt".to_owned(),
+        Column::MidExpireAt => "midExpireAt".to_owned(),
+        Column::Metadata => "metadata".to_owned(),
+        Column::MetadataKey(k) => format!("metadata.{k}"),
+        Column::ExportOnly | Column::Unknown => return None,
+    })
+}
+
+/// Two header columns that name one field (after case, space and snake/camel
+/// folding): the message naming both, or `None`. Which one to send is the person's
+/// call, never a silent pick.
+fn same_field_twice(headers: &[String], columns: &[Column]) -> Option<String> {
+    for (j, column) in columns.iter().enumerate() {
+        if matches!(column, Column::ExportOnly | Column::Unknown) {
+            continue;
+        }
+        if let Some(i) = columns[..j].iter().position(|c| c == column) {
+            let field = canonical_header(&headers[j]).unwrap_or_else(|| headers[j].clone());
+            return Some(format!(
+                "columns {} ({:?}) and {} ({:?}) both give {field}: keep one of them (rename \
+                 or delete the other) and run again; nothing was imported",
+                i + 1,
+                headers[i],
+                j + 1,
+                headers[j]
+            ));
+        }
+    }
+    None
+}
+
+/// Up to 20 names, then how many more: a header of 100,000 unknown columns makes one
+/// readable line, not 100,000.
+pub fn list_some(names: &[String]) -> String {
+    const SHOWN: usize = 20;
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        text.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    text
+}
+
+/// Whether the columns can make a request: no field given twice, a customer id and
+/// an order or payment intent id. The message says what to change.
+pub(super) fn check_columns(headers: &[String], columns: &[Column]) -> Result<(), String> {
+    if let Some(message) = same_field_twice(headers, columns) {
+        return Err(message);
+    }
+    let has = |c: Column| columns.contains(&c);
+    let mut missing = Vec::new();
+    if !has(Column::CustomerId) {
+        missing.push("customerId column");
+    }
+    if !has(Column::OrderId) && !has(Column::PaymentIntentId) {
+        missing.push("orderId (or paymentIntentId) column");
+    }
+    if !missing.is_empty() {
+        return Err(format!(
+            "the header has no {} (found: {}); the columns are customerId, orderId, \
+             paymentIntentId, expiresAt, midExpireAt, metadata, metadata.KEY",
+            missing.join(" and no "),
+            headers.join(", ")
+        ));
+    }
+    Ok(())
+}

@@ -63,10 +63,6 @@ impl Sandbox {
         })
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// `http://127.0.0.1:PORT`, or `https://…` when serving TLS.
     pub fn url(&self) -> String {
         let scheme = if self.https { "https" } else { "http" };

@@ -1,4 +1,4 @@
-//! The sandbox's data: groups, orders, payment intents, and the counters the
+//! The sandbox's data: groups, orders, and the counters the
 //! stats endpoint reports. Behaves like the API notes describe, including the
 //! parts that hurt: creates are not idempotent, and a second create for an order
 //! makes a second group and re-links the order.
@@ -9,21 +9,14 @@ use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-/// A stored group, kept as the JSON the API would send (snake_case).
-#[derive(Debug, Clone)]
-pub struct StoredGroup {
-    pub share_id: String,
-    pub body: Value,
-}
-
 /// The sandbox's world.
 #[derive(Debug, Default)]
 pub struct World {
-    pub groups: HashMap<String, StoredGroup>,
+    /// group id → the group, kept as the JSON the API would send (snake_case).
+    pub groups: HashMap<String, Value>,
     share_ids: HashMap<String, String>,
     /// order id → its current group id (None: the order exists without a group).
     pub orders: HashMap<String, Option<String>>,
-    pub payment_intents: HashMap<String, String>,
     /// Groups created per order (or payment intent) key: the duplicate detector.
     pub groups_per_key: HashMap<String, u32>,
     pub requests: BTreeMap<String, u64>,
@@ -194,7 +187,7 @@ impl World {
     /// `GET /groups/{id}` by group id or share id; `None` is the API's empty 200.
     pub fn group(&self, id: &str) -> Option<Value> {
         let gid = self.share_ids.get(id).map_or(id, String::as_str);
-        self.groups.get(gid).map(|g| g.body.clone())
+        self.groups.get(gid).cloned()
     }
 
     /// Validates a create like the server does, without side effects.
@@ -362,12 +355,9 @@ impl World {
             "canceled_at": null,
             "completed_at": null,
         });
-        // Both ids: the group is linked to the payment intent, not the order.
+        // With both ids, the group counts for the payment intent; the order is not re-linked.
         let key = match (&pi, &order) {
-            (Some(p), _) => {
-                self.payment_intents.insert(p.clone(), id.clone());
-                format!("pi:{p}")
-            }
+            (Some(p), _) => format!("pi:{p}"),
             (None, Some(o)) => {
                 self.orders.insert(o.clone(), Some(id.clone()));
                 o.clone()
@@ -375,14 +365,8 @@ impl World {
             (None, None) => format!("none:{id}"),
         };
         *self.groups_per_key.entry(key).or_default() += 1;
-        self.share_ids.insert(share_id.clone(), id.clone());
-        self.groups.insert(
-            id,
-            StoredGroup {
-                share_id,
-                body: group.clone(),
-            },
-        );
+        self.share_ids.insert(share_id, id.clone());
+        self.groups.insert(id, group.clone());
         group
     }
 }

@@ -145,12 +145,15 @@ pub const MIN_SAFE_SETTLE: Duration = Duration::from_secs(45);
 
 /// Whether a checked API base is on loopback (the sandbox, a rehearsal).
 fn is_loopback(base: &str) -> bool {
-    url::Url::parse(base).is_ok_and(|u| match u.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => false,
-    })
+    url::Url::parse(base).is_ok_and(|u| u.host().is_some_and(host_is_loopback))
+}
+
+fn host_is_loopback(host: url::Host<&str>) -> bool {
+    match host {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+    }
 }
 
 /// Checks the API base URL with a real URL parser: https, or plain http to a
@@ -175,12 +178,10 @@ pub fn check_api_base(base: &str) -> Result<String> {
             "--api-base {base}: give the API's base address without ?query or #fragment"
         )));
     }
-    let loopback = match url.host() {
-        None => return Err(Error::usage(format!("--api-base {base:?} has no host"))),
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+    let Some(host) = url.host() else {
+        return Err(Error::usage(format!("--api-base {base:?} has no host")));
     };
+    let loopback = host_is_loopback(host);
     match url.scheme() {
         "https" => Ok(base.to_owned()),
         "http" if loopback => Ok(base.to_owned()),
@@ -301,52 +302,16 @@ pub struct Settings {
 pub fn resolve_settings(args: &SendArgs) -> Result<Settings> {
     let api_base = check_api_base(&args.api_base)?;
     let timeout = bounded_duration("timeout", &args.timeout, limits::TIMEOUT)?;
-    let settle = match &args.settle {
-        Some(s) => {
-            let settle = bounded_duration("settle", s, limits::SETTLE)?;
-            if settle < MIN_SAFE_SETTLE && !is_loopback(&api_base) {
-                tracing::warn!(
-                    settle = %s,
-                    "--settle {s} is shorter than {}: the API's hosting router gives up after \
-                     30 s while the application may still create the group, so a check that \
-                     soon can miss it and the row be sent twice",
-                    human(MIN_SAFE_SETTLE)
-                );
-            }
-            settle
-        }
-        None => (timeout * 2).max(MIN_SAFE_SETTLE),
-    };
+    let settle = resolve_settle(args.settle.as_deref(), timeout, &api_base)?;
     let concurrency = bounded("concurrency", args.concurrency, limits::CONCURRENCY)?;
-    if !args.rate.is_finite() || args.rate < 0.0 {
-        return Err(Error::usage(format!(
-            "--rate {} is not a request rate: give requests per second, like 5 or 0.5 (0 for no limit)",
-            args.rate
-        )));
-    }
-    let rate = if args.rate == 0.0 {
-        None
-    } else {
-        Some(bounded("rate", args.rate, limits::RATE)?)
-    };
+    let rate = resolve_rate(args.rate)?;
     let max_attempts = bounded("max-attempts", args.max_attempts, limits::MAX_ATTEMPTS)?;
     let breaker = bounded("breaker", args.breaker, limits::BREAKER)?;
     let grace = bounded_duration("grace", &args.grace, limits::GRACE)?;
     let max_pause = bounded_duration("max-pause", &args.max_pause, limits::MAX_PAUSE)?;
     let busy_timeout = bounded_duration("busy-timeout", &args.busy_timeout, limits::BUSY_TIMEOUT)?;
     if let Some(ca) = &args.ca_cert {
-        let pem = std::fs::read(ca).map_err(|source| Error::File {
-            action: "read the CA certificate (--ca-cert)",
-            path: ca.clone(),
-            source,
-        })?;
-        if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
-            return Err(Error::usage(format!(
-                "--ca-cert {}: no PEM certificate in it (a '-----BEGIN CERTIFICATE-----' \
-                 block); give the root certificate in PEM form",
-                ca.display()
-            )));
-        }
+        check_ca_cert(ca)?;
     }
     for (flag, path) in [
         ("report-json", &args.report_json),
@@ -381,6 +346,55 @@ pub fn resolve_settings(args: &SendArgs) -> Result<Settings> {
             seed: args.seed,
         },
     })
+}
+
+/// `--settle`, or by default the larger of twice the timeout and [`MIN_SAFE_SETTLE`];
+/// a shorter one is allowed but warned about, unless the API is on loopback.
+fn resolve_settle(settle: Option<&str>, timeout: Duration, api_base: &str) -> Result<Duration> {
+    let Some(s) = settle else {
+        return Ok((timeout * 2).max(MIN_SAFE_SETTLE));
+    };
+    let settle = bounded_duration("settle", s, limits::SETTLE)?;
+    if settle < MIN_SAFE_SETTLE && !is_loopback(api_base) {
+        tracing::warn!(
+            settle = %s,
+            "--settle {s} is shorter than {}: the API's hosting router gives up after \
+             30 s while the application may still create the group, so a check that \
+             soon can miss it and the row be sent twice",
+            human(MIN_SAFE_SETTLE)
+        );
+    }
+    Ok(settle)
+}
+
+/// `--rate`: requests per second, 0 for no limit (`None`).
+fn resolve_rate(rate: f64) -> Result<Option<f64>> {
+    if !rate.is_finite() || rate < 0.0 {
+        return Err(Error::usage(format!(
+            "--rate {rate} is not a request rate: give requests per second, like 5 or 0.5 (0 for no limit)"
+        )));
+    }
+    if rate == 0.0 {
+        return Ok(None);
+    }
+    bounded("rate", rate, limits::RATE).map(Some)
+}
+
+/// `--ca-cert` must name a readable file with a PEM certificate in it.
+fn check_ca_cert(ca: &Path) -> Result<()> {
+    let pem = std::fs::read(ca).map_err(|source| Error::File {
+        action: "read the CA certificate (--ca-cert)",
+        path: ca.to_owned(),
+        source,
+    })?;
+    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return Err(Error::usage(format!(
+            "--ca-cert {}: no PEM certificate in it (a '-----BEGIN CERTIFICATE-----' \
+             block); give the root certificate in PEM form",
+            ca.display()
+        )));
+    }
+    Ok(())
 }
 
 /// An output file must be creatable where it is named: its directory exists and

@@ -191,68 +191,70 @@ impl ApiClient {
             .headers()
             .get(reqwest::header::LOCATION)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        let body = match read_bounded(resp).await {
-            Ok(Some(b)) => b,
-            Ok(None) => {
-                // Not read past the limit: for a create the group may well exist
-                // (checked, never re-sent blindly); for a lookup, ask again later.
-                let class = match (kind_is_create, (200..300).contains(&status)) {
-                    (true, true) => Class::Ambiguous,
-                    (false, true) => Class::Retry,
-                    _ => classify(Exchange::Http {
-                        status,
-                        body_ok: true,
-                    }),
-                };
-                let error = format!(
-                    "HTTP {status}, but the body is over {} MiB and was not read",
-                    MAX_BODY >> 20
-                );
-                return reply(class, Some(status), retry_after, Some(error), None);
-            }
-            Err(e) => {
-                let class = if (200..300).contains(&status) {
-                    classify(Exchange::Transport(Transport::Body))
-                } else {
-                    classify(Exchange::Http {
-                        status,
-                        body_ok: true,
-                    })
-                };
-                let error = format!(
-                    "HTTP {status}, but the body was cut short: {}",
-                    error_chain(&e)
-                );
-                return reply(class, Some(status), retry_after, Some(error), None);
-            }
-        };
-        if (200..300).contains(&status) {
-            return match parse(&body) {
-                Ok(v) => reply(Class::Ok, Some(status), retry_after, None, Some(v)),
-                Err(why) => {
-                    let class = classify(Exchange::Http {
-                        status,
-                        body_ok: false,
-                    });
-                    let error = format!("HTTP {status}, but the response could not be read: {why}");
-                    reply(class, Some(status), retry_after, Some(error), None)
-                }
-            };
-        }
-        let class = classify(Exchange::Http {
-            status,
-            body_ok: true,
-        });
-        let error = if (300..400).contains(&status) {
-            format!(
-                "HTTP {status}, a redirect to {}",
-                location.as_deref().unwrap_or("nowhere given")
-            )
-        } else {
-            wire::describe_error(status, &body)
-        };
-        reply(class, Some(status), retry_after, Some(error), None)
+        let body = read_bounded(resp).await;
+        let (class, error, value) = judge(status, body, location.as_deref(), parse, kind_is_create);
+        reply(class, Some(status), retry_after, error, value)
     }
+}
+
+/// What a response comes to once its body is read, or found too long or cut short:
+/// its class, the readable error (None on success) and the parsed value.
+fn judge<T>(
+    status: u16,
+    body: reqwest::Result<Option<bytes::Bytes>>,
+    location: Option<&str>,
+    parse: fn(&[u8]) -> Result<T, String>,
+    kind_is_create: bool,
+) -> (Class, Option<String>, Option<T>) {
+    let success = (200..300).contains(&status);
+    let http = |body_ok| classify(Exchange::Http { status, body_ok });
+    let body = match body {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            // Not read past the limit: for a create the group may well exist
+            // (checked, never re-sent blindly); for a lookup, ask again later.
+            let class = match (kind_is_create, success) {
+                (true, true) => Class::Ambiguous,
+                (false, true) => Class::Retry,
+                _ => http(true),
+            };
+            let error = format!(
+                "HTTP {status}, but the body is over {} MiB and was not read",
+                MAX_BODY >> 20
+            );
+            return (class, Some(error), None);
+        }
+        Err(e) => {
+            let class = if success {
+                classify(Exchange::Transport(Transport::Body))
+            } else {
+                http(true)
+            };
+            let error = format!(
+                "HTTP {status}, but the body was cut short: {}",
+                error_chain(&e)
+            );
+            return (class, Some(error), None);
+        }
+    };
+    if success {
+        return match parse(&body) {
+            Ok(v) => (Class::Ok, None, Some(v)),
+            Err(why) => {
+                let error = format!("HTTP {status}, but the response could not be read: {why}");
+                (http(false), Some(error), None)
+            }
+        };
+    }
+    let error = if (300..400).contains(&status) {
+        format!(
+            "HTTP {status}, a redirect to {}",
+            location.unwrap_or("nowhere given")
+        )
+    } else {
+        wire::describe_error(status, &body)
+    };
+    (http(true), Some(error), None)
 }
 
 /// The largest response body read: a group, an order or an error is a few KiB;
@@ -333,6 +335,49 @@ mod tests {
         assert!(!format!("{key:?}").contains("secret"));
         assert!(!key.is_live());
         assert!(ApiKey::new("sk_live_x".into()).is_live());
+    }
+
+    #[test]
+    fn a_read_response_is_judged_by_status_body_and_kind() {
+        type Read = reqwest::Result<Option<bytes::Bytes>>;
+        let parse = |b: &[u8]| -> Result<u8, String> { b.first().copied().ok_or("empty".into()) };
+        let body = |b: &'static [u8]| Ok(Some(bytes::Bytes::from_static(b)));
+        let cases: [(u16, Read, bool, Class, bool); 7] = [
+            (201, body(b"x"), true, Class::Ok, false),
+            (201, Ok(None), true, Class::Ambiguous, true),
+            (200, Ok(None), false, Class::Retry, true),
+            (
+                201,
+                body(b""),
+                true,
+                classify(Exchange::Http {
+                    status: 201,
+                    body_ok: false,
+                }),
+                true,
+            ),
+            (400, body(b"{}"), true, Class::Definitive, true),
+            (400, Ok(None), false, Class::Definitive, true),
+            (
+                302,
+                body(b""),
+                false,
+                classify(Exchange::Http {
+                    status: 302,
+                    body_ok: true,
+                }),
+                true,
+            ),
+        ];
+        for (status, b, create, class, has_error) in cases {
+            let (got, error, value) = judge(status, b, Some("/elsewhere"), parse, create);
+            assert_eq!(
+                (got, error.is_some(), value.is_some()),
+                (class, has_error, !has_error)
+            );
+        }
+        let (_, error, _) = judge(302, body(b""), Some("/elsewhere"), parse, false);
+        assert_eq!(error.as_deref(), Some("HTTP 302, a redirect to /elsewhere"));
     }
 
     #[test]

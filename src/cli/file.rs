@@ -184,31 +184,7 @@ fn file_args(
         ) {
             continue;
         }
-        let values: Vec<String> = match value {
-            toml::Value::String(s) => vec![s.clone()],
-            toml::Value::Integer(i) => vec![i.to_string()],
-            toml::Value::Float(f) => vec![f.to_string()],
-            toml::Value::Boolean(b) => vec![b.to_string()],
-            toml::Value::Array(items) => items
-                .iter()
-                .map(|i| match i {
-                    toml::Value::String(s) => Ok(s.clone()),
-                    toml::Value::Integer(n) => Ok(n.to_string()),
-                    other => Err(bad(
-                        path,
-                        key,
-                        format!("{other} is not a string or a number"),
-                    )),
-                })
-                .collect::<Result<_, _>>()?,
-            other => {
-                return Err(bad(
-                    path,
-                    key,
-                    format!("{other} is not a value this option takes"),
-                ));
-            }
-        };
+        let values = toml_values(path, key, value)?;
         if matches!(arg.get_action(), ArgAction::SetTrue) {
             match values.as_slice() {
                 [v] if v == "true" => out.push((format!("--{long}"), String::new())),
@@ -225,6 +201,36 @@ fn file_args(
         }
     }
     Ok(out)
+}
+
+/// A TOML value as the command-line values it stands for (an array gives several).
+fn toml_values(path: &Path, key: &str, value: &toml::Value) -> Result<Vec<String>, Error> {
+    let values = match value {
+        toml::Value::String(s) => vec![s.clone()],
+        toml::Value::Integer(i) => vec![i.to_string()],
+        toml::Value::Float(f) => vec![f.to_string()],
+        toml::Value::Boolean(b) => vec![b.to_string()],
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|i| match i {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(n) => Ok(n.to_string()),
+                other => Err(bad(
+                    path,
+                    key,
+                    format!("{other} is not a string or a number"),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        other => {
+            return Err(bad(
+                path,
+                key,
+                format!("{other} is not a value this option takes"),
+            ));
+        }
+    };
+    Ok(values)
 }
 
 /// clap's message on one line, without its "error:" prefix and help hint.

@@ -1,6 +1,6 @@
-//! The sandbox's data: groups, orders, payment intents, and the counters the
-//! stats endpoint reports. Behaves like the API notes describe, including the
-//! parts that hurt: creates are not idempotent, and a second create for an order
+//! The sandbox's data: groups, orders, and the counters the
+//! stats endpoint reports. Behaves like the real API, including the parts that
+//! hurt: creates are not idempotent, and a second create for an order
 //! makes a second group and re-links the order.
 
 use std::collections::{BTreeMap, HashMap};
@@ -9,21 +9,14 @@ use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-/// A stored group, kept as the JSON the API would send (snake_case).
-#[derive(Debug, Clone)]
-pub struct StoredGroup {
-    pub share_id: String,
-    pub body: Value,
-}
-
 /// The sandbox's world.
 #[derive(Debug, Default)]
 pub struct World {
-    pub groups: HashMap<String, StoredGroup>,
+    /// group id → the group, kept as the JSON the API would send (snake_case).
+    pub groups: HashMap<String, Value>,
     share_ids: HashMap<String, String>,
     /// order id → its current group id (None: the order exists without a group).
     pub orders: HashMap<String, Option<String>>,
-    pub payment_intents: HashMap<String, String>,
     /// Groups created per order (or payment intent) key: the duplicate detector.
     pub groups_per_key: HashMap<String, u32>,
     pub requests: BTreeMap<String, u64>,
@@ -79,7 +72,11 @@ fn reject(status: u16, message: Value) -> Rejection {
     Rejection { status, message }
 }
 
-fn field<'a>(obj: &'a Map<String, Value>, camel: &str, snake: &str) -> Option<&'a Value> {
+/// A field of a request body, named `(snake, camel)` as the client's parser names
+/// them; the server reads the camelCase spelling first, as its request bodies are
+/// camelCase, and takes the snake_case one when that is missing (a null counts as
+/// present there, but the result is then `None`).
+fn field<'a>(obj: &'a Map<String, Value>, snake: &str, camel: &str) -> Option<&'a Value> {
     obj.get(camel)
         .or_else(|| obj.get(snake))
         .filter(|v| !v.is_null())
@@ -87,6 +84,58 @@ fn field<'a>(obj: &'a Map<String, Value>, camel: &str, snake: &str) -> Option<&'
 
 fn ts(t: Timestamp) -> String {
     t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+/// The customer id of a create: a non-empty string the server accepts the form of.
+fn check_customer(obj: &Map<String, Value>) -> Result<&str, Rejection> {
+    match field(obj, "customer_id", "customerId") {
+        Some(Value::String(s)) if !s.is_empty() => {
+            if s.starts_with(REJECTED_CUSTOMER) {
+                return Err(reject(
+                    400,
+                    json!([
+                        format!("customerId {s} is not a valid customer id"),
+                        "customerId must belong to this account"
+                    ]),
+                ));
+            }
+            Ok(s)
+        }
+        _ => Err(reject(
+            400,
+            json!([
+                "customerId should not be empty",
+                "customerId must be a string"
+            ]),
+        )),
+    }
+}
+
+/// An expiry must be an ISO 8601 time from a minute after `now` to 90 days after
+/// the server started.
+fn check_expires_at(e: &Value, now: Timestamp, booted: Timestamp) -> Result<(), Rejection> {
+    let parsed = e.as_str().and_then(|s| s.parse::<Timestamp>().ok());
+    let Some(t) = parsed else {
+        return Err(reject(
+            400,
+            json!(["expiresAt must be a valid ISO 8601 date string"]),
+        ));
+    };
+    let (lo, hi) = (
+        now + SignedDuration::from_mins(1),
+        booted + SignedDuration::from_hours(90 * 24),
+    );
+    if t < lo || t > hi {
+        return Err(reject(
+            400,
+            json!([format!(
+                "expiresAt must be between {} and {}",
+                ts(lo),
+                ts(hi)
+            )]),
+        ));
+    }
+    Ok(())
 }
 
 impl World {
@@ -194,10 +243,11 @@ impl World {
     /// `GET /groups/{id}` by group id or share id; `None` is the API's empty 200.
     pub fn group(&self, id: &str) -> Option<Value> {
         let gid = self.share_ids.get(id).map_or(id, String::as_str);
-        self.groups.get(gid).map(|g| g.body.clone())
+        self.groups.get(gid).cloned()
     }
 
-    /// Validates a create like the server does, without side effects.
+    /// Validates a create like the server does, without side effects: the shape of
+    /// each field first (400), then whether the customer and order exist (404).
     pub fn validate_create(
         &self,
         body: &Value,
@@ -210,30 +260,9 @@ impl World {
                 json!(["the request body must be a JSON object"]),
             ));
         };
-        match field(obj, "customerId", "customer_id") {
-            Some(Value::String(s)) if !s.is_empty() => {
-                if s.starts_with(REJECTED_CUSTOMER) {
-                    return Err(reject(
-                        400,
-                        json!([
-                            format!("customerId {s} is not a valid customer id"),
-                            "customerId must belong to this account"
-                        ]),
-                    ));
-                }
-            }
-            _ => {
-                return Err(reject(
-                    400,
-                    json!([
-                        "customerId should not be empty",
-                        "customerId must be a string"
-                    ]),
-                ));
-            }
-        }
-        let order = field(obj, "orderId", "order_id");
-        let pi = field(obj, "paymentIntentId", "payment_intent_id");
+        let customer = check_customer(obj)?;
+        let order = field(obj, "order_id", "orderId");
+        let pi = field(obj, "payment_intent_id", "paymentIntentId");
         if order.is_none() && pi.is_none() {
             return Err(reject(
                 400,
@@ -245,32 +274,9 @@ impl World {
         {
             return Err(reject(400, json!(["metadata must be an object"])));
         }
-        if let Some(e) = field(obj, "expiresAt", "expires_at") {
-            let parsed = e.as_str().and_then(|s| s.parse::<Timestamp>().ok());
-            let Some(t) = parsed else {
-                return Err(reject(
-                    400,
-                    json!(["expiresAt must be a valid ISO 8601 date string"]),
-                ));
-            };
-            let (lo, hi) = (
-                now + SignedDuration::from_mins(1),
-                booted + SignedDuration::from_hours(90 * 24),
-            );
-            if t < lo || t > hi {
-                return Err(reject(
-                    400,
-                    json!([format!(
-                        "expiresAt must be between {} and {}",
-                        ts(lo),
-                        ts(hi)
-                    )]),
-                ));
-            }
+        if let Some(e) = field(obj, "expires_at", "expiresAt") {
+            check_expires_at(e, now, booted)?;
         }
-        let customer = field(obj, "customerId", "customer_id")
-            .and_then(Value::as_str)
-            .unwrap_or("");
         if customer.starts_with(UNKNOWN_CUSTOMER) {
             return Err(reject(
                 404,
@@ -300,11 +306,11 @@ impl World {
                 SignedDuration::from_mins(10)
             };
         let obj = body.as_object().cloned().unwrap_or_default();
-        let end = field(&obj, "expiresAt", "expires_at")
+        let end = field(&obj, "expires_at", "expiresAt")
             .and_then(Value::as_str)
             .and_then(|s| s.parse::<Timestamp>().ok())
             .unwrap_or(default_end);
-        if let Some(Value::String(o)) = field(&obj, "orderId", "order_id") {
+        if let Some(Value::String(o)) = field(&obj, "order_id", "orderId") {
             let o = o.clone();
             self.ensure_order(rng, &o, now);
         }
@@ -325,16 +331,16 @@ impl World {
         } else {
             format!("KHT-test-{}", Self::share_code(rng))
         };
-        let text = |camel, snake| {
-            field(obj, camel, snake)
+        let text = |snake, camel| {
+            field(obj, snake, camel)
                 .and_then(Value::as_str)
                 .map(str::to_owned)
         };
-        let order = text("orderId", "order_id");
-        let pi = text("paymentIntentId", "payment_intent_id");
+        let order = text("order_id", "orderId");
+        let pi = text("payment_intent_id", "paymentIntentId");
         let mid = now + SignedDuration::from_secs(end.duration_since(now).as_secs() / 2);
         // Deterministic rules for tests: a group that never gets a share id.
-        let customer = text("customerId", "customer_id").unwrap_or_default();
+        let customer = text("customer_id", "customerId").unwrap_or_default();
         let share = if customer.starts_with(NO_SHARE_ID) {
             Value::Null
         } else {
@@ -345,7 +351,7 @@ impl World {
             "share_id": share,
             "livemode": live,
             "status": "OPEN",
-            "customer_id": text("customerId", "customer_id"),
+            "customer_id": text("customer_id", "customerId"),
             "order_id": order,
             "payment_intent_id": pi,
             "creator_email": null,
@@ -362,12 +368,9 @@ impl World {
             "canceled_at": null,
             "completed_at": null,
         });
-        // Both ids: the group is linked to the payment intent, not the order.
+        // With both ids, the group counts for the payment intent; the order is not re-linked.
         let key = match (&pi, &order) {
-            (Some(p), _) => {
-                self.payment_intents.insert(p.clone(), id.clone());
-                format!("pi:{p}")
-            }
+            (Some(p), _) => format!("pi:{p}"),
             (None, Some(o)) => {
                 self.orders.insert(o.clone(), Some(id.clone()));
                 o.clone()
@@ -375,14 +378,8 @@ impl World {
             (None, None) => format!("none:{id}"),
         };
         *self.groups_per_key.entry(key).or_default() += 1;
-        self.share_ids.insert(share_id.clone(), id.clone());
-        self.groups.insert(
-            id,
-            StoredGroup {
-                share_id,
-                body: group.clone(),
-            },
-        );
+        self.share_ids.insert(share_id, id.clone());
+        self.groups.insert(id, group.clone());
         group
     }
 }
@@ -450,6 +447,18 @@ mod tests {
                 .1
                 .is_array()
         );
+    }
+
+    #[test]
+    fn fields_are_named_snake_then_camel_and_camel_is_read_first() {
+        let body = json!({"order_id": "o_snake", "orderId": "o_camel", "customer_id": "c",
+                          "customerId": null, "metadata": {}});
+        let obj = body.as_object().unwrap();
+        assert_eq!(field(obj, "order_id", "orderId"), Some(&json!("o_camel")));
+        // Present but null, the camelCase one still hides the other.
+        assert_eq!(field(obj, "customer_id", "customerId"), None);
+        assert_eq!(field(obj, "metadata", "metadata"), Some(&json!({})));
+        assert_eq!(field(obj, "expires_at", "expiresAt"), None);
     }
 
     #[test]

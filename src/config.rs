@@ -43,6 +43,8 @@ pub mod limits {
     pub const GRACE: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(3_600));
     pub const MAX_PAUSE: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(86_400));
     pub const BUSY_TIMEOUT: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(3_600));
+    /// The sandbox's `--late-after`.
+    pub const LATE_AFTER: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(3_600));
     /// Requests per second, when not 0 (no limit).
     pub const RATE: (f64, f64) = (0.001, 100_000.0);
     pub const CONCURRENCY: (usize, usize) = (1, 1_024);
@@ -489,7 +491,8 @@ pub fn resolve_sandbox(args: &SandboxArgs) -> Result<SandboxConfig> {
         truncated: probability("truncated", args.truncated)?,
         oversized: probability("oversized", args.oversized)?,
         late_create: probability("late-create", args.late_create)?,
-        late_after: parse_duration("late-after", &args.late_after)?,
+        late_after: bounded_duration("late-after", &args.late_after, limits::LATE_AFTER)?,
+        list_answer: args.list_answer.parse().map_err(Error::Usage)?,
         seed: args.seed,
         tls: args.tls_cert.clone().zip(args.tls_key.clone()),
     })

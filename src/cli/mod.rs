@@ -405,6 +405,11 @@ pub struct SandboxArgs {
     #[arg(long, default_value = "1s")]
     pub late_after: String,
 
+    /// How order lists answer: honest, unfiltered (ignore the search), refused (400),
+    /// first-only (only the first order asked for): servers not to be trusted.
+    #[arg(long, default_value = "honest", value_name = "HOW")]
+    pub list_answer: String,
+
     /// Seed for every random choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,

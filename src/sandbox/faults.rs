@@ -38,9 +38,41 @@ pub struct SandboxConfig {
     /// later still (the router gave up, the app carried on).
     pub late_create: f64,
     pub late_after: Duration,
+    /// How `GET /orders?search=` lists answer.
+    pub list_answer: ListAnswer,
     pub seed: u64,
     /// Serve HTTPS with this certificate chain and key (PEM files).
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// How the order list answers: as the server does, or as a server the client must
+/// not trust further than documented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListAnswer {
+    /// By the server's rules.
+    Honest,
+    /// Ignores `search`: the first orders of the account, whatever was asked.
+    Unfiltered,
+    /// Refuses every list with a 400.
+    Refused,
+    /// Lists only the first order asked for.
+    FirstOnly,
+}
+
+impl std::str::FromStr for ListAnswer {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "honest" => Ok(ListAnswer::Honest),
+            "unfiltered" => Ok(ListAnswer::Unfiltered),
+            "refused" => Ok(ListAnswer::Refused),
+            "first-only" => Ok(ListAnswer::FirstOnly),
+            _ => Err(format!(
+                "--list-answer {s:?} is not one of honest, unfiltered, refused, first-only"
+            )),
+        }
+    }
 }
 
 impl Default for SandboxConfig {
@@ -59,6 +91,7 @@ impl Default for SandboxConfig {
             oversized: 0.0,
             late_create: 0.0,
             late_after: Duration::from_secs(1),
+            list_answer: ListAnswer::Honest,
             seed: 1,
             tls: None,
         }

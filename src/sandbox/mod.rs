@@ -29,6 +29,6 @@ mod routes;
 mod server;
 pub mod state;
 
-pub use faults::SandboxConfig;
+pub use faults::{ListAnswer, SandboxConfig};
 pub use server::Sandbox;
 pub use state::Stats;

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 
 use super::app::{App, track};
 use super::faults::Fault;
+use super::faults::ListAnswer;
 use super::gate::{Pass, gate};
 use super::responses::{created_raw, dropped_connection, envelope, html_503};
 use super::state::{self, Rejection};
@@ -113,7 +114,7 @@ async fn late_create(app: Arc<App>, body: Value, live: bool) -> Response {
     app.count(format!("{CREATE} late"));
     let late_app = app.clone();
     tokio::spawn(async move {
-        tokio::time::sleep(delay * 2).await;
+        tokio::time::sleep(delay.saturating_mul(2)).await;
         late_app.create(&body, live);
     });
     tokio::time::sleep(delay).await;
@@ -156,12 +157,36 @@ async fn list_orders(
         }
     };
     let search = q.get("search").cloned().unwrap_or_default();
-    let asked = search.matches("id:").count() as u64;
+    let asked = asked_ids(&search);
+    app.list_ids_asked
+        .fetch_add(asked.len() as u64, Ordering::Relaxed);
+    let answer = app.faults().list_answer;
+    if answer == ListAnswer::Refused {
+        app.count(format!("{route} 400"));
+        return envelope(400, json!(["search must be one condition"]));
+    }
+    let search = match answer {
+        // Every order of the account, as if `search` were not there.
+        ListAnswer::Unfiltered => String::new(),
+        ListAnswer::FirstOnly => asked
+            .first()
+            .map(|id| format!("id:{id}"))
+            .unwrap_or_default(),
+        ListAnswer::Honest | ListAnswer::Refused => search,
+    };
     let (data, count) =
         app.change(|w, rng| w.list_orders(rng, &search, take, skip, Timestamp::now()));
     app.count(format!("{route} 200"));
-    app.list_ids_asked.fetch_add(asked, Ordering::Relaxed);
     axum::Json(json!({ "data": data, "count": count })).into_response()
+}
+
+/// The order ids an `id:` condition of `search` names.
+fn asked_ids(search: &str) -> Vec<&str> {
+    search
+        .split(',')
+        .flat_map(|any| any.split(" OR "))
+        .filter_map(|cond| cond.trim().strip_prefix("id:"))
+        .collect()
 }
 
 /// `(take, skip)` of a list query, by the server's limits, or what is wrong with them.

@@ -207,8 +207,10 @@ impl World {
             .map(|any| {
                 any.split(" OR ")
                     .filter_map(|cond| cond.trim().split_once(':'))
-                    .collect()
+                    .collect::<Vec<_>>()
             })
+            // No condition (no `search`): every order.
+            .filter(|any| !any.is_empty())
             .collect();
         for (field, value) in all.iter().flatten() {
             if *field == "id" && !value.starts_with(UNKNOWN_ORDER) {

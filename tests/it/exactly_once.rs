@@ -180,6 +180,44 @@ async fn late_creates_are_found_after_a_settle_delay_that_outlasts_them() {
     );
 }
 
+/// The hosting router answers 503 at 2 s while the application goes on and creates
+/// the group at 4 s. A settle shorter than that checks too early, finds nothing and
+/// sends again: a duplicate, counted by the sandbox, which is why the default settle
+/// is at least 45 s and a shorter one is warned about. One long enough recovers it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_settle_shorter_than_a_late_create_duplicates_and_a_long_one_does_not() {
+    let late = SandboxConfig {
+        late_create: 1.0,
+        late_after: Duration::from_secs(2),
+        ..SandboxConfig::default()
+    };
+    let short = Scene::new(late.clone(), &csv_rows(1)).await;
+    let mut a = short.args();
+    a.settle = Some("500ms".into());
+    a.max_attempts = 2;
+    a.precheck = PrecheckArg::Ambiguous;
+    assert_eq!(short.run(&a).await, Exit::RowsFailed);
+    until("the late creates to land", || {
+        short.sb.stats(false).groups_total >= 2
+    })
+    .await;
+    assert_eq!(short.sb.stats(false).duplicate_keys, 1);
+
+    let long = Scene::new(late, &csv_rows(1)).await;
+    let mut a = long.args();
+    a.settle = Some("5s".into());
+    a.precheck = PrecheckArg::Ambiguous;
+    assert_eq!(long.run(&a).await, Exit::Success);
+    assert_one_group_each(&long.sb, orders(1));
+    assert_eq!(
+        count(
+            &long.db,
+            "SELECT count(*) FROM jobs WHERE obtained = 'recovered'"
+        ),
+        1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn rows_that_cannot_be_checked_become_unknown_until_a_person_decides() {
     let mut text = String::from("customerId,paymentIntentId\n");

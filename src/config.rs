@@ -335,7 +335,6 @@ pub fn resolve_settings(args: &SendArgs) -> Result<Settings> {
             concurrency,
             rate,
             retry,
-            max_attempts,
             precheck: match args.precheck {
                 PrecheckArg::Always => Precheck::Always,
                 PrecheckArg::Ambiguous => Precheck::Ambiguous,

@@ -1,4 +1,5 @@
-//! The one error type a command can end with, and the exit codes of the design.
+//! The one error type a command can end with, and the exit codes
+//! (`docs/design.md#exit-codes`).
 //!
 //! A failed *row* is never an `Error`: it is data recorded in the store. An `Error`
 //! is something that stops a whole command (bad flags, an unreadable file, a
@@ -8,8 +9,10 @@ use std::path::PathBuf;
 
 use crate::store::DbCause;
 
-/// Process exit codes, exactly as `design.md` lists them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// Process exit codes, exactly as `docs/design.md#exit-codes` lists them. In JSON
+/// (reports, metrics) an exit is its number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(into = "u8", try_from = "u8")]
 #[repr(u8)]
 pub enum Exit {
     /// Every job ended succeeded.
@@ -32,9 +35,40 @@ pub enum Exit {
 }
 
 impl Exit {
+    /// Every exit, in code order.
+    pub const ALL: [Exit; 8] = [
+        Exit::Success,
+        Exit::RowsFailed,
+        Exit::Usage,
+        Exit::StoppedByApi,
+        Exit::Interrupted,
+        Exit::Locked,
+        Exit::Internal,
+        Exit::IoError,
+    ];
+
     /// The numeric code handed to the operating system.
     pub fn code(self) -> u8 {
         self as u8
+    }
+
+    /// The exit with this code, if it is one of the table's.
+    pub fn from_code(code: i64) -> Option<Exit> {
+        Exit::ALL.into_iter().find(|e| i64::from(e.code()) == code)
+    }
+}
+
+impl From<Exit> for u8 {
+    fn from(e: Exit) -> u8 {
+        e.code()
+    }
+}
+
+impl TryFrom<u8> for Exit {
+    type Error = String;
+
+    fn try_from(code: u8) -> std::result::Result<Exit, String> {
+        Exit::from_code(i64::from(code)).ok_or_else(|| format!("{code} is not an exit code"))
     }
 }
 

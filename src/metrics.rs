@@ -4,12 +4,13 @@
 
 use std::fmt::Write as _;
 
+use crate::Exit;
 use crate::report::Report;
 
 /// What the metrics file says about the run that just ended, whatever its exit.
 #[derive(Debug)]
 pub struct Finished<'a> {
-    pub exit_code: u8,
+    pub exit: Exit,
     /// Unix time.
     pub finished_at: f64,
     /// The run's report, when it got as far as one.
@@ -31,7 +32,7 @@ impl<'a> Finished<'a> {
             .and_then(|t| t.parse::<jiff::Timestamp>().ok())
             .unwrap_or_else(jiff::Timestamp::now);
         Finished {
-            exit_code: u8::try_from(report.exit_code.unwrap_or(70)).unwrap_or(70),
+            exit: report.exit.unwrap_or(Exit::Internal),
             finished_at: finished_at.as_millisecond() as f64 / 1000.0,
             report: Some(report),
             backlog,
@@ -41,9 +42,9 @@ impl<'a> Finished<'a> {
     }
 
     /// A run that ended before it had a report (a held lock, a refusing database).
-    pub fn early(exit_code: u8) -> Self {
+    pub fn early(exit: Exit) -> Self {
         Finished {
-            exit_code,
+            exit,
             finished_at: jiff::Timestamp::now().as_millisecond() as f64 / 1000.0,
             report: None,
             backlog: &[],
@@ -72,7 +73,7 @@ pub fn render(f: &Finished<'_>) -> String {
         "last_run_exit_code",
         "Exit code of the last run (0 all succeeded, 1 some rows did not, 3 stopped by the \
          API, 4 signal, 5 locked, 2 configuration, 70 bug, 74 database or disk).",
-        &[(String::new(), f64::from(f.exit_code))],
+        &[(String::new(), f64::from(f.exit.code()))],
     );
     if let Some(t) = f.last_success {
         metric(
@@ -195,7 +196,7 @@ mod tests {
 
     #[test]
     fn a_run_that_ended_early_still_says_when_and_how() {
-        let text = render(&Finished::early(5));
+        let text = render(&Finished::early(Exit::Locked));
         assert_prometheus_text(&text);
         assert!(text.contains("kohort_batch_last_run_exit_code 5\n"));
         assert!(text.contains("kohort_batch_last_run_finished_timestamp_seconds "));

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
+
+use crate::Exit;
 use serde::Serialize;
 
 use crate::store::{FailureReason, ImportCounts, JobState, RunFacts};
@@ -22,7 +24,9 @@ pub struct Report {
     pub started_at: String,
     pub finished_at: Option<String>,
     pub duration_secs: Option<f64>,
-    pub exit_code: Option<i64>,
+    /// `None` while the run has not finished (or its process was killed).
+    #[serde(rename = "exit_code")]
+    pub exit: Option<Exit>,
     /// Why the run stopped early, if it did.
     pub stopped: Option<String>,
     pub imported: Option<ImportCounts>,
@@ -127,7 +131,7 @@ impl Report {
             duration_secs: duration(&f.started_at, f.finished_at.as_deref()),
             started_at: f.started_at,
             finished_at: f.finished_at,
-            exit_code: f.exit_code,
+            exit: f.exit_code.and_then(Exit::from_code),
             stopped: f.stopped,
             imported: f.imported,
             jobs,
@@ -170,21 +174,22 @@ impl Report {
     /// What the run came to, in a few words, from its exit code.
     fn verdict(&self) -> String {
         let nothing = self.jobs.values().all(|n| *n == 0);
-        match self.exit_code {
+        let none_matched = nothing && self.requeued == Some(0);
+        match self.exit {
             // `enqueue` sends nothing: its success is that every row is queued.
-            Some(0) if self.command == "enqueue" => "every row imported, to be sent".to_owned(),
-            Some(0) if nothing && self.requeued == Some(0) => {
-                "no failed job matched the filters".to_owned()
+            Some(Exit::Success) if self.command == "enqueue" => {
+                "every row imported, to be sent".to_owned()
             }
-            Some(0) if nothing => "no job to send".to_owned(),
-            Some(0) => "every job succeeded".to_owned(),
-            Some(1) if nothing && self.requeued == Some(0) => {
+            Some(Exit::Success) if none_matched => "no failed job matched the filters".to_owned(),
+            Some(Exit::Success) if nothing => "no job to send".to_owned(),
+            Some(Exit::Success) => "every job succeeded".to_owned(),
+            Some(Exit::RowsFailed) if none_matched => {
                 "no failed job matched the filters, and failed jobs remain".to_owned()
             }
-            Some(1) => "some rows did not succeed (see below)".to_owned(),
-            Some(3) => "stopped by the API".to_owned(),
-            Some(4) => "interrupted".to_owned(),
-            Some(c) => format!("exit {c}"),
+            Some(Exit::RowsFailed) => "some rows did not succeed (see below)".to_owned(),
+            Some(Exit::StoppedByApi) => "stopped by the API".to_owned(),
+            Some(Exit::Interrupted) => "interrupted".to_owned(),
+            Some(e) => format!("exit {}", e.code()),
             None => "not finished".to_owned(),
         }
     }
@@ -197,8 +202,8 @@ impl Report {
             .map(|d| format!(" in {d:.1} s"))
             .unwrap_or_default();
         let code = self
-            .exit_code
-            .map(|c| format!(", exit {c}"))
+            .exit
+            .map(|e| format!(", exit {}", e.code()))
             .unwrap_or_default();
         let _ = writeln!(
             out,

@@ -80,6 +80,16 @@ async fn session(
     finish(&store, run_id, outcome, true, outputs).await
 }
 
+/// What a run was asked to do, kept with it (`runs.options`, JSON).
+#[derive(serde::Serialize)]
+struct RunOptions<'a> {
+    api_base: &'a str,
+    timeout_secs: f64,
+    engine: &'a crate::engine::EngineConfig,
+    csv: &'a [PathBuf],
+    retry_filter: Option<&'a RetryFilter>,
+}
+
 /// Checks everything that can be checked before the database is opened or
 /// changed, then opens the API client and the database and records the run.
 async fn begin(
@@ -94,14 +104,15 @@ async fn begin(
     }
     let api = ApiClient::new(&cfg.api_base, &cfg.key, cfg.timeout, cfg.ca_cert.as_deref())?;
     let store = Store::open_with(&cfg.db, Access::Write, cfg.busy_timeout)?;
-    let options = serde_json::json!({
-        "api_base": cfg.api_base,
-        "timeout_secs": cfg.timeout.as_secs_f64(),
-        "engine": cfg.engine,
-        "csv": csv,
-        "retry_filter": retry.map(|f| format!("{f:?}")),
-    })
-    .to_string();
+    let options = RunOptions {
+        api_base: &cfg.api_base,
+        timeout_secs: cfg.timeout.as_secs_f64(),
+        engine: &cfg.engine,
+        csv,
+        retry_filter: retry,
+    };
+    let options = serde_json::to_string(&options)
+        .map_err(|e| Error::Internal(format!("cannot write the run's options: {e}")))?;
     let run_id = store.begin_run(command, options, true).await?;
     Ok((api, store, run_id))
 }
@@ -109,7 +120,7 @@ async fn begin(
 /// A run that could not start still says so to monitoring (exit 5, 74, …).
 fn write_early_metrics(cfg: &SendConfig, e: &Error) {
     if let Some(path) = &cfg.metrics_file {
-        let text = crate::metrics::render(&crate::metrics::Finished::early(e.exit().code()));
+        let text = crate::metrics::render(&crate::metrics::Finished::early(e.exit()));
         if let Err(m) = super::write_readable(path, text.as_bytes()) {
             tracing::warn!(error = %m, "cannot write the metrics file");
         }

@@ -42,9 +42,7 @@ pub struct EngineConfig {
     pub concurrency: usize,
     /// Requests started per second; `None` for no limit.
     pub rate: Option<f64>,
-    #[serde(skip)]
     pub retry: RetryPolicy,
-    pub max_attempts: u32,
     pub precheck: Precheck,
     #[serde(with = "secs")]
     pub settle: Duration,

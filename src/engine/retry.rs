@@ -7,12 +7,14 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 
 /// How often and how patiently a job is retried.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct RetryPolicy {
     /// Attempts per job and run, the first one included.
     pub max_attempts: u32,
+    #[serde(with = "super::secs")]
     pub first_delay: Duration,
     pub factor: f32,
+    #[serde(with = "super::secs")]
     pub max_delay: Duration,
 }
 

@@ -86,7 +86,7 @@ pub(super) fn move_inbox(
 }
 
 /// Which failed jobs `retry-failed` puts back.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RetryFilter {
     /// Only jobs whose last HTTP status is one of these.
     pub statuses: Vec<u16>,

@@ -34,26 +34,29 @@ pub struct SendConfig {
 
 /// The accepted range of each bounded setting, as the README's option table gives
 /// them: (flag, lowest, highest).
-pub mod limits {
+pub(crate) mod limits {
     use std::time::Duration;
 
-    pub const TIMEOUT: (Duration, Duration) =
+    pub(crate) const TIMEOUT: (Duration, Duration) =
         (Duration::from_millis(1), Duration::from_secs(3_600));
-    pub const SETTLE: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(86_400));
-    pub const GRACE: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(3_600));
-    pub const MAX_PAUSE: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(86_400));
-    pub const BUSY_TIMEOUT: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(3_600));
+    pub(crate) const SETTLE: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(86_400));
+    pub(crate) const GRACE: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(3_600));
+    pub(crate) const MAX_PAUSE: (Duration, Duration) =
+        (Duration::ZERO, Duration::from_secs(86_400));
+    pub(crate) const BUSY_TIMEOUT: (Duration, Duration) =
+        (Duration::ZERO, Duration::from_secs(3_600));
     /// The sandbox's `--late-after`.
-    pub const LATE_AFTER: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(3_600));
+    pub(crate) const LATE_AFTER: (Duration, Duration) =
+        (Duration::ZERO, Duration::from_secs(3_600));
     /// Requests per second, when not 0 (no limit).
-    pub const RATE: (f64, f64) = (0.001, 100_000.0);
-    pub const CONCURRENCY: (usize, usize) = (1, 1_024);
-    pub const MAX_ATTEMPTS: (u32, u32) = (1, 100);
-    pub const BREAKER: (u32, u32) = (1, 1_000_000);
+    pub(crate) const RATE: (f64, f64) = (0.001, 100_000.0);
+    pub(crate) const CONCURRENCY: (usize, usize) = (1, 1_024);
+    pub(crate) const MAX_ATTEMPTS: (u32, u32) = (1, 100);
+    pub(crate) const BREAKER: (u32, u32) = (1, 1_000_000);
 }
 
 /// A duration flag parsed and checked against its accepted range.
-pub fn bounded_duration(
+pub(crate) fn bounded_duration(
     flag: &str,
     text: &str,
     (lo, hi): (Duration, Duration),
@@ -94,7 +97,7 @@ fn bounded<T: PartialOrd + std::fmt::Display + Copy>(
 
 /// Parses a duration written the usual way: `30s`, `500ms`, `2m`, `1h30m`, `1.5s`;
 /// a bare number is seconds.
-pub fn parse_duration(flag: &str, text: &str) -> Result<Duration> {
+pub(crate) fn parse_duration(flag: &str, text: &str) -> Result<Duration> {
     let t = text.trim();
     let bad = || {
         Error::usage(format!(
@@ -143,7 +146,7 @@ fn probability(flag: &str, p: f64) -> Result<f64> {
 
 /// The shortest settle delay that outlasts the hosting router (it gives up at 30 s
 /// while the application may still create the group), with a margin.
-pub const MIN_SAFE_SETTLE: Duration = Duration::from_secs(45);
+pub(crate) const MIN_SAFE_SETTLE: Duration = Duration::from_secs(45);
 
 /// Whether a checked API base is on loopback (the sandbox, a rehearsal).
 fn is_loopback(base: &str) -> bool {
@@ -161,7 +164,7 @@ fn host_is_loopback(host: url::Host<&str>) -> bool {
 /// Checks the API base URL with a real URL parser: https, or plain http to a
 /// loopback host only; no user name or password in it (they would be stored, printed
 /// and sent as a second credential).
-pub fn check_api_base(base: &str) -> Result<String> {
+pub(crate) fn check_api_base(base: &str) -> Result<String> {
     let base = base.trim().trim_end_matches('/');
     let url = url::Url::parse(base).map_err(|e| {
         Error::usage(format!(
@@ -197,7 +200,7 @@ pub fn check_api_base(base: &str) -> Result<String> {
 }
 
 /// Reads the key from `--api-key-file`, else from `KOHORTPAY_API_KEY`.
-pub fn load_key(file: Option<&Path>, env_key: Option<String>, live: bool) -> Result<ApiKey> {
+pub(crate) fn load_key(file: Option<&Path>, env_key: Option<String>, live: bool) -> Result<ApiKey> {
     let key = match file {
         Some(path) => {
             warn_if_exposed(path);
@@ -291,7 +294,7 @@ fn warn_if_exposed(_path: &Path) {}
 /// The settings of a sending command other than the database and the key, checked
 /// as `run` checks them (`config` shows these).
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub(crate) struct Settings {
     pub api_base: String,
     pub timeout: Duration,
     pub engine: EngineConfig,
@@ -301,7 +304,7 @@ pub struct Settings {
 /// Resolves and checks every setting of a sending command but the key: ranges, the
 /// URL, and that every file named exists (or, for outputs, can be written) before
 /// anything is opened or sent.
-pub fn resolve_settings(args: &SendArgs) -> Result<Settings> {
+pub(crate) fn resolve_settings(args: &SendArgs) -> Result<Settings> {
     let api_base = check_api_base(&args.api_base)?;
     let timeout = bounded_duration("timeout", &args.timeout, limits::TIMEOUT)?;
     let settle = resolve_settle(args.settle.as_deref(), timeout, &api_base)?;
@@ -400,7 +403,7 @@ fn check_ca_cert(ca: &Path) -> Result<()> {
 
 /// An output file must be creatable where it is named: its directory exists and
 /// takes a new file (tried with a temporary file, removed at once).
-pub fn check_writable(flag: &str, path: &Path) -> Result<()> {
+pub(crate) fn check_writable(flag: &str, path: &Path) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -440,7 +443,7 @@ pub fn resolve_send(args: &SendArgs, db: PathBuf, env_key: Option<String>) -> Re
 }
 
 /// How input CSV files are read, from `--delimiter` and `--encoding`.
-pub fn resolve_csv(args: &crate::cli::CsvArgs) -> Result<CsvOptions> {
+pub(crate) fn resolve_csv(args: &crate::cli::CsvArgs) -> Result<CsvOptions> {
     let delimiter = match args.delimiter.as_deref() {
         None => None,
         Some("," | "comma") => Some(b','),
@@ -469,7 +472,7 @@ pub fn resolve_csv(args: &crate::cli::CsvArgs) -> Result<CsvOptions> {
 }
 
 /// Resolves the sandbox's knobs.
-pub fn resolve_sandbox(args: &SandboxArgs) -> Result<SandboxConfig> {
+pub(crate) fn resolve_sandbox(args: &SandboxArgs) -> Result<SandboxConfig> {
     if let Some(r) = args.rate_limit
         && !(r.is_finite() && r > 0.0)
     {

@@ -10,9 +10,9 @@ use serde_json::{Map, Value};
 
 /// Earliest accepted `expiresAt`, from now. The server's floor is 1 minute; the margin
 /// covers the time between import and send.
-pub const MIN_EXPIRY: SignedDuration = SignedDuration::from_mins(2);
+pub(crate) const MIN_EXPIRY: SignedDuration = SignedDuration::from_mins(2);
 /// Latest accepted `expiresAt`, from now (the server's ceiling is 90 days, fixed at its start).
-pub const MAX_EXPIRY: SignedDuration = SignedDuration::from_hours(89 * 24);
+pub(crate) const MAX_EXPIRY: SignedDuration = SignedDuration::from_hours(89 * 24);
 
 /// The request body of `POST /groups`, in the camelCase the API documents.
 ///
@@ -37,28 +37,17 @@ pub struct Payload {
 
 impl Payload {
     /// The job key: the order id, else the payment intent id.
-    pub fn key(&self) -> &str {
+    pub(crate) fn key(&self) -> &str {
         self.order_id
             .as_deref()
             .or(self.payment_intent_id.as_deref())
             .unwrap_or_default()
     }
 
-    /// Whether `GET /orders/{orderId}` can tell if this row's group exists.
-    ///
-    /// A row that also carries a `paymentIntentId` is linked to the payment intent,
-    /// not the order, so the order check would not see its group.
-    pub fn checkable_order(&self) -> Option<&str> {
-        match (&self.order_id, &self.payment_intent_id) {
-            (Some(order), None) => Some(order),
-            _ => None,
-        }
-    }
-
     /// The row this body came from, as input columns (canonical names) and cells:
     /// metadata of string values as `metadata.KEY` columns (how a CSV gives it),
     /// any other metadata as the JSON `metadata` column.
-    pub fn input_cells(&self) -> std::collections::BTreeMap<String, String> {
+    pub(crate) fn input_cells(&self) -> std::collections::BTreeMap<String, String> {
         let mut cells = std::collections::BTreeMap::new();
         for (name, value) in [
             ("customerId", Some(&self.customer_id)),
@@ -92,7 +81,7 @@ impl Payload {
     }
 
     /// The canonical JSON text stored and compared.
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
 }
@@ -122,12 +111,14 @@ impl SendBody {
     }
 
     /// The JSON text to send.
-    pub fn json(&self) -> bytes::Bytes {
+    pub(crate) fn json(&self) -> bytes::Bytes {
         self.json.clone()
     }
 
-    /// As [`Payload::checkable_order`].
-    pub fn checkable_order(&self) -> Option<&str> {
+    /// Whether `GET /orders/{orderId}` can tell if this row's group exists: a row
+    /// that also carries a `paymentIntentId` is linked to the payment intent, not the
+    /// order, so the order check would not see its group.
+    pub(crate) fn checkable_order(&self) -> Option<&str> {
         match (&self.order_id, self.payment_intent) {
             (Some(order), false) => Some(order),
             _ => None,
@@ -163,7 +154,7 @@ pub struct Group {
 
 /// The cells of one input row, already picked out by column.
 #[derive(Debug, Default, Clone)]
-pub struct RowFields {
+pub(crate) struct RowFields {
     pub customer_id: Option<String>,
     pub order_id: Option<String>,
     pub payment_intent_id: Option<String>,
@@ -177,7 +168,7 @@ pub struct RowFields {
 
 impl RowFields {
     /// The key this row would have, even if it is invalid (for reporting).
-    pub fn key(&self) -> Option<String> {
+    pub(crate) fn key(&self) -> Option<String> {
         clean(&self.order_id).or_else(|| clean(&self.payment_intent_id))
     }
 }
@@ -190,7 +181,7 @@ fn clean(cell: &Option<String>) -> Option<String> {
 }
 
 /// Formats a timestamp the way the API wants it: RFC 3339, UTC, milliseconds.
-pub fn format_ts(ts: Timestamp) -> String {
+pub(crate) fn format_ts(ts: Timestamp) -> String {
     ts.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
@@ -205,7 +196,7 @@ fn parse_ts(field: &str, text: &str) -> Result<Timestamp, String> {
 
 /// Checks a row against the rules the server enforces (plus safety margins) and
 /// builds its request body. Every problem is listed, so one pass fixes the row.
-pub fn validate(row: &RowFields, now: Timestamp) -> Result<Payload, Vec<String>> {
+pub(crate) fn validate(row: &RowFields, now: Timestamp) -> Result<Payload, Vec<String>> {
     let customer_id = clean(&row.customer_id);
     let order_id = clean(&row.order_id);
     let payment_intent_id = clean(&row.payment_intent_id);
@@ -394,7 +385,7 @@ fn metadata(row: &RowFields, problems: &mut Vec<String>) -> Option<Map<String, V
 /// The largest field (or metadata as JSON) a row may carry: far above any real id,
 /// date or metadata, far below what would make the API refuse the request after
 /// retries and settle waits.
-pub const MAX_FIELD_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_FIELD_BYTES: usize = 64 * 1024;
 
 /// A size for a message: `812 bytes`, `64 KiB`, `20.0 MiB`.
 fn size_text(n: usize) -> String {
@@ -461,7 +452,7 @@ mod tests {
         let p = validate(&row(" cus_1 ", "ord_1"), now()).unwrap();
         assert_eq!(p.to_json(), r#"{"customerId":"cus_1","orderId":"ord_1"}"#);
         assert_eq!(p.key(), "ord_1");
-        assert_eq!(p.checkable_order(), Some("ord_1"));
+        assert_eq!(SendBody::from(&p).checkable_order(), Some("ord_1"));
     }
 
     #[test]
@@ -470,7 +461,7 @@ mod tests {
         r.payment_intent_id = Some("pi_1".into());
         let p = validate(&r, now()).unwrap();
         assert_eq!(p.key(), "ord_1");
-        assert_eq!(p.checkable_order(), None);
+        assert_eq!(SendBody::from(&p).checkable_order(), None);
         r.order_id = None;
         assert_eq!(validate(&r, now()).unwrap().key(), "pi_1");
     }

@@ -9,7 +9,7 @@ use crate::report::Report;
 
 /// What the metrics file says about the run that just ended, whatever its exit.
 #[derive(Debug)]
-pub struct Finished<'a> {
+pub(crate) struct Finished<'a> {
     pub exit: Exit,
     /// Unix time.
     pub finished_at: f64,
@@ -25,7 +25,11 @@ pub struct Finished<'a> {
 
 impl<'a> Finished<'a> {
     /// A run that finished with a report.
-    pub fn of(report: &'a Report, backlog: &'a [(String, i64)], last_success: Option<f64>) -> Self {
+    pub(crate) fn of(
+        report: &'a Report,
+        backlog: &'a [(String, i64)],
+        last_success: Option<f64>,
+    ) -> Self {
         let finished_at = report
             .finished_at
             .as_deref()
@@ -42,7 +46,7 @@ impl<'a> Finished<'a> {
     }
 
     /// A run that ended before it had a report (a held lock, a refusing database).
-    pub fn early(exit: Exit) -> Self {
+    pub(crate) fn early(exit: Exit) -> Self {
         Finished {
             exit,
             finished_at: jiff::Timestamp::now().as_millisecond() as f64 / 1000.0,
@@ -55,7 +59,7 @@ impl<'a> Finished<'a> {
 }
 
 /// Renders the metrics of a finished run in Prometheus text format.
-pub fn render(f: &Finished<'_>) -> String {
+pub(crate) fn render(f: &Finished<'_>) -> String {
     let mut out = String::new();
     let mut metric = |name: &str, help: &str, samples: &[(String, f64)]| {
         let _ = writeln!(out, "# HELP kohort_batch_{name} {help}");

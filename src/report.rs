@@ -18,7 +18,7 @@ const EXAMPLES: usize = 3;
 
 /// Everything a person or a monitor wants to know about one run.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
-pub struct Report {
+pub(crate) struct Report {
     pub run_id: i64,
     pub command: String,
     pub started_at: String,
@@ -56,7 +56,7 @@ pub struct Report {
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
-pub struct Requests {
+pub(crate) struct Requests {
     pub total: i64,
     pub creates: i64,
     /// Existence checks: order lookups and group fetches.
@@ -69,7 +69,7 @@ pub struct Requests {
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
-pub struct Latency {
+pub(crate) struct Latency {
     pub p50: f64,
     pub p95: f64,
     pub p99: f64,
@@ -77,7 +77,7 @@ pub struct Latency {
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
-pub struct FailureGroup {
+pub(crate) struct FailureGroup {
     pub state: String,
     pub reason: String,
     pub count: usize,
@@ -87,7 +87,7 @@ pub struct FailureGroup {
 
 impl Report {
     /// Builds the report from the stored facts of a run.
-    pub fn from_facts(f: RunFacts) -> Report {
+    pub(crate) fn from_facts(f: RunFacts) -> Report {
         let jobs: BTreeMap<String, i64> = JobState::ALL
             .iter()
             .map(|s| {
@@ -155,12 +155,12 @@ impl Report {
     }
 
     /// The report as pretty JSON.
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
 
     /// The report as text for a terminal or a log.
-    pub fn to_text(&self) -> String {
+    pub(crate) fn to_text(&self) -> String {
         let mut out = String::new();
         self.write_headline(&mut out);
         self.write_imported(&mut out);
@@ -393,7 +393,7 @@ fn latency(ms: &[f64]) -> Option<Latency> {
 
 /// The reason with row-specific values (ids, numbers, quoted text) masked, so rows
 /// failing the same way group together.
-pub fn reason_template(reason: &str) -> String {
+pub(crate) fn reason_template(reason: &str) -> String {
     let mut out = Vec::new();
     let mut in_quote = false;
     for word in reason.split(' ') {

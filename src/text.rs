@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 /// A duration as people write it (`1h`, `5m`, `30s`, `250ms`, `1.5s`).
-pub fn human(d: Duration) -> String {
+pub(crate) fn human(d: Duration) -> String {
     let ms = d.as_millis();
     match ms {
         0 => "0s".to_owned(),
@@ -20,7 +20,7 @@ pub fn human(d: Duration) -> String {
 
 /// The local clock time `d` from now, like `2026-12-01 02:41 CET` ("later" if it is
 /// beyond any calendar).
-pub fn local_time_after(d: Duration) -> String {
+pub(crate) fn local_time_after(d: Duration) -> String {
     let Ok(span) = jiff::SignedDuration::try_from(d) else {
         return "later".to_owned();
     };
@@ -31,7 +31,7 @@ pub fn local_time_after(d: Duration) -> String {
 }
 
 /// `1 row`, `2 rows`: `n` and the noun, plural unless `n` is one.
-pub fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
+pub(crate) fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
     let n = n.into();
     format!("{n} {}", if n == 1 { one } else { many })
 }
@@ -40,7 +40,7 @@ pub fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
 /// control characters (ESC of terminal sequences, CR and LF that would start a
 /// forged line, DEL, C1 controls) are written as `\n` or `\u{1b}`-style escapes.
 /// Borrowed when there is nothing to escape, which is nearly always.
-pub fn escape(s: &str) -> Cow<'_, str> {
+pub(crate) fn escape(s: &str) -> Cow<'_, str> {
     if !s.chars().any(needs_escape) {
         return Cow::Borrowed(s);
     }
@@ -68,7 +68,7 @@ fn needs_escape(c: char) -> bool {
 
 /// A number of milliseconds for a log line: three decimals at most (`0.321`, not
 /// `0.32075099999999995`).
-pub fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 

@@ -42,7 +42,7 @@ pub enum Class {
 
 impl Class {
     /// The name stored in `attempts.class`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Class::Ok => "ok",
             Class::Definitive => "definitive",
@@ -83,7 +83,7 @@ pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(7 * 86_400);
 
 /// Parses a `Retry-After` value: delay-seconds or an HTTP date (relative to `now`).
 /// A date in the past means "now" (zero); any value is capped at [`RETRY_AFTER_CAP`].
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     let d = if let Ok(secs) = value.parse::<u64>() {
         Duration::from_secs(secs)

@@ -30,7 +30,7 @@ impl ApiKey {
         ApiKey(key)
     }
 
-    pub fn is_live(&self) -> bool {
+    pub(crate) fn is_live(&self) -> bool {
         self.0.starts_with("sk_live_")
     }
 
@@ -259,7 +259,7 @@ fn judge<T>(
 
 /// The largest response body read: a group, an order or an error is a few KiB;
 /// anything past this is not what the API sends, and is not held in memory.
-pub const MAX_BODY: usize = 1 << 20;
+pub(crate) const MAX_BODY: usize = 1 << 20;
 
 /// Reads a response body up to [`MAX_BODY`]; `Ok(None)` when it is larger (the rest
 /// is not read, and the connection is dropped with the response).

@@ -23,7 +23,7 @@ impl ApiClient {
     /// `GET /orders?search=id:…&take=…`: the listed orders among `order_ids` (at most
     /// [`LIST_TAKE`], each [`searchable`]). Which of them the answer may be trusted
     /// for is the caller's business: only those it asked for.
-    pub async fn list_orders(&self, order_ids: &[&str]) -> Reply<Vec<ListedOrder>> {
+    pub(crate) async fn list_orders(&self, order_ids: &[&str]) -> Reply<Vec<ListedOrder>> {
         debug_assert!(order_ids.len() <= LIST_TAKE && order_ids.iter().all(|id| searchable(id)));
         let search = order_ids
             .iter()

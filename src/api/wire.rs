@@ -253,7 +253,7 @@ pub struct ListedOrder {
 
 /// Reads `{"data": [order, …], "count": N}`. Orders without an id are skipped; an
 /// order's group id is read as [`parse_order_group`] reads it.
-pub fn parse_order_list(body: &[u8]) -> Result<Vec<ListedOrder>, String> {
+pub(crate) fn parse_order_list(body: &[u8]) -> Result<Vec<ListedOrder>, String> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| format!("the body is not JSON ({e})"))?;
     let data = value
@@ -323,7 +323,7 @@ pub fn describe_error(status: u16, body: &[u8]) -> String {
 }
 
 /// Cuts `s` to at most `max` characters, marking the cut.
-pub fn shorten(s: &str, max: usize) -> String {
+pub(crate) fn shorten(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
         None => s.to_owned(),
         Some((i, _)) => format!("{}…", &s[..i]),

@@ -14,7 +14,7 @@ use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::store::Store;
 
 /// `sandbox`: serve until SIGINT/SIGTERM.
-pub async fn sandbox(cfg: SandboxConfig, listen: std::net::SocketAddr) -> Result<Exit> {
+pub(crate) async fn sandbox(cfg: SandboxConfig, listen: std::net::SocketAddr) -> Result<Exit> {
     let sb = Sandbox::start(cfg, listen).await.map_err(|e| {
         Error::usage(format!(
             "cannot listen on {listen}: {e} (is the port taken? try --listen 127.0.0.1:0)"
@@ -46,7 +46,7 @@ const SAMPLE_CSV: &str = include_str!("../../samples/orders.csv");
 /// `demo`: the sandbox with mild faults, the sample CSV, a temporary database (or a
 /// new one at `keep`, kept afterwards), and the sandbox's own count proving one
 /// group per valid order.
-pub async fn demo(keep: Option<&Path>) -> Result<Exit> {
+pub(crate) async fn demo(keep: Option<&Path>) -> Result<Exit> {
     if let Some(path) = keep
         && path.exists()
     {

@@ -150,7 +150,7 @@ fn open_output(output: Option<&Path>) -> Result<Box<dyn Write>> {
 }
 
 /// `export groups|failures`.
-pub async fn export(
+pub(crate) async fn export(
     db: &Path,
     what: ExportWhat,
     format: ExportFormat,

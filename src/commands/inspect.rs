@@ -29,7 +29,7 @@ pub(super) fn io_error(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
 
 /// `validate`: reads the CSV exactly as `run` would and prints, in one pass, the
 /// request bodies (NDJSON on stdout with `--json`) and every invalid row.
-pub fn validate(path: &Path, json: bool, opts: &CsvOptions) -> Result<Exit> {
+pub(crate) fn validate(path: &Path, json: bool, opts: &CsvOptions) -> Result<Exit> {
     let mut source = CsvSource::open_with(path, opts)?;
     let name = escape(source.name()).into_owned();
     let now = Timestamp::now();
@@ -147,7 +147,12 @@ fn digest(text: &str) -> u64 {
 }
 
 /// `report`: one run (`--run ID`, `--last`), or the list of recent runs.
-pub async fn report(db: &Path, run: Option<i64>, last: bool, format: Format) -> Result<Exit> {
+pub(crate) async fn report(
+    db: &Path,
+    run: Option<i64>,
+    last: bool,
+    format: Format,
+) -> Result<Exit> {
     let store = Store::open_existing(db)?;
     let id = match (run, last) {
         (Some(id), _) => Some(id),

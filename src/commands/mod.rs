@@ -9,7 +9,7 @@ mod demo;
 mod dry_run;
 mod export;
 mod inspect;
-pub mod out;
+pub(crate) mod out;
 mod progress;
 mod send;
 
@@ -27,7 +27,7 @@ pub use send::{enqueue, enqueue_with, import_csv, retry_failed, run};
 /// Logs go to stderr, as text or JSON lines: info, or debug with `-v`, trace with
 /// `-vv`; `RUST_LOG` overrides the level. Colours only on a terminal, and never when
 /// `NO_COLOR` is set.
-pub fn init_logging(format: LogFormat, verbose: u8) {
+pub(crate) fn init_logging(format: LogFormat, verbose: u8) {
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::field::MakeExt;
     let level = match verbose {
@@ -72,7 +72,7 @@ pub(crate) fn colours() -> bool {
 }
 
 /// Runs a parsed command line to its exit code.
-pub async fn dispatch(cli: Cli) -> Exit {
+pub(crate) async fn dispatch(cli: Cli) -> Exit {
     out::set_quiet(cli.quiet);
     let env_key = std::env::var("KOHORTPAY_API_KEY").ok();
     let result = match cli.command {
@@ -277,12 +277,12 @@ fn listen_for_signals(control: Arc<Control>) {
 
 /// [`write_atomic`], then readable by everyone (0644, whatever the umask): the
 /// metrics file is read by node_exporter, which runs as another user.
-pub fn write_readable(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_readable(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with_mode(path, bytes, Some(0o644))
 }
 
 /// Writes a file so readers never see half of it.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with_mode(path, bytes, None)
 }
 

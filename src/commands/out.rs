@@ -14,12 +14,12 @@ static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
 static QUIET: AtomicBool = AtomicBool::new(false);
 
 /// Sets `-q` for this process.
-pub fn set_quiet(quiet: bool) {
+pub(crate) fn set_quiet(quiet: bool) {
     QUIET.store(quiet, Ordering::Relaxed);
 }
 
 /// Prints a run's report, unless `-q` was given.
-pub fn report(text: &str) -> Result<()> {
+pub(crate) fn report(text: &str) -> Result<()> {
     if QUIET.load(Ordering::Relaxed) {
         return Ok(());
     }
@@ -28,7 +28,7 @@ pub fn report(text: &str) -> Result<()> {
 
 /// Writes `text` to standard output. A closed pipe is not an error; another write
 /// error is (a full disk under a redirection, say).
-pub fn say(text: &str) -> Result<()> {
+pub(crate) fn say(text: &str) -> Result<()> {
     if STDOUT_GONE.load(Ordering::Relaxed) {
         return Ok(());
     }
@@ -48,12 +48,12 @@ pub fn say(text: &str) -> Result<()> {
 
 /// Writes a line to standard error, whatever becomes of it (a closed stderr must
 /// not turn a message into a crash).
-pub fn tell(line: &str) {
+pub(crate) fn tell(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// Whether an error is only that a reader closed its end of a pipe.
-pub fn is_broken_pipe(e: &Error) -> bool {
+pub(crate) fn is_broken_pipe(e: &Error) -> bool {
     match e {
         Error::File { source, .. } => source.kind() == std::io::ErrorKind::BrokenPipe,
         _ => false,

@@ -372,7 +372,7 @@ fn log_finished(run_id: i64, report: &Report, exit: Exit) {
 }
 
 /// The failure classes `retry-failed --class` knows: those the engine records.
-pub const FAILURE_CLASSES: &str =
+pub(crate) const FAILURE_CLASSES: &str =
     "retries_exhausted, order_not_found, http_400, http_404, http_422 (any http_NNN of a 4xx)";
 
 /// Refuses a `--class` no failed job can have (a typo would match nothing, silently).

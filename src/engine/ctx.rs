@@ -93,7 +93,12 @@ fn stop_message<T>(reply: &Reply<T>) -> String {
 impl Ctx {
     /// Records an attempt and a state change of `job`; false (and counted) when the
     /// job is no longer this run's (another run claimed it since): leave it be.
-    pub async fn record(&self, job: &Job, attempt: Option<Attempt>, t: Transition) -> Result<bool> {
+    pub(crate) async fn record(
+        &self,
+        job: &Job,
+        attempt: Option<Attempt>,
+        t: Transition,
+    ) -> Result<bool> {
         let applied = self.store.record(self.run_id, job.id, attempt, t).await?;
         if !applied {
             self.claims_lost.fetch_add(1, Ordering::Relaxed);
@@ -102,21 +107,24 @@ impl Ctx {
     }
 
     /// Notes how long a cleared job waited for its create to leave.
-    pub fn note_check_gap(&self, gap: Duration) {
+    pub(crate) fn note_check_gap(&self, gap: Duration) {
         let ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX);
         let mut h = self.check_gaps.lock().unwrap_or_else(|e| e.into_inner());
         h.saturating_record(ms);
     }
 
     /// Stops the run, logging in the run's span.
-    pub fn stop(&self, reason: StopReason) {
+    pub(crate) fn stop(&self, reason: StopReason) {
         let _in_run = self.span.enter();
         self.control.stop(reason);
     }
 
     /// Sends one request through the gate (cap, rate, pause) and feeds its reply to
     /// the pause and the breaker. `None`: the run stopped before it could start.
-    pub async fn paced<T>(&self, request: impl Future<Output = Reply<T>>) -> Option<Reply<T>> {
+    pub(crate) async fn paced<T>(
+        &self,
+        request: impl Future<Output = Reply<T>>,
+    ) -> Option<Reply<T>> {
         let permit = self.pacer.admit(&self.control.stop).await?;
         let reply = request.await;
         self.observe(&reply);
@@ -125,7 +133,7 @@ impl Ctx {
     }
 
     /// Sleeps unless the run stops first; false if it stopped.
-    pub async fn sleep(&self, d: Duration) -> bool {
+    pub(crate) async fn sleep(&self, d: Duration) -> bool {
         tokio::select! {
             // `sleep` caps a huge duration instead of overflowing an Instant.
             () = tokio::time::sleep(d) => true,
@@ -135,7 +143,7 @@ impl Ctx {
 
     /// Acts on what one reply means for the run ([`verdict`]): called before the
     /// request's slot is given back, so a stop or pause holds the next request already.
-    pub fn observe<T>(&self, reply: &Reply<T>) {
+    pub(crate) fn observe<T>(&self, reply: &Reply<T>) {
         let verdict = verdict(reply, self.cfg.max_pause);
         if let Some(reason) = verdict.stop {
             self.stop(StopReason::Api(reason));

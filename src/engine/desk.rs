@@ -106,14 +106,14 @@ impl Desk {
     }
 
     /// Whether checks still go in lists.
-    pub fn batching(&self) -> bool {
+    pub(crate) fn batching(&self) -> bool {
         self.batching.load(Ordering::Acquire)
     }
 
     /// Hands in `order_id` and waits for what the list says; `recheck` for a job whose
     /// earlier create may have succeeded (served first). With the list request that
     /// answered it, if one did.
-    pub async fn lookup(&self, order_id: &str, recheck: bool) -> (Lookup, Option<Listing>) {
+    pub(crate) async fn lookup(&self, order_id: &str, recheck: bool) -> (Lookup, Option<Listing>) {
         let (answer, answered) = oneshot::channel();
         {
             let mut q = self.lock();

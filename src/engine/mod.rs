@@ -6,10 +6,10 @@
 
 mod ctx;
 mod desk;
-pub mod pacing;
+pub(crate) mod pacing;
 mod protocol;
 mod requests;
-pub mod retry;
+pub(crate) mod retry;
 mod worker;
 
 use std::collections::VecDeque;
@@ -61,7 +61,7 @@ pub struct EngineConfig {
 }
 
 mod secs {
-    pub fn serialize<S: serde::Serializer>(
+    pub(crate) fn serialize<S: serde::Serializer>(
         d: &std::time::Duration,
         s: S,
     ) -> Result<S::Ok, S::Error> {
@@ -90,7 +90,7 @@ pub struct Control {
 
 impl Control {
     /// Stops the run (the first reason wins).
-    pub fn stop(&self, reason: StopReason) {
+    pub(crate) fn stop(&self, reason: StopReason) {
         let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
         if r.is_none() {
             match &reason {
@@ -105,7 +105,7 @@ impl Control {
     }
 
     /// A signal arrived: the first stops the run, the second abandons in-flight requests.
-    pub fn signal(&self) {
+    pub(crate) fn signal(&self) {
         if self.stop.is_cancelled() {
             tracing::warn!(
                 "second signal: abandoning requests in flight (the next run checks them)"
@@ -116,7 +116,7 @@ impl Control {
         }
     }
 
-    pub fn reason(&self) -> Option<StopReason> {
+    pub(crate) fn reason(&self) -> Option<StopReason> {
         self.reason
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -160,7 +160,7 @@ impl Gaps {
 }
 
 /// Called once per job whose task ended (a progress bar's tick).
-pub type OnDone = Arc<dyn Fn() + Send + Sync>;
+pub(crate) type OnDone = Arc<dyn Fn() + Send + Sync>;
 
 /// Whether existence checks go in lists of orders (see `desk`).
 const BATCH_CHECKS: bool = false;

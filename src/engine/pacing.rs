@@ -29,11 +29,11 @@ use tokio_util::sync::CancellationToken;
 /// Places in the waiting line per request slot. Measured (50,000 rows, no latency,
 /// concurrency 64): 1 → 1.70 s, 2 → 1.53 s, 3 → 1.50 s, 4 → 1.42 s; longer lines
 /// also mean fuller commits (1,900 → 1,000 transactions).
-pub const LINE_PER_SLOT: usize = 4;
+pub(crate) const LINE_PER_SLOT: usize = 4;
 
 /// A create's place in the waiting line between [`Pacer::ready`] and [`Pacer::slot`].
 #[derive(Debug)]
-pub struct Ready(#[expect(dead_code, reason = "held for its drop")] OwnedSemaphorePermit);
+pub(crate) struct Ready(#[expect(dead_code, reason = "held for its drop")] OwnedSemaphorePermit);
 
 async fn acquire(sem: &Arc<Semaphore>, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
     tokio::select! {
@@ -78,20 +78,20 @@ impl Pacer {
 
     /// Waits for a free slot, the end of any pause, and the next rate slot.
     /// `None` if `stop` fires first: the request must not start.
-    pub async fn admit(&self, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+    pub(crate) async fn admit(&self, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
         let permit = acquire(&self.permits, stop).await?;
         self.pause_and_rate(stop).await?;
         Some(permit)
     }
 
     /// Whether a rate limit paces requests (see the module notes).
-    pub fn rate_limited(&self) -> bool {
+    pub(crate) fn rate_limited(&self) -> bool {
         self.limiter.is_some()
     }
 
     /// The first step of a create without a rate limit: a place in the waiting line
     /// and the end of any pause. `None` if `stop` fires first.
-    pub async fn ready(&self, stop: &CancellationToken) -> Option<Ready> {
+    pub(crate) async fn ready(&self, stop: &CancellationToken) -> Option<Ready> {
         let place = acquire(&self.ready, stop).await?;
         self.pause_and_rate(stop).await?;
         Some(Ready(place))
@@ -101,7 +101,7 @@ impl Pacer {
     /// A pause that began meanwhile is waited out, with a new rate slot after it (the
     /// creates that waited must not all start at once). `None` if `stop` fires first:
     /// the request must not start.
-    pub async fn slot(
+    pub(crate) async fn slot(
         &self,
         ready: Ready,
         stop: &CancellationToken,
@@ -152,7 +152,7 @@ impl Pacer {
     /// Pauses every sender for `d` (a `Retry-After` on a 429 or 503, `cause`). A new
     /// pause, or one made longer by a second or more, is logged once with its length,
     /// cause and end.
-    pub fn pause_for(&self, d: Duration, cause: &str) {
+    pub(crate) fn pause_for(&self, d: Duration, cause: &str) {
         let now = Instant::now();
         let Some(until) = now.checked_add(d) else {
             return;
@@ -182,7 +182,7 @@ impl Pacer {
 
     /// How long requests were held by pauses so far (a pause still running counts
     /// up to now).
-    pub fn paused_total(&self) -> Duration {
+    pub(crate) fn paused_total(&self) -> Duration {
         let total = Duration::from_millis(self.paused_ms.load(Ordering::Relaxed));
         let now = Instant::now();
         let ahead = self
@@ -195,12 +195,12 @@ impl Pacer {
     }
 
     /// Counts a failure that suggests the API is down; true when the breaker opens.
-    pub fn note_outage_failure(&self) -> bool {
+    pub(crate) fn note_outage_failure(&self) -> bool {
         self.streak.fetch_add(1, Ordering::Relaxed) + 1 >= self.breaker_threshold
     }
 
     /// Any answer that shows the API is up closes the streak.
-    pub fn note_healthy(&self) {
+    pub(crate) fn note_healthy(&self) {
         self.streak.store(0, Ordering::Relaxed);
     }
 }

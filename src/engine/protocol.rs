@@ -168,7 +168,7 @@ impl<J: FnMut() -> f64> Protocol<J> {
     }
 
     /// The next action after `event`.
-    pub fn step(&mut self, event: Event) -> Action {
+    pub(crate) fn step(&mut self, event: Event) -> Action {
         match event {
             Event::Ready => match self.wait.take() {
                 Some(wait) => Action::Wait(wait),

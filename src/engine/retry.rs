@@ -31,7 +31,7 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     /// The delays before retry 1, 2, … with `jitter` giving a fraction in `[0, 1)` for each.
-    pub fn backoff<J: FnMut() -> f64>(&self, jitter: J) -> Backoff<J> {
+    pub(crate) fn backoff<J: FnMut() -> f64>(&self, jitter: J) -> Backoff<J> {
         let schedule = ExponentialBuilder::new()
             .with_min_delay(self.first_delay)
             .with_factor(self.factor)
@@ -43,7 +43,7 @@ impl RetryPolicy {
 }
 
 /// An iterator of jittered delays; `None` once the attempts are spent.
-pub struct Backoff<J> {
+pub(crate) struct Backoff<J> {
     schedule: backon::ExponentialBackoff,
     jitter: J,
 }

@@ -27,7 +27,7 @@ mod gate;
 mod responses;
 mod routes;
 mod server;
-pub mod state;
+pub(crate) mod state;
 
 pub use faults::{ListAnswer, SandboxConfig};
 pub use server::Sandbox;

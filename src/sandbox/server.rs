@@ -80,13 +80,13 @@ impl Sandbox {
     }
 
     /// Stops accepting requests and waits for the server to end.
-    pub async fn shutdown(self) {
+    pub(crate) async fn shutdown(self) {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
     }
 
     /// Serves until `stop` fires.
-    pub async fn serve_until(self, stop: CancellationToken) {
+    pub(crate) async fn serve_until(self, stop: CancellationToken) {
         stop.cancelled().await;
         self.shutdown().await;
     }

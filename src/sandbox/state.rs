@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 
 /// The sandbox's world.
 #[derive(Debug, Default)]
-pub struct World {
+pub(crate) struct World {
     /// group id → the group, kept as the JSON the API would send (snake_case).
     pub groups: HashMap<String, Value>,
     share_ids: HashMap<String, String>,
@@ -46,24 +46,24 @@ pub struct Stats {
 }
 
 /// Customer ids with this prefix do not exist (404 `Customer <id> not found.`).
-pub const UNKNOWN_CUSTOMER: &str = "cus_unknown";
+pub(crate) const UNKNOWN_CUSTOMER: &str = "cus_unknown";
 /// Customer ids with this prefix fail server-side validation (400, message array).
-pub const REJECTED_CUSTOMER: &str = "cus_reject";
+pub(crate) const REJECTED_CUSTOMER: &str = "cus_reject";
 /// Order ids with this prefix do not exist (404 `Object not found`).
-pub const UNKNOWN_ORDER: &str = "ord_unknown";
+pub(crate) const UNKNOWN_ORDER: &str = "ord_unknown";
 /// Order ids with this prefix came through checkout and already have a group.
-pub const CHECKOUT_ORDER: &str = "ord_checkout";
+pub(crate) const CHECKOUT_ORDER: &str = "ord_checkout";
 /// Orders that name a group the group lookup answers with an empty 200.
-pub const GHOST_GROUP_ORDER: &str = "ord_ghost";
+pub(crate) const GHOST_GROUP_ORDER: &str = "ord_ghost";
 /// Customers whose groups never get a share id.
-pub const NO_SHARE_ID: &str = "cus_noshare";
+pub(crate) const NO_SHARE_ID: &str = "cus_noshare";
 /// Customers whose groups get their share id just after the create answers: the
 /// create's reply has none, a later `GET /groups/{id}` has it.
-pub const LATE_SHARE_ID: &str = "cus_lateshare";
+pub(crate) const LATE_SHARE_ID: &str = "cus_lateshare";
 
 /// A rejected request: status and the `message` of the error envelope.
 #[derive(Debug)]
-pub struct Rejection {
+pub(crate) struct Rejection {
     pub status: u16,
     pub message: Value,
 }
@@ -175,7 +175,7 @@ impl World {
     }
 
     /// `GET /orders/{id}`.
-    pub fn order(
+    pub(crate) fn order(
         &mut self,
         rng: &mut fastrand::Rng,
         id: &str,
@@ -194,7 +194,7 @@ impl World {
     /// compared exactly (`id`, `payment_group_id`). Orders named by an `id:`
     /// condition are looked up as `GET /orders/{id}` would (made on first sight);
     /// `(data, count)`, ordered by id.
-    pub fn list_orders(
+    pub(crate) fn list_orders(
         &mut self,
         rng: &mut fastrand::Rng,
         search: &str,
@@ -250,7 +250,7 @@ impl World {
 
     /// Validates a create like the server does, without side effects: the shape of
     /// each field first (400), then whether the customer and order exist (404).
-    pub fn validate_create(
+    pub(crate) fn validate_create(
         &self,
         body: &Value,
         now: Timestamp,
@@ -294,7 +294,7 @@ impl World {
     }
 
     /// Creates a group (already validated) and links it. Never idempotent.
-    pub fn create(
+    pub(crate) fn create(
         &mut self,
         rng: &mut fastrand::Rng,
         body: &Value,

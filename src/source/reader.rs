@@ -44,14 +44,8 @@ impl std::fmt::Debug for CsvSource {
 }
 
 impl CsvSource {
-    /// Opens a file, or standard input for `-`, as UTF-8 with the separator found
-    /// in the header.
-    pub fn open(path: &Path) -> Result<Self> {
-        Self::open_with(path, &CsvOptions::default())
-    }
-
     /// Opens a file, or standard input for `-`, read as `opts` say.
-    pub fn open_with(path: &Path, opts: &CsvOptions) -> Result<Self> {
+    pub(crate) fn open_with(path: &Path, opts: &CsvOptions) -> Result<Self> {
         if path.as_os_str() == "-" {
             return Self::from_reader_with("<stdin>".to_owned(), Box::new(std::io::stdin()), opts);
         }
@@ -70,7 +64,7 @@ impl CsvSource {
     }
 
     /// Reads the header of any byte stream, decoded and split as `opts` say.
-    pub fn from_reader_with(
+    pub(crate) fn from_reader_with(
         name: String,
         input: Box<dyn Read + Send>,
         opts: &CsvOptions,
@@ -120,7 +114,7 @@ impl CsvSource {
     }
 
     /// The name used in messages (the path, or `<stdin>`).
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
@@ -156,7 +150,7 @@ impl CsvSource {
     }
 
     /// Rows skipped because every field was empty.
-    pub fn empty_lines(&self) -> u64 {
+    pub(crate) fn empty_lines(&self) -> u64 {
         self.empty_lines
     }
 

@@ -7,7 +7,8 @@ use jiff::Timestamp;
 use rusqlite::types::Value;
 use rusqlite::{Connection, params};
 
-use super::ops;
+use super::clock::now_ms;
+use super::import;
 use super::types::ImportCounts;
 use crate::job::{self, RowFields};
 use crate::source::ImportRow;
@@ -79,10 +80,20 @@ pub(super) fn move_inbox(
             let reason = row.outcome.as_ref().err().map_or("", String::as_str);
             tracing::warn!(run = run_id, source = "inbox", inbox_id = row.line, key = row.key.as_deref().unwrap_or("-"), %reason, "invalid row");
         }
-        counts += ops::import(c, run_id, "inbox", &rows)?;
+        counts += import::import(c, run_id, "inbox", &rows)?;
     }
     c.execute("DELETE FROM inbox WHERE id <= ?1", params![max])?;
     Ok(counts)
+}
+
+/// Puts `unknown` jobs back to pending (a person decided to re-send them). Returns how
+/// many.
+pub(super) fn requeue_unknown(c: &Connection, run_id: i64) -> rusqlite::Result<usize> {
+    c.execute(
+        "UPDATE jobs SET state = 'pending', last_run_id = ?1, next_attempt_at = NULL \
+         WHERE state = 'unknown'",
+        [run_id],
+    )
 }
 
 /// Which failed jobs `retry-failed` puts back.
@@ -134,7 +145,7 @@ pub(super) fn requeue_failed(
         which.push_str(" OR state = 'unknown'");
     }
     values.push(Value::Integer(run_id));
-    values.push(Value::Integer(ops::now_ms()));
+    values.push(Value::Integer(now_ms()));
     let n = values.len();
     // A job that ever sent a create may have a group after all: check before re-sending.
     let sql = format!(

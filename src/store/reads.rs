@@ -3,7 +3,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use super::ops::read_body;
+use super::body::read_body;
 use super::types::{ImportCounts, JobState, Obtained};
 use crate::job::Payload;
 
@@ -46,6 +46,27 @@ pub struct RunFacts {
     pub failures: Vec<FailureReason>,
     /// Rows not imported because their key was taken by different data.
     pub conflicts: Vec<FailureReason>,
+}
+
+/// What sending the pending jobs would take: (jobs, of which checked first).
+pub(super) fn send_plan(c: &Connection, precheck_always: bool) -> rusqlite::Result<(i64, i64)> {
+    c.query_row(
+        "SELECT count(*), coalesce(sum(needs_check = 1 OR (?1 AND order_id IS NOT NULL \
+         AND payment_intent_id IS NULL AND creates = 0)), 0) \
+         FROM jobs WHERE state = 'pending'",
+        [precheck_always],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+}
+
+/// The report kept when the run finished (`None` for a run that did not finish, or
+/// that an older version ran).
+pub(super) fn saved_report(c: &Connection, run_id: i64) -> rusqlite::Result<Option<String>> {
+    c.query_row("SELECT report FROM runs WHERE id = ?1", [run_id], |r| {
+        r.get::<_, Option<String>>(0)
+    })
+    .optional()
+    .map(Option::flatten)
 }
 
 pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<Option<RunFacts>> {

@@ -1,0 +1,111 @@
+//! A job's request body in its columns: binding it, reading it back, and writing it
+//! straight from the columns as the JSON to send.
+
+use crate::job::{Payload, SendBody};
+
+/// The request-body columns of `jobs`, in the order [`bind_body`] binds and
+/// [`read_body`] reads them.
+pub(super) const BODY_COLUMNS: &str =
+    "customer_id, order_id, payment_intent_id, expires_at, mid_expire_at, metadata";
+
+/// Binds the body's fields to parameters `at` to `at + 5` (metadata as JSON text,
+/// made by the reader).
+pub(super) fn bind_body(
+    stmt: &mut rusqlite::Statement<'_>,
+    at: usize,
+    p: &Payload,
+    metadata_json: Option<&str>,
+) -> rusqlite::Result<()> {
+    stmt.raw_bind_parameter(at, &p.customer_id)?;
+    stmt.raw_bind_parameter(at + 1, &p.order_id)?;
+    stmt.raw_bind_parameter(at + 2, &p.payment_intent_id)?;
+    stmt.raw_bind_parameter(at + 3, &p.expires_at)?;
+    stmt.raw_bind_parameter(at + 4, &p.mid_expire_at)?;
+    stmt.raw_bind_parameter(at + 5, metadata_json)
+}
+
+/// Reads the six body columns starting at column `at`; `None` for an invalid row.
+pub(super) fn read_body(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<Payload>> {
+    let Some(customer_id) = r.get::<_, Option<String>>(at)? else {
+        return Ok(None);
+    };
+    let metadata = match r.get::<_, Option<String>>(at + 5)? {
+        None => None,
+        Some(text) => Some(serde_json::from_str(&text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(
+                at + 5,
+                rusqlite::types::Type::Text,
+                Box::new(e),
+            )
+        })?),
+    };
+    Ok(Some(Payload {
+        customer_id,
+        order_id: r.get(at + 1)?,
+        payment_intent_id: r.get(at + 2)?,
+        expires_at: r.get(at + 3)?,
+        mid_expire_at: r.get(at + 4)?,
+        metadata,
+    }))
+}
+
+/// The six body columns starting at column `at` as the JSON text to send, written
+/// straight from the columns (no [`Payload`] in between): the same text
+/// [`Payload::to_json`] gives. `None` for an invalid row.
+pub(super) fn send_body(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<SendBody>> {
+    let text =
+        |i: usize| -> rusqlite::Result<Option<&str>> { Ok(r.get_ref(at + i)?.as_str_or_null()?) };
+    let Some(customer_id) = text(0)? else {
+        return Ok(None);
+    };
+    let mut json = Vec::with_capacity(160);
+    json.push(b'{');
+    let mut field = |name: &str, value: &str| {
+        if json.len() > 1 {
+            json.push(b',');
+        }
+        json.push(b'"');
+        json.extend_from_slice(name.as_bytes());
+        json.extend_from_slice(b"\":");
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut json, value);
+    };
+    field("customerId", customer_id);
+    let order_id = text(1)?;
+    let payment_intent = text(2)?;
+    for (name, value) in [
+        ("orderId", order_id),
+        ("paymentIntentId", payment_intent),
+        ("expiresAt", text(3)?),
+        ("midExpireAt", text(4)?),
+    ] {
+        if let Some(v) = value {
+            field(name, v);
+        }
+    }
+    if let Some(metadata) = text(5)? {
+        // Written by kohort-batch from a parsed object; checked all the same, as it is
+        // sent as it is.
+        let valid = serde_json::from_str::<serde::de::IgnoredAny>(metadata)
+            .map_err(|e| e.to_string())
+            .and_then(|_| match metadata.trim_start().starts_with('{') {
+                true => Ok(()),
+                false => Err("not a JSON object".to_owned()),
+            });
+        if let Err(e) = valid {
+            return Err(rusqlite::Error::FromSqlConversionFailure(
+                at + 5,
+                rusqlite::types::Type::Text,
+                format!("the stored metadata is not a JSON object: {e}").into(),
+            ));
+        }
+        json.extend_from_slice(b",\"metadata\":");
+        json.extend_from_slice(metadata.as_bytes());
+    }
+    json.push(b'}');
+    Ok(Some(SendBody::new(
+        json,
+        order_id.map(str::to_owned),
+        payment_intent.is_some(),
+    )))
+}

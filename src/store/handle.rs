@@ -11,7 +11,7 @@ use super::checkpoint::Checkpointer;
 use super::failure::Failure;
 use super::outbox::{Outbox, Record};
 use super::reads::{self, JobExport, RunFacts, RunListEntry};
-use super::writer::{Call, Message, Task, owner_loop};
+use super::writer::{FnCommand, Message, Writer};
 use super::{Access, Attempt, ImportCounts, Job, RetryFilter, Transition};
 use super::{import, jobs, lock, queue, runs, schema};
 use crate::error::{Error, Result};
@@ -101,12 +101,8 @@ impl Store {
         let checkpointer =
             Checkpointer::start(&mut conn, path, busy_timeout).map_err(|e| db_err(e.into()))?;
         let (tx, rx) = mpsc::channel::<Message>(4096);
-        let thread_path = path.to_owned();
         let outbox = Arc::new(Outbox::default());
-        let owner_outbox = outbox.clone();
-        std::thread::Builder::new()
-            .name("kohort-store".into())
-            .spawn(move || owner_loop(conn, rx, &thread_path, checkpointer, &owner_outbox))
+        Writer::spawn(conn, rx, path, checkpointer, outbox.clone())
             .map_err(|e| Error::Internal(format!("cannot start the database thread: {e}")))?;
         Ok(Store {
             tx,
@@ -165,7 +161,7 @@ impl Store {
         &self.path
     }
 
-    /// Runs `f` on the owner thread inside the current batch, and returns its result once
+    /// Runs `f` on the writer thread inside the current batch, and returns its result once
     /// the batch is committed.
     pub(super) async fn call<T, F>(&self, f: F) -> Result<T>
     where
@@ -174,14 +170,10 @@ impl Store {
     {
         self.outbox_ok()?;
         let (reply, reply_rx) = oneshot::channel::<Result<T, Failure>>();
-        let task: Task = Box::new(Call {
-            f: Some(f),
-            result: None,
-            reply,
-        });
+        let command = Box::new(FnCommand::new(f, reply));
         let closed = || Error::Internal("the database thread has stopped".into());
         self.tx
-            .send(Message::Task(task))
+            .send(Message::Command(command))
             .await
             .map_err(|_| closed())?;
         reply_rx

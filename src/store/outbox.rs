@@ -17,8 +17,8 @@ pub(super) struct Record {
     pub(super) transition: Transition,
 }
 
-/// Last records whose callers do not wait (see [`Store::record_last`]). The owner
-/// writes them before each task of its next transaction and before its commit, so a
+/// Last records whose callers do not wait (see `Store::record_last`). The owner
+/// writes them before each command of its next transaction and before its commit, so a
 /// call sent after a record returned always sees that record.
 #[derive(Debug, Default)]
 pub(super) struct Outbox {

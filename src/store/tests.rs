@@ -275,7 +275,7 @@ async fn the_run_list_counts_each_runs_jobs() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_failed_task_leaves_nothing_behind_and_the_store_goes_on() {
+async fn a_failed_command_leaves_nothing_behind_and_the_store_goes_on() {
     let (_dir, _, store) = fresh();
     let half_done = store
         .call(|c| {

@@ -3,25 +3,48 @@
 
 use crate::job::{Payload, SendBody};
 
-/// The request-body columns of `jobs`, in the order [`bind_body`] binds and
+/// The request-body columns of `jobs`, in the order [`body_values`] gives them and
 /// [`read_body`] reads them.
 pub(super) const BODY_COLUMNS: &str =
     "customer_id, order_id, payment_intent_id, expires_at, mid_expire_at, metadata";
 
-/// Binds the body's fields to parameters `at` to `at + 5` (metadata as JSON text,
-/// made by the reader).
+/// The parameters [`bind_body`] binds, named as their columns.
+const BODY_PARAMS: [&str; 6] = [
+    ":customer_id",
+    ":order_id",
+    ":payment_intent_id",
+    ":expires_at",
+    ":mid_expire_at",
+    ":metadata",
+];
+
+/// The body's fields in [`BODY_COLUMNS`] order (metadata as JSON text, made by the
+/// reader).
+pub(super) fn body_values<'a>(
+    p: &'a Payload,
+    metadata_json: &'a Option<&'a str>,
+) -> [&'a dyn rusqlite::ToSql; 6] {
+    [
+        &p.customer_id,
+        &p.order_id,
+        &p.payment_intent_id,
+        &p.expires_at,
+        &p.mid_expire_at,
+        metadata_json,
+    ]
+}
+
+/// Binds the body's fields to the parameters named as their columns (`:customer_id`,
+/// …, `:metadata`).
 pub(super) fn bind_body(
     stmt: &mut rusqlite::Statement<'_>,
-    at: usize,
     p: &Payload,
     metadata_json: Option<&str>,
 ) -> rusqlite::Result<()> {
-    stmt.raw_bind_parameter(at, &p.customer_id)?;
-    stmt.raw_bind_parameter(at + 1, &p.order_id)?;
-    stmt.raw_bind_parameter(at + 2, &p.payment_intent_id)?;
-    stmt.raw_bind_parameter(at + 3, &p.expires_at)?;
-    stmt.raw_bind_parameter(at + 4, &p.mid_expire_at)?;
-    stmt.raw_bind_parameter(at + 5, metadata_json)
+    for (name, value) in BODY_PARAMS.iter().zip(body_values(p, &metadata_json)) {
+        stmt.raw_bind_parameter(*name, value)?;
+    }
+    Ok(())
 }
 
 /// Reads the six body columns starting at column `at`; `None` for an invalid row.

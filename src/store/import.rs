@@ -1,9 +1,9 @@
 //! Importing rows into `jobs`: chunks of valid rows in one statement, and the rules
 //! for rows whose key is taken (duplicates, conflicts, fixes) or that are invalid.
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, named_params};
 
-use super::body::{BODY_COLUMNS, bind_body, read_body};
+use super::body::{BODY_COLUMNS, bind_body, body_values, read_body};
 use super::clock::now_ms;
 use super::types::ImportCounts;
 use crate::job::Payload;
@@ -11,10 +11,10 @@ use crate::source::ImportRow;
 
 /// The id of a source name, added on first use.
 fn source_id(c: &Connection, name: &str) -> rusqlite::Result<i64> {
-    c.prepare_cached("INSERT INTO sources (name) VALUES (?1) ON CONFLICT (name) DO NOTHING")?
-        .execute(params![name])?;
-    c.prepare_cached("SELECT id FROM sources WHERE name = ?1")?
-        .query_row(params![name], |r| r.get(0))
+    c.prepare_cached("INSERT INTO sources (name) VALUES (:name) ON CONFLICT (name) DO NOTHING")?
+        .execute(named_params! {":name": name})?;
+    c.prepare_cached("SELECT id FROM sources WHERE name = :name")?
+        .query_row(named_params! {":name": name}, |r| r.get(0))
 }
 
 /// Imports one batch of rows. See the README ("Importing rows") for the rules.
@@ -32,7 +32,7 @@ pub(super) fn import(
     // SQLite re-plan the statement on every bind: 7 times slower).
     let mut invalid_keys = invalid_twins(c, rows)?;
     let mut insert = c.prepare_cached(INSERT_JOB)?;
-    let batch = Batch {
+    let batch = ImportBatch {
         run_id,
         source_id,
         now,
@@ -68,20 +68,13 @@ pub(super) fn import(
         match &row.outcome {
             Ok(payload) => {
                 counts.rows += 1;
-                let new = NewJob {
-                    run_id,
-                    source_id,
-                    line: row.line as i64,
-                    payload,
-                    metadata_json: row.metadata_json.as_deref(),
-                    now,
-                };
-                if !new.insert(&mut insert)? {
-                    import_valid(c, &mut insert, &new, &mut counts)?;
-                } else if invalid_keys.contains(payload.key()) {
-                    new.settle_insert(c, c.last_insert_rowid(), &mut counts)?;
-                } else {
-                    counts.queued += 1;
+                let new = batch.job(row, payload);
+                match new.insert(&mut insert)? {
+                    None => import_valid(c, &mut insert, &new, &mut counts)?,
+                    Some(id) if invalid_keys.contains(payload.key()) => {
+                        new.settle_insert(c, id, &mut counts)?;
+                    }
+                    Some(_) => counts.queued += 1,
                 }
             }
             Err(_) => import_invalid(c, &batch, row, &mut invalid_keys, &mut counts)?,
@@ -93,7 +86,7 @@ pub(super) fn import(
 /// Records an invalid row (or updates the invalid job of an earlier import of it).
 fn import_invalid(
     c: &Connection,
-    batch: &Batch,
+    batch: &ImportBatch,
     row: &ImportRow,
     invalid_keys: &mut std::collections::HashSet<String>,
     counts: &mut ImportCounts,
@@ -115,27 +108,47 @@ fn import_invalid(
         Some(k) => latest_invalid(c, k)?,
         None => c
             .prepare_cached(
-                "SELECT id FROM jobs WHERE state = 'invalid' AND source_id = ?1 \
-                 AND line = ?2 AND raw = ?3 LIMIT 1",
+                "SELECT id FROM jobs WHERE state = 'invalid' AND source_id = :source_id \
+                 AND line = :line AND raw = :raw LIMIT 1",
             )?
-            .query_row(params![source_id, line, raw], |r| r.get(0))
+            .query_row(
+                named_params! {":source_id": source_id, ":line": line, ":raw": raw},
+                |r| r.get(0),
+            )
             .optional()?,
     };
     match earlier {
         Some(id) => {
             c.prepare_cached(
-                "UPDATE jobs SET error = ?1, raw = ?2, source_id = ?3, line = ?4, \
-                 last_run_id = ?5, updated_ms = ?6 WHERE id = ?7",
+                "UPDATE jobs SET error = :reason, raw = :raw, source_id = :source_id, \
+                 line = :line, last_run_id = :run_id, updated_ms = :now WHERE id = :id",
             )?
-            .execute(params![reason, raw, source_id, line, run_id, now, id])?;
+            .execute(named_params! {
+                ":reason": reason,
+                ":raw": raw,
+                ":source_id": source_id,
+                ":line": line,
+                ":run_id": run_id,
+                ":now": now,
+                ":id": id,
+            })?;
         }
         None => {
             c.prepare_cached(
                 "INSERT INTO jobs (row_key, raw, source_id, line, state, error, \
                  error_class, first_run_id, last_run_id, updated_ms) \
-                 VALUES (?1, ?2, ?3, ?4, 'invalid', ?5, 'invalid', ?6, ?6, ?7)",
+                 VALUES (:row_key, :raw, :source_id, :line, 'invalid', :reason, 'invalid', \
+                 :run_id, :run_id, :now)",
             )?
-            .execute(params![row.key, raw, source_id, line, reason, run_id, now])?;
+            .execute(named_params! {
+                ":row_key": row.key,
+                ":raw": raw,
+                ":source_id": source_id,
+                ":line": line,
+                ":reason": reason,
+                ":run_id": run_id,
+                ":now": now,
+            })?;
         }
     }
     Ok(())
@@ -159,9 +172,9 @@ fn invalid_twins(
     let keys = serde_json::to_string(&keys).unwrap_or_default();
     c.prepare_cached(
         "SELECT DISTINCT row_key FROM jobs WHERE row_key IS NOT NULL \
-         AND row_key IN (SELECT value FROM json_each(?1))",
+         AND row_key IN (SELECT value FROM json_each(:keys))",
     )?
-    .query_map(params![keys], |r| r.get(0))?
+    .query_map(named_params! {":keys": keys}, |r| r.get(0))?
     .collect()
 }
 
@@ -171,125 +184,103 @@ fn latest_invalid(c: &Connection, row_key: &str) -> rusqlite::Result<Option<i64>
         // `row_key IS NOT NULL` spelled out: the partial index's condition then follows
         // from the query itself, not from the bound value, which would make SQLite
         // recompile the statement on every bind.
-        "SELECT id FROM jobs WHERE row_key IS NOT NULL AND row_key = ?1 AND state = 'invalid' \
-         ORDER BY id DESC LIMIT 1",
+        "SELECT id FROM jobs WHERE row_key IS NOT NULL AND row_key = :row_key \
+         AND state = 'invalid' ORDER BY id DESC LIMIT 1",
     )?
-    .query_row(params![row_key], |r| r.get(0))
+    .query_row(named_params! {":row_key": row_key}, |r| r.get(0))
     .optional()
 }
 
 /// What every row of one import batch shares.
-struct Batch {
+struct ImportBatch {
     run_id: i64,
     source_id: i64,
     now: i64,
 }
 
+impl ImportBatch {
+    /// A valid row of this batch, on its way into `jobs`.
+    fn job<'a>(&self, row: &'a ImportRow, payload: &'a Payload) -> NewJob<'a> {
+        NewJob {
+            run_id: self.run_id,
+            source_id: self.source_id,
+            line: row.line as i64,
+            payload,
+            metadata_json: row.metadata_json.as_deref(),
+            now: self.now,
+        }
+    }
+}
+
 /// Valid rows inserted by one statement on the fast path of an import.
 const CHUNK_ROWS: usize = 100;
 
-/// `INSERT … VALUES (…), (…), …` of [`CHUNK_ROWS`] new pending jobs; does nothing for
-/// a row whose key is taken. ?1–?3 are the batch's source, run and time; each row
-/// binds seven more (the six body fields and the line).
+/// The numbered parameters of the chunk insert ([`chunk_sql`]): the three the rows
+/// share, then seven for each row (numbered rather than named: SQLite looks a name
+/// up among all of a statement's parameters, 703 here).
+mod chunk_params {
+    /// The batch's source, run and time.
+    pub(super) const SOURCE_ID: usize = 1;
+    pub(super) const RUN_ID: usize = 2;
+    pub(super) const NOW: usize = 3;
+    /// Per row: the six body fields, then the line.
+    pub(super) const PER_ROW: usize = 7;
+
+    /// The first parameter of row `k`.
+    pub(super) fn first_of_row(k: usize) -> usize {
+        NOW + 1 + PER_ROW * k
+    }
+}
+
+/// `INSERT … VALUES (…), (…), … RETURNING` of [`CHUNK_ROWS`] new pending jobs: does
+/// nothing for a row whose key is taken, and returns the rows that went in.
 fn chunk_sql() -> &'static str {
+    use chunk_params::{NOW, PER_ROW, RUN_ID, SOURCE_ID, first_of_row};
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SQL.get_or_init(|| {
         let rows: Vec<String> = (0..CHUNK_ROWS)
             .map(|k| {
-                let p = 4 + 7 * k;
+                let p: Vec<String> = (first_of_row(k)..first_of_row(k) + PER_ROW)
+                    .map(|i| format!("?{i}"))
+                    .collect();
                 format!(
-                    "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, '', ?1, ?{}, 'pending', ?2, ?2, ?3)",
-                    p,
-                    p + 1,
-                    p + 2,
-                    p + 3,
-                    p + 4,
-                    p + 5,
-                    p + 6
+                    "({}, '', ?{SOURCE_ID}, {}, 'pending', ?{RUN_ID}, ?{RUN_ID}, ?{NOW})",
+                    p[..6].join(", "),
+                    p[6]
                 )
             })
             .collect();
         format!(
-            "INSERT INTO jobs (customer_id, order_id, payment_intent_id, expires_at, \
-             mid_expire_at, metadata, raw, source_id, line, state, first_run_id, last_run_id, \
-             updated_ms) VALUES {} ON CONFLICT (key) DO NOTHING",
+            "INSERT INTO jobs ({BODY_COLUMNS}, raw, source_id, line, state, first_run_id, \
+             last_run_id, updated_ms) VALUES {} ON CONFLICT (key) DO NOTHING \
+             RETURNING id, key, line",
             rows.join(", ")
         )
     })
 }
 
 /// Inserts a chunk of valid rows with one statement: a statement per row costs about
-/// a third more (`cargo bench --bench sqlite_floor`). When some keys were taken, each
-/// row is looked up: a row went in if its key now has a job newer than the statement
-/// with this row's line; any other row takes the path of a row whose insert did
-/// nothing (duplicate, conflict or fix).
+/// a third more (`cargo bench --bench sqlite_floor`). A row the statement did not
+/// insert takes the path of a row whose insert did nothing (duplicate, conflict or
+/// fix).
 fn insert_chunk(
     c: &Connection,
     insert: &mut rusqlite::Statement<'_>,
-    batch: &Batch,
+    batch: &ImportBatch,
     chunk: &[&ImportRow],
     invalid_keys: &std::collections::HashSet<String>,
     counts: &mut ImportCounts,
 ) -> rusqlite::Result<()> {
-    let before: i64 = c
-        .prepare_cached("SELECT coalesce(max(id), 0) FROM jobs")?
-        .query_row([], |r| r.get(0))?;
-    let mut stmt = c.prepare_cached(chunk_sql())?;
-    stmt.raw_bind_parameter(1, batch.source_id)?;
-    stmt.raw_bind_parameter(2, batch.run_id)?;
-    stmt.raw_bind_parameter(3, batch.now)?;
-    let valid = || {
-        chunk
-            .iter()
-            .filter_map(|row| row.outcome.as_ref().ok().map(|p| (row, p)))
-    };
-    for (k, (row, p)) in valid().enumerate() {
-        let at = 4 + 7 * k;
-        bind_body(&mut stmt, at, p, row.metadata_json.as_deref())?;
-        stmt.raw_bind_parameter(at + 6, row.line as i64)?;
-    }
-    let inserted = stmt.raw_execute()?;
-    drop(stmt);
+    let valid: Vec<(&ImportRow, &Payload)> = chunk
+        .iter()
+        .filter_map(|row| row.outcome.as_ref().ok().map(|p| (*row, p)))
+        .collect();
+    let went_in = insert_rows(c, batch, &valid)?;
     counts.rows += chunk.len() as u64;
-    fn job<'a>(batch: &Batch, row: &'a ImportRow, payload: &'a Payload) -> NewJob<'a> {
-        NewJob {
-            run_id: batch.run_id,
-            source_id: batch.source_id,
-            line: row.line as i64,
-            payload,
-            metadata_json: row.metadata_json.as_deref(),
-            now: batch.now,
-        }
-    }
-    if inserted == chunk.len() {
-        // All went in, with the ids after `before` in order (a rowid key takes the
-        // next number): a fix of an invalid row then takes that row's place.
-        for (k, (row, payload)) in valid().enumerate() {
-            if invalid_keys.contains(payload.key()) {
-                job(batch, row, payload).settle_insert(c, before + 1 + k as i64, counts)?;
-            } else {
-                counts.queued += 1;
-            }
-        }
-        return Ok(());
-    }
-    for (row, payload) in valid() {
-        let line = row.line as i64;
-        let new = job(batch, row, payload);
-        // A row went in if its key now has a job newer than the statement, with
-        // this row's line.
-        let went_in = if inserted == 0 {
-            None
-        } else {
-            c.prepare_cached("SELECT id, line FROM jobs WHERE key = ?1")?
-                .query_row(params![payload.key()], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?))
-                })
-                .optional()?
-                .filter(|(id, l)| *id > before && *l == Some(line))
-                .map(|(id, _)| id)
-        };
-        match went_in {
+    for ((row, payload), id) in valid.into_iter().zip(went_in) {
+        let new = batch.job(row, payload);
+        match id {
+            // A fix of an invalid row takes that row's place.
             Some(id) if invalid_keys.contains(payload.key()) => new.settle_insert(c, id, counts)?,
             Some(_) => counts.queued += 1,
             None => import_valid(c, insert, &new, counts)?,
@@ -298,11 +289,49 @@ fn insert_chunk(
     Ok(())
 }
 
+/// Runs [`chunk_sql`] for `rows`; returns, for each row, the id of its new job, or
+/// `None` if its key was taken (by an earlier job or an earlier row of the chunk).
+fn insert_rows(
+    c: &Connection,
+    batch: &ImportBatch,
+    rows: &[(&ImportRow, &Payload)],
+) -> rusqlite::Result<Vec<Option<i64>>> {
+    let mut stmt = c.prepare_cached(chunk_sql())?;
+    stmt.raw_bind_parameter(chunk_params::SOURCE_ID, batch.source_id)?;
+    stmt.raw_bind_parameter(chunk_params::RUN_ID, batch.run_id)?;
+    stmt.raw_bind_parameter(chunk_params::NOW, batch.now)?;
+    let mut by_line = std::collections::HashMap::with_capacity(rows.len());
+    for (k, (row, p)) in rows.iter().enumerate() {
+        let line = row.line as i64;
+        let metadata_json = row.metadata_json.as_deref();
+        let values = body_values(p, &metadata_json)
+            .into_iter()
+            .chain([&line as &dyn rusqlite::ToSql]);
+        for (i, value) in values.enumerate() {
+            stmt.raw_bind_parameter(chunk_params::first_of_row(k) + i, value)?;
+        }
+        by_line.insert(line, k);
+    }
+    // RETURNING gives no order: each returned job is matched to its row by line and key.
+    let mut went_in = vec![None; rows.len()];
+    let mut returned = stmt.raw_query();
+    while let Some(r) = returned.next()? {
+        let row = r.get::<_, Option<i64>>(2)?.and_then(|l| by_line.get(&l));
+        if let Some(&k) = row
+            && r.get_ref(1)?.as_str_or_null()? == Some(rows[k].1.key())
+        {
+            went_in[k] = Some(r.get(0)?);
+        }
+    }
+    Ok(went_in)
+}
+
 /// A new pending job; does nothing when its key is taken (see [`NewJob::insert`]).
 const INSERT_JOB: &str = "INSERT INTO jobs (customer_id, order_id, payment_intent_id, expires_at, \
      mid_expire_at, metadata, raw, source_id, line, state, first_run_id, last_run_id, updated_ms) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, '', ?7, ?8, 'pending', ?9, ?9, ?10) \
-     ON CONFLICT (key) DO NOTHING";
+     VALUES (:customer_id, :order_id, :payment_intent_id, :expires_at, :mid_expire_at, :metadata, \
+     '', :source_id, :line, 'pending', :run_id, :run_id, :now) \
+     ON CONFLICT (key) DO NOTHING RETURNING id";
 
 /// A valid row on its way into `jobs`.
 struct NewJob<'a> {
@@ -318,19 +347,20 @@ impl NewJob<'_> {
     /// Puts this row in place of job `id` (an invalid or failed version of it).
     fn replace(&self, c: &Connection, id: i64, needs_check: bool) -> rusqlite::Result<()> {
         let mut stmt = c.prepare_cached(
-            "UPDATE jobs SET customer_id = ?1, order_id = ?2, payment_intent_id = ?3, \
-             expires_at = ?4, mid_expire_at = ?5, metadata = ?6, row_key = NULL, raw = '', \
-             source_id = ?7, line = ?8, state = 'pending', needs_check = ?9, \
+            "UPDATE jobs SET customer_id = :customer_id, order_id = :order_id, \
+             payment_intent_id = :payment_intent_id, expires_at = :expires_at, \
+             mid_expire_at = :mid_expire_at, metadata = :metadata, row_key = NULL, raw = '', \
+             source_id = :source_id, line = :line, state = 'pending', needs_check = :needs_check, \
              next_attempt_at = NULL, error = NULL, error_class = NULL, last_status = NULL, \
-             last_run_id = ?10, updated_ms = ?11 WHERE id = ?12",
+             last_run_id = :run_id, updated_ms = :now WHERE id = :id",
         )?;
-        bind_body(&mut stmt, 1, self.payload, self.metadata_json)?;
-        stmt.raw_bind_parameter(7, self.source_id)?;
-        stmt.raw_bind_parameter(8, self.line)?;
-        stmt.raw_bind_parameter(9, needs_check)?;
-        stmt.raw_bind_parameter(10, self.run_id)?;
-        stmt.raw_bind_parameter(11, self.now)?;
-        stmt.raw_bind_parameter(12, id)?;
+        bind_body(&mut stmt, self.payload, self.metadata_json)?;
+        stmt.raw_bind_parameter(":source_id", self.source_id)?;
+        stmt.raw_bind_parameter(":line", self.line)?;
+        stmt.raw_bind_parameter(":needs_check", needs_check)?;
+        stmt.raw_bind_parameter(":run_id", self.run_id)?;
+        stmt.raw_bind_parameter(":now", self.now)?;
+        stmt.raw_bind_parameter(":id", id)?;
         stmt.raw_execute().map(drop)
     }
 
@@ -348,8 +378,8 @@ impl NewJob<'_> {
         match latest_invalid(c, self.payload.key())? {
             None => counts.queued += 1,
             Some(invalid) => {
-                c.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
-                    .execute(params![inserted])?;
+                c.prepare_cached("DELETE FROM jobs WHERE id = :id")?
+                    .execute(named_params! {":id": inserted})?;
                 self.replace(c, invalid, false)?;
                 counts.fixed += 1;
             }
@@ -357,14 +387,19 @@ impl NewJob<'_> {
         Ok(())
     }
 
-    /// Inserts the job with [`INSERT_JOB`]; false if its key is already taken.
-    fn insert(&self, stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<bool> {
-        bind_body(stmt, 1, self.payload, self.metadata_json)?;
-        stmt.raw_bind_parameter(7, self.source_id)?;
-        stmt.raw_bind_parameter(8, self.line)?;
-        stmt.raw_bind_parameter(9, self.run_id)?;
-        stmt.raw_bind_parameter(10, self.now)?;
-        Ok(stmt.raw_execute()? == 1)
+    /// Inserts the job with [`INSERT_JOB`]; returns its id, `None` if its key is
+    /// already taken.
+    fn insert(&self, stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<Option<i64>> {
+        bind_body(stmt, self.payload, self.metadata_json)?;
+        stmt.raw_bind_parameter(":source_id", self.source_id)?;
+        stmt.raw_bind_parameter(":line", self.line)?;
+        stmt.raw_bind_parameter(":run_id", self.run_id)?;
+        stmt.raw_bind_parameter(":now", self.now)?;
+        let mut returned = stmt.raw_query();
+        match returned.next()? {
+            Some(r) => Ok(Some(r.get(0)?)),
+            None => Ok(None),
+        }
     }
 }
 
@@ -377,9 +412,9 @@ fn import_valid(
     let key = new.payload.key();
     let existing: Option<(i64, String, Option<Payload>, i64)> = c
         .prepare_cached(&format!(
-            "SELECT id, state, creates, {BODY_COLUMNS} FROM jobs WHERE key = ?1"
+            "SELECT id, state, creates, {BODY_COLUMNS} FROM jobs WHERE key = :key"
         ))?
-        .query_row(params![key], |r| {
+        .query_row(named_params! {":key": key}, |r| {
             Ok((r.get(0)?, r.get(1)?, read_body(r, 3)?, r.get(2)?))
         })
         .optional()?;
@@ -390,7 +425,7 @@ fn import_valid(
             if let Some(id) = fixed_invalid {
                 replace(id, false)?;
                 counts.fixed += 1;
-            } else if new.insert(insert)? {
+            } else if new.insert(insert)?.is_some() {
                 counts.queued += 1;
             }
         }
@@ -399,8 +434,8 @@ fn import_valid(
             if state == "failed" || state == "unknown" {
                 // Not sent again (retry-failed does that), but not done either: this
                 // run's report lists it and its exit code says so.
-                c.prepare_cached("UPDATE jobs SET last_run_id = ?1 WHERE id = ?2")?
-                    .execute(params![new.run_id, id])?;
+                c.prepare_cached("UPDATE jobs SET last_run_id = :run_id WHERE id = :id")?
+                    .execute(named_params! {":run_id": new.run_id, ":id": id})?;
             }
         }
         Some((id, state, _, creates)) if state == "failed" => {
@@ -419,16 +454,17 @@ fn import_valid(
             let raw = serde_json::to_string(&new.payload.input_cells()).unwrap_or_default();
             c.prepare_cached(
                 "INSERT INTO import_issues (run_id, source, line, key, kind, reason, raw) \
-                 VALUES (?1, (SELECT name FROM sources WHERE id = ?2), ?3, ?4, 'conflict', ?5, ?6)",
+                 VALUES (:run_id, (SELECT name FROM sources WHERE id = :source_id), :line, :key, \
+                 'conflict', :reason, :raw)",
             )?
-            .execute(params![
-                new.run_id,
-                new.source_id,
-                new.line,
-                key,
-                reason,
-                raw
-            ])?;
+            .execute(named_params! {
+                ":run_id": new.run_id,
+                ":source_id": new.source_id,
+                ":line": new.line,
+                ":key": key,
+                ":reason": reason,
+                ":raw": raw,
+            })?;
         }
     }
     Ok(())

@@ -145,8 +145,11 @@ impl Store {
                 message: f.message,
             }
         })?;
-        conn.execute("VACUUM INTO ?1", [dest.display().to_string()])
-            .map_err(|e| err(e.into()))?;
+        conn.execute(
+            "VACUUM INTO :dest",
+            rusqlite::named_params! {":dest": dest.display().to_string()},
+        )
+        .map_err(|e| err(e.into()))?;
         Ok(())
     }
 

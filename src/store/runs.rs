@@ -1,7 +1,7 @@
 //! The `runs` table: a run's start (with the lock row and the jobs a crash left in
 //! flight), its end, its import totals and its saved report.
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, named_params};
 
 use super::clock::{now_ms, now_text};
 use super::types::ImportCounts;
@@ -17,35 +17,41 @@ pub(super) fn begin_run(
 ) -> rusqlite::Result<(i64, String)> {
     let started = now_text();
     let pid = i64::from(std::process::id());
-    c.execute(
-        "INSERT INTO runs (command, started_at, pid, options) VALUES (?1, ?2, ?3, ?4)",
-        params![command, started, pid, options],
+    let run_id: i64 = c.query_row(
+        "INSERT INTO runs (command, started_at, pid, options) \
+         VALUES (:command, :started_at, :pid, :options) RETURNING id",
+        named_params! {
+            ":command": command,
+            ":started_at": started,
+            ":pid": pid,
+            ":options": options,
+        },
+        |r| r.get(0),
     )?;
-    let run_id = c.last_insert_rowid();
     if !exclusive {
         // Import-only sessions (enqueue) never send, so they do not take the lock.
         return Ok((run_id, started));
     }
     c.execute("DELETE FROM lock", [])?;
     c.execute(
-        "INSERT INTO lock (id, pid, run_id, started_at) VALUES (1, ?1, ?2, ?3)",
-        params![pid, run_id, started],
+        "INSERT INTO lock (id, pid, run_id, started_at) VALUES (1, :pid, :run_id, :started_at)",
+        named_params! {":pid": pid, ":run_id": run_id, ":started_at": started},
     )?;
     // Earlier sending runs that never finished ended with their process (the run
     // lock is ours, so none of them is still going): their reports say so.
     c.execute(
         "UPDATE runs SET stopped = 'the process ended before the run finished (killed, or \
          the machine stopped); the next run checked its jobs in flight' \
-         WHERE finished_at IS NULL AND stopped IS NULL AND id < ?1 \
+         WHERE finished_at IS NULL AND stopped IS NULL AND id < :run_id \
          AND (command = 'run' OR command = 'retry-failed')",
-        params![run_id],
+        named_params! {":run_id": run_id},
     )?;
     // A job still in flight was interrupted mid-request: its outcome is unknown, so it
     // must be checked (no earlier than the settle time set when it was sent).
     let interrupted = c.execute(
         "UPDATE jobs SET state = 'pending', needs_check = 1, error = 'interrupted while in flight', \
-         updated_ms = ?1 WHERE state = 'in_flight'",
-        params![now_ms()],
+         updated_ms = :now_ms WHERE state = 'in_flight'",
+        named_params! {":now_ms": now_ms()},
     )?;
     if interrupted > 0 {
         tracing::warn!(
@@ -67,11 +73,20 @@ pub(super) fn finish_run(
 ) -> rusqlite::Result<String> {
     let finished_at = now_text();
     c.execute(
-        "UPDATE runs SET finished_at = ?1, exit_code = ?2, stopped = ?3, paused_ms = ?4 \
-         WHERE id = ?5",
-        params![finished_at, exit_code, stopped, paused_ms, run_id],
+        "UPDATE runs SET finished_at = :finished_at, exit_code = :exit_code, \
+         stopped = :stopped, paused_ms = :paused_ms WHERE id = :run_id",
+        named_params! {
+            ":finished_at": finished_at,
+            ":exit_code": exit_code,
+            ":stopped": stopped,
+            ":paused_ms": paused_ms,
+            ":run_id": run_id,
+        },
     )?;
-    c.execute("DELETE FROM lock WHERE run_id = ?1", params![run_id])?;
+    c.execute(
+        "DELETE FROM lock WHERE run_id = :run_id",
+        named_params! {":run_id": run_id},
+    )?;
     Ok(finished_at)
 }
 
@@ -82,8 +97,8 @@ pub(super) fn add_import_counts(
     add: ImportCounts,
 ) -> rusqlite::Result<()> {
     let current: Option<String> = c.query_row(
-        "SELECT imported FROM runs WHERE id = ?1",
-        params![run_id],
+        "SELECT imported FROM runs WHERE id = :run_id",
+        named_params! {":run_id": run_id},
         |r| r.get(0),
     )?;
     let mut total: ImportCounts = current
@@ -92,8 +107,8 @@ pub(super) fn add_import_counts(
     total += add;
     let text = serde_json::to_string(&total).unwrap_or_default();
     c.execute(
-        "UPDATE runs SET imported = ?1 WHERE id = ?2",
-        params![text, run_id],
+        "UPDATE runs SET imported = :imported WHERE id = :run_id",
+        named_params! {":imported": text, ":run_id": run_id},
     )?;
     Ok(())
 }
@@ -101,8 +116,8 @@ pub(super) fn add_import_counts(
 /// Keeps the report of a finished run as it was printed.
 pub(super) fn save_report(c: &Connection, run_id: i64, json: &str) -> rusqlite::Result<()> {
     c.execute(
-        "UPDATE runs SET report = ?1 WHERE id = ?2",
-        params![json, run_id],
+        "UPDATE runs SET report = :report WHERE id = :run_id",
+        named_params! {":report": json, ":run_id": run_id},
     )
     .map(drop)
 }

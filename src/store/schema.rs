@@ -489,13 +489,13 @@ mod tests {
             .prepare(&format!(
                 "SELECT j.key, {}, s.name, j.updated_ms FROM jobs j \
                  JOIN sources s ON s.id = j.source_id ORDER BY j.id",
-                crate::store::ops::BODY_COLUMNS
+                crate::store::body::BODY_COLUMNS
             ))
             .unwrap()
             .query_map([], |r| {
                 Ok((
                     r.get(0)?,
-                    crate::store::ops::read_body(r, 1)?,
+                    crate::store::body::read_body(r, 1)?,
                     r.get(7)?,
                     r.get(8)?,
                 ))

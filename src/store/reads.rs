@@ -1,9 +1,9 @@
 //! The reads: what the report, the exports and the tests need to know.
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, named_params};
 use serde::Serialize;
 
-use super::ops::read_body;
+use super::body::read_body;
 use super::types::{ImportCounts, JobState, Obtained};
 use crate::job::Payload;
 
@@ -48,11 +48,34 @@ pub struct RunFacts {
     pub conflicts: Vec<FailureReason>,
 }
 
+/// What sending the pending jobs would take: (jobs, of which checked first).
+pub(super) fn send_plan(c: &Connection, precheck_always: bool) -> rusqlite::Result<(i64, i64)> {
+    c.query_row(
+        "SELECT count(*), coalesce(sum(needs_check = 1 OR (:precheck_always \
+         AND order_id IS NOT NULL AND payment_intent_id IS NULL AND creates = 0)), 0) \
+         FROM jobs WHERE state = 'pending'",
+        named_params! {":precheck_always": precheck_always},
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+}
+
+/// The report kept when the run finished (`None` for a run that did not finish, or
+/// that an older version ran).
+pub(super) fn saved_report(c: &Connection, run_id: i64) -> rusqlite::Result<Option<String>> {
+    c.query_row(
+        "SELECT report FROM runs WHERE id = :run_id",
+        named_params! {":run_id": run_id},
+        |r| r.get::<_, Option<String>>(0),
+    )
+    .optional()
+    .map(Option::flatten)
+}
+
 pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<Option<RunFacts>> {
     let facts = c.query_row(
         "SELECT id, command, started_at, finished_at, exit_code, stopped, imported, \
-         coalesce(paused_ms, 0) FROM runs WHERE id = ?1",
-        params![run_id],
+         coalesce(paused_ms, 0) FROM runs WHERE id = :run_id",
+        named_params! {":run_id": run_id},
         |r| {
             let imported: Option<String> = r.get(6)?;
             Ok(RunFacts {
@@ -75,8 +98,8 @@ pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<Option<
     (facts.states, facts.obtained) = job_counts(c, run_id)?;
     facts.no_share_id = c.query_row(
         "SELECT count(*) FROM groups WHERE (share_id IS NULL OR share_id = '') \
-         AND job_id IN (SELECT id FROM jobs WHERE last_run_id = ?1)",
-        params![run_id],
+         AND job_id IN (SELECT id FROM jobs WHERE last_run_id = :run_id)",
+        named_params! {":run_id": run_id},
         |r| r.get(0),
     )?;
     attempt_facts(c, run_id, &mut facts)?;
@@ -91,14 +114,14 @@ pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<Option<
             c,
             "SELECT j.state, coalesce(j.key, j.row_key), s.name, j.line, coalesce(j.error, '') \
          FROM jobs j JOIN sources s ON s.id = j.source_id \
-         WHERE j.last_run_id = ?1 AND j.state IN ('failed', 'unknown', 'invalid') ORDER BY j.id",
+         WHERE j.last_run_id = :run_id AND j.state IN ('failed', 'unknown', 'invalid') ORDER BY j.id",
             run_id,
         )?
     };
     facts.conflicts = failure_rows(
         c,
         "SELECT 'conflict', key, source, line, reason FROM import_issues \
-         WHERE run_id = ?1 AND kind = 'conflict' ORDER BY id",
+         WHERE run_id = :run_id AND kind = 'conflict' ORDER BY id",
         run_id,
     )?;
     Ok(Some(facts))
@@ -118,8 +141,8 @@ fn job_counts(
     let mut by_obtained = [0i64; Obtained::ALL.len()];
     // One pass, tallied here: a GROUP BY sorts the whole table, and a count(*) FILTER
     // per name evaluates nine aggregates on every row.
-    let mut stmt = c.prepare("SELECT state, obtained FROM jobs WHERE last_run_id = ?1")?;
-    let mut rows = stmt.query(params![run_id])?;
+    let mut stmt = c.prepare("SELECT state, obtained FROM jobs WHERE last_run_id = :run_id")?;
+    let mut rows = stmt.query(named_params! {":run_id": run_id})?;
     while let Some(r) = rows.next()? {
         let state = r.get_ref(0)?.as_str()?;
         if let Some(i) = states.iter().position(|s| *s == state) {
@@ -151,9 +174,10 @@ fn attempt_facts(c: &Connection, run_id: i64, facts: &mut RunFacts) -> rusqlite:
     // A handful of distinct names: a few comparisons find one, cheaper than hashing.
     let mut by_class: std::collections::BTreeMap<String, i64> = Default::default();
     let mut window: Option<(i64, i64)> = None;
-    let mut stmt =
-        c.prepare("SELECT kind, class, latency_ms, started_ms FROM attempts WHERE run_id = ?1")?;
-    let mut rows = stmt.query(params![run_id])?;
+    let mut stmt = c.prepare(
+        "SELECT kind, class, latency_ms, started_ms FROM attempts WHERE run_id = :run_id",
+    )?;
+    let mut rows = stmt.query(named_params! {":run_id": run_id})?;
     while let Some(r) = rows.next()? {
         let kind = r.get_ref(0)?.as_str()?;
         match by_kind.get_mut(kind) {
@@ -184,10 +208,10 @@ fn attempt_facts(c: &Connection, run_id: i64, facts: &mut RunFacts) -> rusqlite:
     Ok(())
 }
 
-/// Rows of (state, key, source, line, reason) for one run.
+/// Rows of (state, key, source, line, reason) for one run (`sql` names it `:run_id`).
 fn failure_rows(c: &Connection, sql: &str, run_id: i64) -> rusqlite::Result<Vec<FailureReason>> {
     let mut stmt = c.prepare(sql)?;
-    let rows = stmt.query_map(params![run_id], |r| {
+    let rows = stmt.query_map(named_params! {":run_id": run_id}, |r| {
         Ok(FailureReason {
             state: r.get(0)?,
             key: r.get(1)?,
@@ -232,13 +256,13 @@ pub struct RunListEntry {
 pub(super) fn list_runs(c: &Connection, limit: usize) -> rusqlite::Result<Vec<RunListEntry>> {
     let mut stmt = c.prepare(
         "SELECT id, command, started_at, finished_at, exit_code, report FROM runs \
-         ORDER BY id DESC LIMIT ?1",
+         ORDER BY id DESC LIMIT :limit",
     )?;
     // A finished run's counts are those of its saved report, as they were when it
     // finished; only older or unfinished runs are counted from the jobs.
     let mut frozen: std::collections::HashMap<i64, (i64, i64)> = Default::default();
     let mut runs: Vec<RunListEntry> = stmt
-        .query_map(params![limit as i64], |r| {
+        .query_map(named_params! {":limit": limit as i64}, |r| {
             let run_id: i64 = r.get(0)?;
             Ok((
                 RunListEntry {
@@ -273,9 +297,10 @@ pub(super) fn list_runs(c: &Connection, limit: usize) -> rusqlite::Result<Vec<Ru
     };
     // Counted here rather than by `GROUP BY`, which would sort the table.
     let mut counts: std::collections::HashMap<i64, (i64, i64)> = Default::default();
-    let mut stmt =
-        c.prepare("SELECT last_run_id, state = 'succeeded' FROM jobs WHERE last_run_id >= ?1")?;
-    let mut rows = stmt.query(params![oldest])?;
+    let mut stmt = c.prepare(
+        "SELECT last_run_id, state = 'succeeded' FROM jobs WHERE last_run_id >= :oldest",
+    )?;
+    let mut rows = stmt.query(named_params! {":oldest": oldest})?;
     while let Some(r) = rows.next()? {
         let n = counts.entry(r.get(0)?).or_default();
         n.0 += 1;
@@ -401,9 +426,13 @@ pub(super) fn jobs_page(
         .collect::<Vec<_>>()
         .join(",");
     let mut stmt = c.prepare_cached(&format!(
-        "{JOB_COLUMNS} WHERE j.state IN ({list}) AND j.id > ?1 ORDER BY j.id LIMIT ?2"
+        "{JOB_COLUMNS} WHERE j.state IN ({list}) AND j.id > :after_id ORDER BY j.id \
+         LIMIT :limit"
     ))?;
-    let rows = stmt.query_map(params![after_id, limit as i64], job_export)?;
+    let rows = stmt.query_map(
+        named_params! {":after_id": after_id, ":limit": limit as i64},
+        job_export,
+    )?;
     rows.collect()
 }
 
@@ -417,34 +446,37 @@ pub(super) fn conflicts_page(
 ) -> rusqlite::Result<Vec<JobExport>> {
     let mut stmt = c.prepare_cached(
         "SELECT i.id, i.key, i.source, i.line, i.reason, coalesce(i.raw, '') FROM import_issues i \
-         WHERE i.kind = 'conflict' AND i.id > ?1 AND NOT EXISTS (SELECT 1 FROM import_issues l \
+         WHERE i.kind = 'conflict' AND i.id > :after_id AND NOT EXISTS (SELECT 1 FROM import_issues l \
          WHERE l.kind = 'conflict' AND l.key IS i.key AND l.raw IS i.raw AND l.id > i.id) \
-         ORDER BY i.id LIMIT ?2",
+         ORDER BY i.id LIMIT :limit",
     )?;
-    let rows = stmt.query_map(params![after_id, limit as i64], |r| {
-        Ok(JobExport {
-            id: r.get(0)?,
-            key: r.get(1)?,
-            row_key: None,
-            state: "conflict".to_owned(),
-            obtained: None,
-            customer_id: None,
-            order_id: None,
-            payment_intent_id: None,
-            group_id: None,
-            share_id: None,
-            group_status: None,
-            expires_at: None,
-            created_at: None,
-            error: r.get(4)?,
-            source: r.get(2)?,
-            line: r.get(3)?,
-            raw: r.get(5)?,
-            payload: None,
-            attempts: 0,
-            creates: 0,
-        })
-    })?;
+    let rows = stmt.query_map(
+        named_params! {":after_id": after_id, ":limit": limit as i64},
+        |r| {
+            Ok(JobExport {
+                id: r.get(0)?,
+                key: r.get(1)?,
+                row_key: None,
+                state: "conflict".to_owned(),
+                obtained: None,
+                customer_id: None,
+                order_id: None,
+                payment_intent_id: None,
+                group_id: None,
+                share_id: None,
+                group_status: None,
+                expires_at: None,
+                created_at: None,
+                error: r.get(4)?,
+                source: r.get(2)?,
+                line: r.get(3)?,
+                raw: r.get(5)?,
+                payload: None,
+                attempts: 0,
+                creates: 0,
+            })
+        },
+    )?;
     rows.collect()
 }
 

@@ -1,0 +1,134 @@
+//! A job's request body in its columns: binding it, reading it back, and writing it
+//! straight from the columns as the JSON to send.
+
+use crate::job::{Payload, SendBody};
+
+/// The request-body columns of `jobs`, in the order [`body_values`] gives them and
+/// [`read_body`] reads them.
+pub(super) const BODY_COLUMNS: &str =
+    "customer_id, order_id, payment_intent_id, expires_at, mid_expire_at, metadata";
+
+/// The parameters [`bind_body`] binds, named as their columns.
+const BODY_PARAMS: [&str; 6] = [
+    ":customer_id",
+    ":order_id",
+    ":payment_intent_id",
+    ":expires_at",
+    ":mid_expire_at",
+    ":metadata",
+];
+
+/// The body's fields in [`BODY_COLUMNS`] order (metadata as JSON text, made by the
+/// reader).
+pub(super) fn body_values<'a>(
+    p: &'a Payload,
+    metadata_json: &'a Option<&'a str>,
+) -> [&'a dyn rusqlite::ToSql; 6] {
+    [
+        &p.customer_id,
+        &p.order_id,
+        &p.payment_intent_id,
+        &p.expires_at,
+        &p.mid_expire_at,
+        metadata_json,
+    ]
+}
+
+/// Binds the body's fields to the parameters named as their columns (`:customer_id`,
+/// …, `:metadata`).
+pub(super) fn bind_body(
+    stmt: &mut rusqlite::Statement<'_>,
+    p: &Payload,
+    metadata_json: Option<&str>,
+) -> rusqlite::Result<()> {
+    for (name, value) in BODY_PARAMS.iter().zip(body_values(p, &metadata_json)) {
+        stmt.raw_bind_parameter(*name, value)?;
+    }
+    Ok(())
+}
+
+/// Reads the six body columns starting at column `at`; `None` for an invalid row.
+pub(super) fn read_body(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<Payload>> {
+    let Some(customer_id) = r.get::<_, Option<String>>(at)? else {
+        return Ok(None);
+    };
+    let metadata = match r.get::<_, Option<String>>(at + 5)? {
+        None => None,
+        Some(text) => Some(serde_json::from_str(&text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(
+                at + 5,
+                rusqlite::types::Type::Text,
+                Box::new(e),
+            )
+        })?),
+    };
+    Ok(Some(Payload {
+        customer_id,
+        order_id: r.get(at + 1)?,
+        payment_intent_id: r.get(at + 2)?,
+        expires_at: r.get(at + 3)?,
+        mid_expire_at: r.get(at + 4)?,
+        metadata,
+    }))
+}
+
+/// The six body columns starting at column `at` as the JSON text to send, written
+/// straight from the columns (no [`Payload`] in between): the same text
+/// [`Payload::to_json`] gives. `None` for an invalid row.
+pub(super) fn send_body(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<SendBody>> {
+    let text =
+        |i: usize| -> rusqlite::Result<Option<&str>> { Ok(r.get_ref(at + i)?.as_str_or_null()?) };
+    let Some(customer_id) = text(0)? else {
+        return Ok(None);
+    };
+    let mut json = Vec::with_capacity(160);
+    json.push(b'{');
+    let mut field = |name: &str, value: &str| {
+        if json.len() > 1 {
+            json.push(b',');
+        }
+        json.push(b'"');
+        json.extend_from_slice(name.as_bytes());
+        json.extend_from_slice(b"\":");
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut json, value);
+    };
+    field("customerId", customer_id);
+    let order_id = text(1)?;
+    let payment_intent = text(2)?;
+    for (name, value) in [
+        ("orderId", order_id),
+        ("paymentIntentId", payment_intent),
+        ("expiresAt", text(3)?),
+        ("midExpireAt", text(4)?),
+    ] {
+        if let Some(v) = value {
+            field(name, v);
+        }
+    }
+    if let Some(metadata) = text(5)? {
+        // Written by kohort-batch from a parsed object; checked all the same, as it is
+        // sent as it is.
+        let valid = serde_json::from_str::<serde::de::IgnoredAny>(metadata)
+            .map_err(|e| e.to_string())
+            .and_then(|_| match metadata.trim_start().starts_with('{') {
+                true => Ok(()),
+                false => Err("not a JSON object".to_owned()),
+            });
+        if let Err(e) = valid {
+            return Err(rusqlite::Error::FromSqlConversionFailure(
+                at + 5,
+                rusqlite::types::Type::Text,
+                format!("the stored metadata is not a JSON object: {e}").into(),
+            ));
+        }
+        json.extend_from_slice(b",\"metadata\":");
+        json.extend_from_slice(metadata.as_bytes());
+    }
+    json.push(b'}');
+    Ok(Some(SendBody::new(
+        json,
+        order_id.map(str::to_owned),
+        payment_intent.is_some(),
+    )))
+}

@@ -1,0 +1,471 @@
+//! Importing rows into `jobs`: chunks of valid rows in one statement, and the rules
+//! for rows whose key is taken (duplicates, conflicts, fixes) or that are invalid.
+
+use rusqlite::{Connection, OptionalExtension, named_params};
+
+use super::body::{BODY_COLUMNS, bind_body, body_values, read_body};
+use super::clock::now_ms;
+use super::types::ImportCounts;
+use crate::job::Payload;
+use crate::source::ImportRow;
+
+/// The id of a source name, added on first use.
+fn source_id(c: &Connection, name: &str) -> rusqlite::Result<i64> {
+    c.prepare_cached("INSERT INTO sources (name) VALUES (:name) ON CONFLICT (name) DO NOTHING")?
+        .execute(named_params! {":name": name})?;
+    c.prepare_cached("SELECT id FROM sources WHERE name = :name")?
+        .query_row(named_params! {":name": name}, |r| r.get(0))
+}
+
+/// Imports one batch of rows. See the README ("Importing rows") for the rules.
+pub(super) fn import(
+    c: &Connection,
+    run_id: i64,
+    source: &str,
+    rows: &[ImportRow],
+) -> rusqlite::Result<ImportCounts> {
+    let now = now_ms();
+    let source_id = source_id(c, source)?;
+    let mut counts = ImportCounts::default();
+    // The keys of this batch that an invalid row already has: a valid row with one
+    // of them is that row's fix. Looked up once for the batch (a probe per row made
+    // SQLite re-plan the statement on every bind: 7 times slower).
+    let mut invalid_keys = invalid_twins(c, rows)?;
+    let mut insert = c.prepare_cached(INSERT_JOB)?;
+    let batch = ImportBatch {
+        run_id,
+        source_id,
+        now,
+    };
+    let mut at = 0;
+    while at < rows.len() {
+        // The next CHUNK_ROWS valid rows go in with one statement (see
+        // `insert_chunk`), the invalid rows among them after it. A valid row that
+        // fixes an invalid one of the same window ends the window before it, so an
+        // invalid row is always recorded before its fix.
+        let mut picked: Vec<&ImportRow> = Vec::with_capacity(CHUNK_ROWS);
+        let mut skipped: Vec<&ImportRow> = Vec::new();
+        let mut end = at;
+        while end < rows.len() && picked.len() < CHUNK_ROWS {
+            let row = &rows[end];
+            match &row.outcome {
+                Ok(p) if skipped.iter().any(|s| s.key.as_deref() == Some(p.key())) => break,
+                Ok(_) => picked.push(row),
+                Err(_) => skipped.push(row),
+            }
+            end += 1;
+        }
+        if picked.len() == CHUNK_ROWS {
+            insert_chunk(c, &mut insert, &batch, &picked, &invalid_keys, &mut counts)?;
+            for row in skipped {
+                import_invalid(c, &batch, row, &mut invalid_keys, &mut counts)?;
+            }
+            at = end;
+            continue;
+        }
+        let row = &rows[at];
+        at += 1;
+        match &row.outcome {
+            Ok(payload) => {
+                counts.rows += 1;
+                let new = batch.job(row, payload);
+                match new.insert(&mut insert)? {
+                    None => import_valid(c, &mut insert, &new, &mut counts)?,
+                    Some(id) if invalid_keys.contains(payload.key()) => {
+                        new.settle_insert(c, id, &mut counts)?;
+                    }
+                    Some(_) => counts.queued += 1,
+                }
+            }
+            Err(_) => import_invalid(c, &batch, row, &mut invalid_keys, &mut counts)?,
+        }
+    }
+    Ok(counts)
+}
+
+/// Records an invalid row (or updates the invalid job of an earlier import of it).
+fn import_invalid(
+    c: &Connection,
+    batch: &ImportBatch,
+    row: &ImportRow,
+    invalid_keys: &mut std::collections::HashSet<String>,
+    counts: &mut ImportCounts,
+) -> rusqlite::Result<()> {
+    let Err(reason) = &row.outcome else {
+        return Ok(());
+    };
+    let (run_id, source_id, now, line) =
+        (batch.run_id, batch.source_id, batch.now, row.line as i64);
+    counts.rows += 1;
+    counts.invalid += 1;
+    if let Some(k) = &row.key {
+        invalid_keys.insert(k.clone());
+    }
+    // The row as written is kept for invalid rows only: a valid row's request body
+    // says the same thing (exports rebuild the row from it).
+    let raw = serde_json::to_string(&row.raw).unwrap_or_default();
+    let earlier: Option<i64> = match &row.key {
+        Some(k) => latest_invalid(c, k)?,
+        None => c
+            .prepare_cached(
+                "SELECT id FROM jobs WHERE state = 'invalid' AND source_id = :source_id \
+                 AND line = :line AND raw = :raw LIMIT 1",
+            )?
+            .query_row(
+                named_params! {":source_id": source_id, ":line": line, ":raw": raw},
+                |r| r.get(0),
+            )
+            .optional()?,
+    };
+    match earlier {
+        Some(id) => {
+            c.prepare_cached(
+                "UPDATE jobs SET error = :reason, raw = :raw, source_id = :source_id, \
+                 line = :line, last_run_id = :run_id, updated_ms = :now WHERE id = :id",
+            )?
+            .execute(named_params! {
+                ":reason": reason,
+                ":raw": raw,
+                ":source_id": source_id,
+                ":line": line,
+                ":run_id": run_id,
+                ":now": now,
+                ":id": id,
+            })?;
+        }
+        None => {
+            c.prepare_cached(
+                "INSERT INTO jobs (row_key, raw, source_id, line, state, error, \
+                 error_class, first_run_id, last_run_id, updated_ms) \
+                 VALUES (:row_key, :raw, :source_id, :line, 'invalid', :reason, 'invalid', \
+                 :run_id, :run_id, :now)",
+            )?
+            .execute(named_params! {
+                ":row_key": row.key,
+                ":raw": raw,
+                ":source_id": source_id,
+                ":line": line,
+                ":reason": reason,
+                ":run_id": run_id,
+                ":now": now,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The keys of `rows` (valid ones) that an invalid job of an earlier import has.
+fn invalid_twins(
+    c: &Connection,
+    rows: &[ImportRow],
+) -> rusqlite::Result<std::collections::HashSet<String>> {
+    let any: bool = c
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM jobs WHERE row_key IS NOT NULL)")?
+        .query_row([], |r| r.get(0))?;
+    if !any {
+        return Ok(Default::default());
+    }
+    let keys: Vec<&str> = rows
+        .iter()
+        .filter_map(|r| r.outcome.as_ref().ok().map(Payload::key))
+        .collect();
+    let keys = serde_json::to_string(&keys).unwrap_or_default();
+    c.prepare_cached(
+        "SELECT DISTINCT row_key FROM jobs WHERE row_key IS NOT NULL \
+         AND row_key IN (SELECT value FROM json_each(:keys))",
+    )?
+    .query_map(named_params! {":keys": keys}, |r| r.get(0))?
+    .collect()
+}
+
+/// The newest invalid job whose row would have had this key.
+fn latest_invalid(c: &Connection, row_key: &str) -> rusqlite::Result<Option<i64>> {
+    c.prepare_cached(
+        // `row_key IS NOT NULL` spelled out: the partial index's condition then follows
+        // from the query itself, not from the bound value, which would make SQLite
+        // recompile the statement on every bind.
+        "SELECT id FROM jobs WHERE row_key IS NOT NULL AND row_key = :row_key \
+         AND state = 'invalid' ORDER BY id DESC LIMIT 1",
+    )?
+    .query_row(named_params! {":row_key": row_key}, |r| r.get(0))
+    .optional()
+}
+
+/// What every row of one import batch shares.
+struct ImportBatch {
+    run_id: i64,
+    source_id: i64,
+    now: i64,
+}
+
+impl ImportBatch {
+    /// A valid row of this batch, on its way into `jobs`.
+    fn job<'a>(&self, row: &'a ImportRow, payload: &'a Payload) -> NewJob<'a> {
+        NewJob {
+            run_id: self.run_id,
+            source_id: self.source_id,
+            line: row.line as i64,
+            payload,
+            metadata_json: row.metadata_json.as_deref(),
+            now: self.now,
+        }
+    }
+}
+
+/// Valid rows inserted by one statement on the fast path of an import.
+const CHUNK_ROWS: usize = 100;
+
+/// The numbered parameters of the chunk insert ([`chunk_sql`]): the three the rows
+/// share, then seven for each row (numbered rather than named: SQLite looks a name
+/// up among all of a statement's parameters, 703 here).
+mod chunk_params {
+    /// The batch's source, run and time.
+    pub(super) const SOURCE_ID: usize = 1;
+    pub(super) const RUN_ID: usize = 2;
+    pub(super) const NOW: usize = 3;
+    /// Per row: the six body fields, then the line.
+    pub(super) const PER_ROW: usize = 7;
+
+    /// The first parameter of row `k`.
+    pub(super) fn first_of_row(k: usize) -> usize {
+        NOW + 1 + PER_ROW * k
+    }
+}
+
+/// `INSERT … VALUES (…), (…), … RETURNING` of [`CHUNK_ROWS`] new pending jobs: does
+/// nothing for a row whose key is taken, and returns the rows that went in.
+fn chunk_sql() -> &'static str {
+    use chunk_params::{NOW, PER_ROW, RUN_ID, SOURCE_ID, first_of_row};
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        let rows: Vec<String> = (0..CHUNK_ROWS)
+            .map(|k| {
+                let p: Vec<String> = (first_of_row(k)..first_of_row(k) + PER_ROW)
+                    .map(|i| format!("?{i}"))
+                    .collect();
+                format!(
+                    "({}, '', ?{SOURCE_ID}, {}, 'pending', ?{RUN_ID}, ?{RUN_ID}, ?{NOW})",
+                    p[..6].join(", "),
+                    p[6]
+                )
+            })
+            .collect();
+        format!(
+            "INSERT INTO jobs ({BODY_COLUMNS}, raw, source_id, line, state, first_run_id, \
+             last_run_id, updated_ms) VALUES {} ON CONFLICT (key) DO NOTHING \
+             RETURNING id, key, line",
+            rows.join(", ")
+        )
+    })
+}
+
+/// Inserts a chunk of valid rows with one statement: a statement per row costs about
+/// a third more (`cargo bench --bench sqlite_floor`). A row the statement did not
+/// insert takes the path of a row whose insert did nothing (duplicate, conflict or
+/// fix).
+fn insert_chunk(
+    c: &Connection,
+    insert: &mut rusqlite::Statement<'_>,
+    batch: &ImportBatch,
+    chunk: &[&ImportRow],
+    invalid_keys: &std::collections::HashSet<String>,
+    counts: &mut ImportCounts,
+) -> rusqlite::Result<()> {
+    let valid: Vec<(&ImportRow, &Payload)> = chunk
+        .iter()
+        .filter_map(|row| row.outcome.as_ref().ok().map(|p| (*row, p)))
+        .collect();
+    let went_in = insert_rows(c, batch, &valid)?;
+    counts.rows += chunk.len() as u64;
+    for ((row, payload), id) in valid.into_iter().zip(went_in) {
+        let new = batch.job(row, payload);
+        match id {
+            // A fix of an invalid row takes that row's place.
+            Some(id) if invalid_keys.contains(payload.key()) => new.settle_insert(c, id, counts)?,
+            Some(_) => counts.queued += 1,
+            None => import_valid(c, insert, &new, counts)?,
+        }
+    }
+    Ok(())
+}
+
+/// Runs [`chunk_sql`] for `rows`; returns, for each row, the id of its new job, or
+/// `None` if its key was taken (by an earlier job or an earlier row of the chunk).
+fn insert_rows(
+    c: &Connection,
+    batch: &ImportBatch,
+    rows: &[(&ImportRow, &Payload)],
+) -> rusqlite::Result<Vec<Option<i64>>> {
+    let mut stmt = c.prepare_cached(chunk_sql())?;
+    stmt.raw_bind_parameter(chunk_params::SOURCE_ID, batch.source_id)?;
+    stmt.raw_bind_parameter(chunk_params::RUN_ID, batch.run_id)?;
+    stmt.raw_bind_parameter(chunk_params::NOW, batch.now)?;
+    let mut by_line = std::collections::HashMap::with_capacity(rows.len());
+    for (k, (row, p)) in rows.iter().enumerate() {
+        let line = row.line as i64;
+        let metadata_json = row.metadata_json.as_deref();
+        let values = body_values(p, &metadata_json)
+            .into_iter()
+            .chain([&line as &dyn rusqlite::ToSql]);
+        for (i, value) in values.enumerate() {
+            stmt.raw_bind_parameter(chunk_params::first_of_row(k) + i, value)?;
+        }
+        by_line.insert(line, k);
+    }
+    // RETURNING gives no order: each returned job is matched to its row by line and key.
+    let mut went_in = vec![None; rows.len()];
+    let mut returned = stmt.raw_query();
+    while let Some(r) = returned.next()? {
+        let row = r.get::<_, Option<i64>>(2)?.and_then(|l| by_line.get(&l));
+        if let Some(&k) = row
+            && r.get_ref(1)?.as_str_or_null()? == Some(rows[k].1.key())
+        {
+            went_in[k] = Some(r.get(0)?);
+        }
+    }
+    Ok(went_in)
+}
+
+/// A new pending job; does nothing when its key is taken (see [`NewJob::insert`]).
+const INSERT_JOB: &str = "INSERT INTO jobs (customer_id, order_id, payment_intent_id, expires_at, \
+     mid_expire_at, metadata, raw, source_id, line, state, first_run_id, last_run_id, updated_ms) \
+     VALUES (:customer_id, :order_id, :payment_intent_id, :expires_at, :mid_expire_at, :metadata, \
+     '', :source_id, :line, 'pending', :run_id, :run_id, :now) \
+     ON CONFLICT (key) DO NOTHING RETURNING id";
+
+/// A valid row on its way into `jobs`.
+struct NewJob<'a> {
+    run_id: i64,
+    source_id: i64,
+    line: i64,
+    payload: &'a Payload,
+    metadata_json: Option<&'a str>,
+    now: i64,
+}
+
+impl NewJob<'_> {
+    /// Puts this row in place of job `id` (an invalid or failed version of it).
+    fn replace(&self, c: &Connection, id: i64, needs_check: bool) -> rusqlite::Result<()> {
+        let mut stmt = c.prepare_cached(
+            "UPDATE jobs SET customer_id = :customer_id, order_id = :order_id, \
+             payment_intent_id = :payment_intent_id, expires_at = :expires_at, \
+             mid_expire_at = :mid_expire_at, metadata = :metadata, row_key = NULL, raw = '', \
+             source_id = :source_id, line = :line, state = 'pending', needs_check = :needs_check, \
+             next_attempt_at = NULL, error = NULL, error_class = NULL, last_status = NULL, \
+             last_run_id = :run_id, updated_ms = :now WHERE id = :id",
+        )?;
+        bind_body(&mut stmt, self.payload, self.metadata_json)?;
+        stmt.raw_bind_parameter(":source_id", self.source_id)?;
+        stmt.raw_bind_parameter(":line", self.line)?;
+        stmt.raw_bind_parameter(":needs_check", needs_check)?;
+        stmt.raw_bind_parameter(":run_id", self.run_id)?;
+        stmt.raw_bind_parameter(":now", self.now)?;
+        stmt.raw_bind_parameter(":id", id)?;
+        stmt.raw_execute().map(drop)
+    }
+
+    /// After this row went in as job `inserted`: if it is the fix of an invalid row
+    /// of the same key, it takes that row's place (the invalid one is replaced, the
+    /// new job removed) and counts as fixed; otherwise it counts as queued. One probe
+    /// of the small index of invalid rows' keys, so an import does not slow down
+    /// once invalid rows exist.
+    fn settle_insert(
+        &self,
+        c: &Connection,
+        inserted: i64,
+        counts: &mut ImportCounts,
+    ) -> rusqlite::Result<()> {
+        match latest_invalid(c, self.payload.key())? {
+            None => counts.queued += 1,
+            Some(invalid) => {
+                c.prepare_cached("DELETE FROM jobs WHERE id = :id")?
+                    .execute(named_params! {":id": inserted})?;
+                self.replace(c, invalid, false)?;
+                counts.fixed += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Inserts the job with [`INSERT_JOB`]; returns its id, `None` if its key is
+    /// already taken.
+    fn insert(&self, stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<Option<i64>> {
+        bind_body(stmt, self.payload, self.metadata_json)?;
+        stmt.raw_bind_parameter(":source_id", self.source_id)?;
+        stmt.raw_bind_parameter(":line", self.line)?;
+        stmt.raw_bind_parameter(":run_id", self.run_id)?;
+        stmt.raw_bind_parameter(":now", self.now)?;
+        let mut returned = stmt.raw_query();
+        match returned.next()? {
+            Some(r) => Ok(Some(r.get(0)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+fn import_valid(
+    c: &Connection,
+    insert: &mut rusqlite::Statement<'_>,
+    new: &NewJob<'_>,
+    counts: &mut ImportCounts,
+) -> rusqlite::Result<()> {
+    let key = new.payload.key();
+    let existing: Option<(i64, String, Option<Payload>, i64)> = c
+        .prepare_cached(&format!(
+            "SELECT id, state, creates, {BODY_COLUMNS} FROM jobs WHERE key = :key"
+        ))?
+        .query_row(named_params! {":key": key}, |r| {
+            Ok((r.get(0)?, r.get(1)?, read_body(r, 3)?, r.get(2)?))
+        })
+        .optional()?;
+    let replace = |id: i64, needs_check: bool| new.replace(c, id, needs_check);
+    match existing {
+        None => {
+            let fixed_invalid = latest_invalid(c, key)?;
+            if let Some(id) = fixed_invalid {
+                replace(id, false)?;
+                counts.fixed += 1;
+            } else if new.insert(insert)?.is_some() {
+                counts.queued += 1;
+            }
+        }
+        Some((id, state, Some(old), _)) if old == *new.payload => {
+            counts.duplicates += 1;
+            if state == "failed" || state == "unknown" {
+                // Not sent again (retry-failed does that), but not done either: this
+                // run's report lists it and its exit code says so.
+                c.prepare_cached("UPDATE jobs SET last_run_id = :run_id WHERE id = :id")?
+                    .execute(named_params! {":run_id": new.run_id, ":id": id})?;
+            }
+        }
+        Some((id, state, _, creates)) if state == "failed" => {
+            // A fixed version of a failed row. If a create was ever sent, a group may
+            // exist after all: check before sending again.
+            replace(id, creates > 0)?;
+            counts.fixed += 1;
+        }
+        Some((_, state, _, _)) => {
+            counts.conflicts += 1;
+            let reason = format!(
+                "key {key} was already imported with different data (that job is {state}); \
+                 this row was not sent. Remove the row, or give it its own orderId"
+            );
+            // The row itself is kept, for `export failures`: nothing a person wrote is lost.
+            let raw = serde_json::to_string(&new.payload.input_cells()).unwrap_or_default();
+            c.prepare_cached(
+                "INSERT INTO import_issues (run_id, source, line, key, kind, reason, raw) \
+                 VALUES (:run_id, (SELECT name FROM sources WHERE id = :source_id), :line, :key, \
+                 'conflict', :reason, :raw)",
+            )?
+            .execute(named_params! {
+                ":run_id": new.run_id,
+                ":source_id": new.source_id,
+                ":line": new.line,
+                ":key": key,
+                ":reason": reason,
+                ":raw": raw,
+            })?;
+        }
+    }
+    Ok(())
+}

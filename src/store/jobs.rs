@@ -1,0 +1,302 @@
+//! A job's life once imported: claims, and the record of each attempt with the
+//! state change it brings (the exactly-once protocol's writes).
+
+use rusqlite::{Connection, named_params};
+
+use super::body::{BODY_COLUMNS, send_body};
+use super::clock::{now_ms, now_text, ts_text};
+use super::types::{Attempt, Job, Transition};
+
+/// Claims up to `limit` pending jobs with an id above `after_id` for `run_id`, and
+/// returns them in id order, as they are now. A job claimed by an older run (one
+/// that ended, or crashed) is taken over; one claimed by a newer run is left to it.
+pub(super) fn claim_pending(
+    c: &Connection,
+    run_id: i64,
+    after_id: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<Job>> {
+    let mut stmt = c.prepare_cached(&format!(
+        "UPDATE jobs SET claim_run = :run_id WHERE id IN (SELECT id FROM jobs \
+         WHERE state = 'pending' AND id > :after_id \
+         AND (claim_run IS NULL OR claim_run <= :run_id) ORDER BY id LIMIT :limit) \
+         RETURNING id, key, attempts, creates, needs_check, next_attempt_at, line, {BODY_COLUMNS}, \
+         source_id"
+    ))?;
+    // A handful of sources: their names are read once per page, shared by the jobs.
+    let mut names: std::collections::HashMap<i64, std::sync::Arc<str>> = c
+        .prepare_cached("SELECT id, name FROM sources")?
+        .query_map([], |r| {
+            Ok((r.get(0)?, std::sync::Arc::from(r.get::<_, String>(1)?)))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let rows = stmt.query_map(
+        named_params! {":run_id": run_id, ":after_id": after_id, ":limit": limit as i64},
+        |r| {
+            let body = send_body(r, 7)?.ok_or_else(|| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    7,
+                    rusqlite::types::Type::Null,
+                    "a pending job without a request body".into(),
+                )
+            })?;
+            Ok(Job {
+                id: r.get(0)?,
+                key: r.get(1)?,
+                body,
+                attempts: r.get(2)?,
+                creates: r.get(3)?,
+                needs_check: r.get(4)?,
+                next_attempt_at: r.get(5)?,
+                line: r.get(6)?,
+                source: names
+                    .entry(r.get(13)?)
+                    .or_insert_with(|| std::sync::Arc::from("?"))
+                    .clone(),
+            })
+        },
+    )?;
+    let mut jobs = rows.collect::<rusqlite::Result<Vec<Job>>>()?;
+    // RETURNING gives no order.
+    jobs.sort_unstable_by_key(|j| j.id);
+    Ok(jobs)
+}
+
+/// `UPDATE jobs` for a state change: the columns every change sets (see
+/// [`StateChange`]), then `$extra`, as one literal (no formatting per call). Only the
+/// run that claimed the job (`:run_id`) may change it, and only from the states in
+/// `$from`.
+macro_rules! set_state_sql {
+    ($extra:literal, $from:expr) => {
+        concat!(
+            "UPDATE jobs SET attempts = attempts + :bump, \
+             last_status = CASE WHEN :bump = 1 THEN :status ELSE last_status END, \
+             last_run_id = :run_id, updated_ms = :now_ms",
+            $extra,
+            " WHERE id = :job_id AND claim_run = :run_id AND ",
+            $from
+        )
+    };
+}
+
+/// The states a job a run is working on can be in.
+macro_rules! working {
+    () => {
+        "(state = 'pending' OR state = 'in_flight')"
+    };
+}
+
+/// Records one attempt and the job's state change together. Returns false, with the
+/// attempt recorded but the job unchanged, when the job is no longer this run's: its
+/// claim was taken by a newer run (or it is not in a state this change starts from).
+pub(super) fn record(
+    c: &Connection,
+    run_id: i64,
+    job_id: i64,
+    attempt: Option<&Attempt>,
+    transition: &Transition,
+) -> rusqlite::Result<bool> {
+    let change = StateChange {
+        bump: i64::from(attempt.is_some()),
+        status: attempt.and_then(|a| a.status),
+        run_id,
+        now_ms: now_ms(),
+        job_id,
+    };
+    if let Some(a) = attempt {
+        insert_attempt(c, run_id, job_id, a)?;
+    }
+    let applied = change.apply(c, transition)?;
+    if !applied {
+        warn_not_recorded(run_id, job_id, transition);
+    }
+    Ok(applied)
+}
+
+/// One HTTP exchange of a job.
+fn insert_attempt(c: &Connection, run_id: i64, job_id: i64, a: &Attempt) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT INTO attempts (job_id, run_id, kind, started_at, started_ms, latency_ms, \
+         status, class, error) VALUES (:job_id, :run_id, :kind, :started_at, :started_ms, \
+         :latency_ms, :status, :class, :error)",
+    )?
+    .execute(named_params! {
+        ":job_id": job_id,
+        ":run_id": run_id,
+        ":kind": a.kind.as_str(),
+        ":started_at": ts_text(a.started_at),
+        ":started_ms": a.started_at.as_millisecond(),
+        ":latency_ms": a.latency.as_secs_f64() * 1000.0,
+        ":status": a.status,
+        ":class": a.class,
+        ":error": a.error,
+    })
+    .map(drop)
+}
+
+/// What every state change of a job sets: the attempt count (`bump`: one if an
+/// attempt came with it), the last HTTP status, the run and the time.
+struct StateChange {
+    bump: i64,
+    status: Option<u16>,
+    run_id: i64,
+    now_ms: i64,
+    job_id: i64,
+}
+
+impl StateChange {
+    /// Writes `transition` (and, for a success, the group). False if the job was not
+    /// this run's to change.
+    fn apply(&self, c: &Connection, transition: &Transition) -> rusqlite::Result<bool> {
+        let mut stmt = c.prepare_cached(update_sql(transition))?;
+        stmt.raw_bind_parameter(":bump", self.bump)?;
+        stmt.raw_bind_parameter(":status", self.status)?;
+        stmt.raw_bind_parameter(":run_id", self.run_id)?;
+        stmt.raw_bind_parameter(":now_ms", self.now_ms)?;
+        stmt.raw_bind_parameter(":job_id", self.job_id)?;
+        bind_transition(&mut stmt, transition)?;
+        let applied = stmt.raw_execute()? == 1;
+        if applied && let Transition::Succeeded { obtained, group } = transition {
+            insert_group(c, self.job_id, obtained.as_str(), group)?;
+        }
+        Ok(applied)
+    }
+}
+
+/// The statement that writes `transition` (its own parameters are bound by
+/// [`bind_transition`]).
+fn update_sql(transition: &Transition) -> &'static str {
+    match transition {
+        Transition::Keep => set_state_sql!("", working!()),
+        Transition::InFlight {
+            new_create: true, ..
+        } => set_state_sql!(
+            ", state = 'in_flight', creates = creates + 1, next_attempt_at = :check_after",
+            "state = 'pending'"
+        ),
+        Transition::InFlight {
+            new_create: false, ..
+        } => set_state_sql!(", next_attempt_at = :check_after", "state = 'in_flight'"),
+        Transition::Unsent => set_state_sql!(
+            ", state = 'pending', creates = creates - 1, next_attempt_at = NULL",
+            "state = 'in_flight'"
+        ),
+        Transition::Succeeded { .. } => set_state_sql!(
+            ", state = 'succeeded', obtained = :obtained, group_id = :group_id, \
+             needs_check = 0, next_attempt_at = NULL, error = NULL, error_class = NULL",
+            working!()
+        ),
+        Transition::Failed { .. } => set_state_sql!(
+            ", state = 'failed', error = :reason, error_class = :class, next_attempt_at = NULL",
+            working!()
+        ),
+        Transition::Unknown { .. } => set_state_sql!(
+            ", state = 'unknown', error = :reason, error_class = 'ambiguous', needs_check = 1",
+            working!()
+        ),
+        Transition::Pending { .. } => set_state_sql!(
+            ", state = 'pending', next_attempt_at = :next_attempt_at, \
+             needs_check = :needs_check, error = :reason",
+            working!()
+        ),
+    }
+}
+
+/// Binds the parameters of [`update_sql`] that come from the transition itself.
+fn bind_transition(
+    stmt: &mut rusqlite::Statement<'_>,
+    transition: &Transition,
+) -> rusqlite::Result<()> {
+    match transition {
+        Transition::Keep | Transition::Unsent => {}
+        Transition::InFlight { check_after, .. } => {
+            stmt.raw_bind_parameter(":check_after", check_after)?;
+        }
+        Transition::Succeeded { obtained, group } => {
+            stmt.raw_bind_parameter(":obtained", obtained.as_str())?;
+            stmt.raw_bind_parameter(":group_id", &group.id)?;
+        }
+        Transition::Failed {
+            reason,
+            class,
+            status: _,
+        } => {
+            stmt.raw_bind_parameter(":reason", reason)?;
+            stmt.raw_bind_parameter(":class", class)?;
+        }
+        Transition::Unknown { reason } => stmt.raw_bind_parameter(":reason", reason)?,
+        Transition::Pending {
+            next_attempt_at,
+            needs_check,
+            reason,
+        } => {
+            stmt.raw_bind_parameter(":next_attempt_at", next_attempt_at)?;
+            stmt.raw_bind_parameter(":needs_check", needs_check)?;
+            stmt.raw_bind_parameter(":reason", reason)?;
+        }
+    }
+    Ok(())
+}
+
+/// Logs a change refused because another run claimed the job since.
+fn warn_not_recorded(run_id: i64, job_id: i64, transition: &Transition) {
+    let group = match transition {
+        Transition::Succeeded { group, .. } => Some(group.id.as_str()),
+        _ => None,
+    };
+    tracing::warn!(
+        job = job_id,
+        run = run_id,
+        change = transition.name(),
+        group,
+        "not recorded: this job was claimed by another run since (a second run on this \
+         database; the run lock should prevent that). That run records its outcome, \
+         checking for a group first"
+    );
+}
+
+/// Stores a job's group. A job has one group: should a second one ever be recorded
+/// for it, the first is kept and the second is logged, never written over.
+fn insert_group(
+    c: &Connection,
+    job_id: i64,
+    obtained: &str,
+    group: &crate::job::Group,
+) -> rusqlite::Result<()> {
+    let inserted = c
+        .prepare_cached(
+            "INSERT INTO groups (id, job_id, share_id, status, customer_id, order_id, \
+             expires_at, created_at, obtained, raw, recorded_at) \
+             VALUES (:id, :job_id, :share_id, :status, :customer_id, :order_id, :expires_at, \
+             :created_at, :obtained, :raw, :recorded_at) \
+             ON CONFLICT (job_id) DO NOTHING",
+        )?
+        .execute(named_params! {
+            ":id": group.id,
+            ":job_id": job_id,
+            ":share_id": group.share_id,
+            ":status": group.status,
+            ":customer_id": group.customer_id,
+            ":order_id": group.order_id,
+            ":expires_at": group.expires_at,
+            ":created_at": group.created_at,
+            ":obtained": obtained,
+            ":raw": group.raw,
+            ":recorded_at": now_text(),
+        })?;
+    if inserted == 0 {
+        let kept: String = c
+            .prepare_cached("SELECT id FROM groups WHERE job_id = :job_id")?
+            .query_row(named_params! {":job_id": job_id}, |r| r.get(0))?;
+        if kept != group.id {
+            tracing::error!(
+                job = job_id,
+                kept = %kept,
+                second = %group.id,
+                "a second group was recorded for one job; the first is kept. Check both in \
+                 the KohortPay dashboard"
+            );
+        }
+    }
+    Ok(())
+}

@@ -53,14 +53,21 @@ pub(crate) struct Report {
     /// Groups of this run that have no share id (yet): nothing to hand the customer.
     #[serde(default)]
     pub no_share_id: i64,
+    /// How long jobs cleared by a check waited for their create to leave (the
+    /// window a check exists to close), when this run checked any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_to_create: Option<crate::engine::Gaps>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub(crate) struct Requests {
     pub total: i64,
     pub creates: i64,
-    /// Existence checks: order lookups and group fetches.
+    /// Existence checks: order lookups, lists of orders and group fetches.
     pub checks: i64,
+    /// Of the checks, `GET /orders?search=` lists (each for up to 25 orders).
+    #[serde(default)]
+    pub lists: i64,
     /// Exchanges that failed transiently and were retried (or gave up on).
     pub transient_failures: i64,
     pub by_class: BTreeMap<String, i64>,
@@ -139,7 +146,8 @@ impl Report {
             requests: Requests {
                 total,
                 creates: kind("create"),
-                checks: kind("check_order") + kind("fetch_group"),
+                checks: kind("check_order") + kind("fetch_group") + kind("list_orders"),
+                lists: kind("list_orders"),
                 transient_failures: class("retry") + class("ambiguous"),
                 by_class: f.attempts_by_class.into_iter().collect(),
                 rate_per_sec: round2(rate_per_sec),
@@ -151,6 +159,7 @@ impl Report {
             requeued: None,
             backlog: BTreeMap::new(),
             no_share_id: f.no_share_id,
+            check_to_create: None,
         }
     }
 
@@ -283,10 +292,14 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "  Requests   {} (creates {}, checks {}) · {} retried{rate}",
+            "  Requests   {} (creates {}, checks {}{}) · {} retried{rate}",
             r.total,
             r.creates,
             r.checks,
+            match r.lists {
+                0 => String::new(),
+                n => format!(" in {}", count(n.max(0) as u64, "list", "lists")),
+            },
             count(
                 r.transient_failures.max(0) as u64,
                 "transient failure",

@@ -70,11 +70,13 @@ async fn session(
     .instrument(tracing::info_span!("run", run = run_id))
     .await;
     let paused = outcome.as_ref().map_or(Duration::ZERO, |d| d.paused);
+    let check_gaps = outcome.as_ref().ok().and_then(|d| d.check_gaps);
     let outcome = outcome.map(|d| d.stopped);
     let outputs = Outputs {
         report_json: cfg.report_json.as_deref(),
         metrics_file: cfg.metrics_file.as_deref(),
         paused,
+        check_gaps,
         requeued,
     };
     finish(&store, run_id, outcome, true, outputs).await
@@ -206,6 +208,8 @@ struct Outputs<'a> {
     metrics_file: Option<&'a Path>,
     /// How long requests were held by pauses (recorded with the run).
     paused: Duration,
+    /// How long cleared jobs waited for their creates.
+    check_gaps: Option<crate::engine::Gaps>,
     /// `retry-failed`: how many jobs its filters put back.
     requeued: Option<u64>,
 }
@@ -274,6 +278,7 @@ async fn finish(
     facts.stopped = stopped;
     let mut report = Report::from_facts(facts);
     report.requeued = outputs.requeued;
+    report.check_to_create = outputs.check_gaps;
     report.backlog = backlog;
     // `report --run` shows this very report later.
     store.save_report(run_id, report.to_json()).await?;

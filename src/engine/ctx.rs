@@ -125,9 +125,20 @@ impl Ctx {
         &self,
         request: impl Future<Output = Reply<T>>,
     ) -> Option<Reply<T>> {
+        self.paced_for(1, request).await
+    }
+
+    /// As [`Ctx::paced`], for a request made for `jobs` jobs at once (a list of
+    /// orders): its failure counts towards the breaker once per job, as the requests
+    /// it stands for would have.
+    pub(crate) async fn paced_for<T>(
+        &self,
+        jobs: usize,
+        request: impl Future<Output = Reply<T>>,
+    ) -> Option<Reply<T>> {
         let permit = self.pacer.admit(&self.control.stop).await?;
         let reply = request.await;
-        self.observe(&reply);
+        self.observe_for(jobs, &reply);
         drop(permit);
         Some(reply)
     }
@@ -144,6 +155,10 @@ impl Ctx {
     /// Acts on what one reply means for the run ([`verdict`]): called before the
     /// request's slot is given back, so a stop or pause holds the next request already.
     pub(crate) fn observe<T>(&self, reply: &Reply<T>) {
+        self.observe_for(1, reply);
+    }
+
+    fn observe_for<T>(&self, jobs: usize, reply: &Reply<T>) {
         let verdict = verdict(reply, self.cfg.max_pause);
         if let Some(reason) = verdict.stop {
             self.stop(StopReason::Api(reason));
@@ -154,7 +169,7 @@ impl Ctx {
         }
         if !verdict.outage {
             self.pacer.note_healthy();
-        } else if self.pacer.note_outage_failure() {
+        } else if self.pacer.note_outage_failures(jobs) {
             self.stop(StopReason::Api(format!(
                 "the API looks unavailable: {} requests in a row failed (last: {}); pending \
                  rows stay pending for the next run",

@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
@@ -50,8 +50,7 @@ pub(crate) enum Lookup {
 #[derive(Debug, Clone)]
 pub(crate) struct Listing {
     /// Numbers the run's list requests: the jobs of one list share it.
-    #[expect(dead_code, reason = "recorded once the attempts table can hold it")]
-    pub batch: u64,
+    pub batch: i64,
     pub reply: Reply<()>,
 }
 
@@ -86,7 +85,7 @@ pub(crate) struct Desk {
     wake: Notify,
     cleared: AtomicUsize,
     batching: AtomicBool,
-    batches: AtomicU64,
+    batches: AtomicI64,
 }
 
 impl std::fmt::Debug for Desk {
@@ -206,14 +205,21 @@ pub(crate) async fn serve(
                 }
             }
         };
-        send(&ctx, &desk, batch).await;
+        if desk.batching() {
+            send(&ctx, &desk, batch).await;
+        } else {
+            // Turned off while these waited: each is checked on its own.
+            for w in batch {
+                let _ = w.answer.send((Lookup::Single, None));
+            }
+        }
     }
 }
 
 /// Sends one list and answers each of its waiters.
 async fn send(ctx: &Ctx, desk: &Arc<Desk>, batch: Vec<Waiter>) {
     let ids: Vec<&str> = batch.iter().map(|w| w.order_id.as_str()).collect();
-    let Some(reply) = ctx.paced(ctx.api.list_orders(&ids)).await else {
+    let Some(reply) = ctx.paced_for(ids.len(), ctx.api.list_orders(&ids)).await else {
         for w in batch {
             let _ = w.answer.send((Lookup::Stopped, None));
         }

@@ -163,7 +163,7 @@ impl Gaps {
 pub(crate) type OnDone = Arc<dyn Fn() + Send + Sync>;
 
 /// Whether existence checks go in lists of orders (see `desk`).
-const BATCH_CHECKS: bool = false;
+const BATCH_CHECKS: bool = true;
 
 /// Sends every pending job. Returns when the queue is empty or the run stopped.
 pub async fn drain(

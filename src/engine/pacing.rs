@@ -194,9 +194,12 @@ impl Pacer {
         total.saturating_sub(ahead)
     }
 
-    /// Counts a failure that suggests the API is down; true when the breaker opens.
-    pub(crate) fn note_outage_failure(&self) -> bool {
-        self.streak.fetch_add(1, Ordering::Relaxed) + 1 >= self.breaker_threshold
+    /// Counts `n` failures that suggest the API is down (one request made for `n`
+    /// jobs); true when the breaker opens.
+    pub(crate) fn note_outage_failures(&self, n: usize) -> bool {
+        let n = u32::try_from(n).unwrap_or(u32::MAX).max(1);
+        let before = self.streak.fetch_add(n, Ordering::Relaxed);
+        before.saturating_add(n) >= self.breaker_threshold
     }
 
     /// Any answer that shows the API is up closes the streak.
@@ -366,11 +369,17 @@ mod tests {
     #[test]
     fn breaker_opens_after_a_streak_and_closes_on_health() {
         let pacer = Pacer::new(1, None, 3);
-        assert!(!pacer.note_outage_failure());
-        assert!(!pacer.note_outage_failure());
+        assert!(!pacer.note_outage_failures(1));
+        assert!(!pacer.note_outage_failures(1));
         pacer.note_healthy();
-        assert!(!pacer.note_outage_failure());
-        assert!(!pacer.note_outage_failure());
-        assert!(pacer.note_outage_failure());
+        assert!(!pacer.note_outage_failures(1));
+        assert!(!pacer.note_outage_failures(1));
+        assert!(pacer.note_outage_failures(1));
+        // A list of 25 orders that failed counts as 25 checks that failed.
+        let pacer = Pacer::new(1, None, 30);
+        assert!(!pacer.note_outage_failures(25));
+        assert!(pacer.note_outage_failures(25));
+        pacer.note_healthy();
+        assert!(pacer.note_outage_failures(usize::MAX), "no overflow");
     }
 }

@@ -26,8 +26,9 @@ fn attempt_of<T>(kind: RequestKind, reply: &Reply<T>) -> Attempt {
         started_at: reply.started_at,
         latency: reply.latency,
         status: reply.status,
-        class: reply.class.as_str(),
+        class: reply.class,
         error: reply.error.clone(),
+        batch: None,
     }
 }
 
@@ -65,7 +66,10 @@ pub(super) async fn check(
     let (lookup, listing) = ctx.desk.lookup(order_id, recheck).await;
     let attempt = listing.map(|l| {
         tally.note(&l.reply);
-        attempt_of(RequestKind::ListOrders, &l.reply)
+        Attempt {
+            batch: Some(l.batch),
+            ..attempt_of(RequestKind::ListOrders, &l.reply)
+        }
     });
     match lookup {
         Lookup::Clear(token) => {

@@ -117,8 +117,8 @@ pub(super) fn record(
 fn insert_attempt(c: &Connection, run_id: i64, job_id: i64, a: &Attempt) -> rusqlite::Result<()> {
     c.prepare_cached(
         "INSERT INTO attempts (job_id, run_id, kind, started_at, started_ms, latency_ms, \
-         status, class, error) VALUES (:job_id, :run_id, :kind, :started_at, :started_ms, \
-         :latency_ms, :status, :class, :error)",
+         status, class, error, batch) VALUES (:job_id, :run_id, :kind, :started_at, \
+         :started_ms, :latency_ms, :status, :class, :error, :batch)",
     )?
     .execute(named_params! {
         ":job_id": job_id,
@@ -128,8 +128,9 @@ fn insert_attempt(c: &Connection, run_id: i64, job_id: i64, a: &Attempt) -> rusq
         ":started_ms": a.started_at.as_millisecond(),
         ":latency_ms": a.latency.as_secs_f64() * 1000.0,
         ":status": a.status,
-        ":class": a.class,
+        ":class": a.class.as_str(),
         ":error": a.error,
+        ":batch": a.batch,
     })
     .map(drop)
 }

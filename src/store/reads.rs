@@ -175,10 +175,17 @@ fn attempt_facts(c: &Connection, run_id: i64, facts: &mut RunFacts) -> rusqlite:
     let mut by_class: std::collections::BTreeMap<String, i64> = Default::default();
     let mut window: Option<(i64, i64)> = None;
     let mut stmt = c.prepare(
-        "SELECT kind, class, latency_ms, started_ms FROM attempts WHERE run_id = :run_id",
+        "SELECT kind, class, latency_ms, started_ms, batch FROM attempts WHERE run_id = :run_id",
     )?;
     let mut rows = stmt.query(named_params! {":run_id": run_id})?;
+    // A list request is recorded with every job it checked: counted once.
+    let mut lists_seen = std::collections::HashSet::new();
     while let Some(r) = rows.next()? {
+        if let Some(batch) = r.get::<_, Option<i64>>(4)?
+            && !lists_seen.insert(batch)
+        {
+            continue;
+        }
         let kind = r.get_ref(0)?.as_str()?;
         match by_kind.get_mut(kind) {
             Some(n) => *n += 1,

@@ -292,6 +292,32 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE runs ADD COLUMN paused_ms INTEGER;  -- time requests were held by Retry-After pauses
     ALTER TABLE runs ADD COLUMN report TEXT;        -- the report as printed when the run finished (JSON)
     "#,
+    // 8: existence checks in lists. One `GET /orders?search=` request checks up to 25
+    // jobs: each of them records it (kind `list_orders`), and `batch` (the run's
+    // number for the request) tells that they shared one request.
+    r#"
+    CREATE TABLE attempts_v8 (
+        id          INTEGER PRIMARY KEY,
+        job_id      INTEGER NOT NULL,  -- jobs(id)
+        run_id      INTEGER NOT NULL,  -- runs(id)
+        kind        TEXT NOT NULL CHECK (kind = 'create' OR kind = 'check_order'
+                      OR kind = 'fetch_group' OR kind = 'list_orders'),
+        started_at  TEXT NOT NULL,
+        started_ms  INTEGER NOT NULL,  -- the same instant, unix ms (for rates)
+        latency_ms  REAL NOT NULL,
+        status      INTEGER,           -- HTTP status; NULL for transport errors
+        class       TEXT NOT NULL,     -- outcome class, see api::classify
+        error       TEXT,
+        batch       INTEGER            -- list_orders: the run's number for the shared request
+    );
+    INSERT INTO attempts_v8 (id, job_id, run_id, kind, started_at, started_ms, latency_ms,
+                             status, class, error)
+        SELECT id, job_id, run_id, kind, started_at, started_ms, latency_ms, status, class,
+               error FROM attempts;
+    DROP TABLE attempts;
+    ALTER TABLE attempts_v8 RENAME TO attempts;
+    CREATE INDEX attempts_run ON attempts(run_id);
+    "#,
 ];
 
 /// The schema version this build writes.

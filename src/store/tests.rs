@@ -198,14 +198,18 @@ async fn run_facts_count_attempts_by_kind_and_class_and_span_the_send_window() {
     let run = store.begin_run("run", "{}".into(), true).await.unwrap();
     store.import(run, "t.csv".into(), rows(0, 3)).await.unwrap();
     let at = |ms: i64| jiff::Timestamp::from_millisecond(1_800_000_000_000 + ms).unwrap();
+    use crate::api::Class;
     let attempts = [
-        (1, RequestKind::CheckOrder, 0, 5.0, "ok"),
-        (1, RequestKind::Create, 10, 7.9, "retry"),
-        (2, RequestKind::Create, 20, 3.0, "ok"),
-        (3, RequestKind::Create, 30, 40.6, "ok"),
-        (3, RequestKind::FetchGroup, 5, 1.0, "retry"),
+        (1, RequestKind::CheckOrder, 0, 5.0, Class::Ok, None),
+        (1, RequestKind::Create, 10, 7.9, Class::Retry, None),
+        (2, RequestKind::Create, 20, 3.0, Class::Ok, None),
+        (3, RequestKind::Create, 30, 40.6, Class::Ok, None),
+        (3, RequestKind::FetchGroup, 5, 1.0, Class::Retry, None),
+        // One list request that checked jobs 2 and 3: one request.
+        (2, RequestKind::ListOrders, 1, 2.0, Class::Ok, Some(1)),
+        (3, RequestKind::ListOrders, 1, 2.0, Class::Ok, Some(1)),
     ];
-    for (job, kind, start, latency, class) in attempts {
+    for (job, kind, start, latency, class, batch) in attempts {
         let attempt = Attempt {
             kind,
             started_at: at(start),
@@ -213,6 +217,7 @@ async fn run_facts_count_attempts_by_kind_and_class_and_span_the_send_window() {
             status: Some(200),
             class,
             error: None,
+            batch,
         };
         store
             .record(run, job, Some(attempt), Transition::Keep)
@@ -225,16 +230,21 @@ async fn run_facts_count_attempts_by_kind_and_class_and_span_the_send_window() {
     };
     assert_eq!(
         facts.attempts_by_kind,
-        owned(&[("check_order", 1), ("create", 3), ("fetch_group", 1)])
+        owned(&[
+            ("check_order", 1),
+            ("create", 3),
+            ("fetch_group", 1),
+            ("list_orders", 1)
+        ])
     );
-    assert_eq!(facts.attempts_by_class, owned(&[("ok", 3), ("retry", 2)]));
+    assert_eq!(facts.attempts_by_class, owned(&[("ok", 4), ("retry", 2)]));
     // First start 0 ms; last end 30 + 40 (whole milliseconds) = 70 ms.
     let (first, last) = facts.send_window_ms.unwrap();
     assert_eq!(last - first, 70);
     let mut latencies = facts.latencies_ms.clone();
     latencies.sort_by(f64::total_cmp);
-    assert_eq!(latencies.len(), 5);
-    assert!((latencies[4] - 40.6).abs() < 1e-9, "{latencies:?}");
+    assert_eq!(latencies.len(), 6);
+    assert!((latencies[5] - 40.6).abs() < 1e-9, "{latencies:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -120,9 +120,10 @@ pub struct Attempt {
     pub started_at: Timestamp,
     pub latency: Duration,
     pub status: Option<u16>,
-    /// The outcome class name (see `api::Class::as_str`).
-    pub class: &'static str,
+    pub class: crate::api::Class,
     pub error: Option<String>,
+    /// For a list request: the run's number for it, shared by the jobs it checked.
+    pub batch: Option<i64>,
 }
 
 /// A job's state change, written in the same transaction as its attempt.

@@ -10,7 +10,7 @@ use crate::util::*;
 fn mixed_rows() -> String {
     let mut text = csv_rows(40);
     for i in 1..=10 {
-        text.push_str(&format!("cus_c{i},ord_checkout_{i:03}\n"));
+        text.push_str(&format!("cus_c{i},ord_checkout_{i:03},it\n"));
     }
     text
 }

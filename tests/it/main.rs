@@ -15,6 +15,7 @@ mod beyond_one_process;
 mod core_run;
 mod crash;
 mod deploy;
+mod economy;
 mod edges;
 mod exactly_once;
 mod install;

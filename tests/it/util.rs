@@ -114,6 +114,18 @@ pub fn column(db: &Path, sql: &str) -> Vec<String> {
     .collect()
 }
 
+/// Requests the worker recorded that match `condition` (SQL on `attempts`): a list
+/// of orders, recorded with each job it checked, counts once.
+pub fn recorded_requests(db: &Path, condition: &str) -> i64 {
+    count(
+        db,
+        &format!(
+            "SELECT count(DISTINCT coalesce('list ' || batch, 'one ' || id)) FROM attempts \
+             WHERE {condition}"
+        ),
+    )
+}
+
 pub fn count(db: &Path, sql: &str) -> i64 {
     column(db, sql)[0].parse().unwrap()
 }

@@ -174,15 +174,11 @@ pub async fn drain(
     run_id: i64,
     on_done: Option<OnDone>,
 ) -> Result<Drained> {
-    let pacer = Pacer::new(cfg.concurrency, cfg.rate, cfg.breaker_threshold);
-    // Enough workers to keep every permit busy while others sleep in backoff, and
-    // no more than 2,048 (about 4 KiB each): memory must not follow --concurrency.
-    let pool_size = (cfg.concurrency * 8).clamp(256, 2_048);
     let ctx = Arc::new(Ctx {
         span: tracing::Span::current(),
         store: store.clone(),
         api,
-        pacer,
+        pacer: Pacer::new(cfg.concurrency, cfg.rate, cfg.breaker_threshold),
         cfg,
         control: control.clone(),
         run_id,
@@ -199,14 +195,41 @@ pub async fn drain(
         ctx.desk.clone(),
         desk_done.clone(),
     ));
-    // `pool_size` workers take the pending jobs in id order, each seeing its job
-    // through before it takes the next; the worker that finds the page empty reads the
-    // next one. (A task per job cost an allocation and copies of its 4 KiB future per
-    // row, and three times the thread wake-ups: the loop that spawned the tasks ran on
-    // another thread and waited for each to end.)
+    let workers = spawn_workers(&ctx, on_done);
+    let (first_error, abandoned) = wait_for(workers, &control, ctx.cfg.grace).await;
+    desk_done.cancel();
+    let _ = desk_task.await;
+    store.flush().await?;
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let claims_lost = ctx.claims_lost.load(std::sync::atomic::Ordering::Relaxed);
+    if claims_lost > 0 {
+        tracing::warn!(
+            jobs = claims_lost,
+            "left jobs to another run that claimed them while this one ran; two runs worked \
+             on this database at once (see the README: How exactly-once is kept)"
+        );
+    }
+    Ok(Drained {
+        stopped: control.reason(),
+        abandoned,
+        claims_lost,
+        paused: ctx.pacer.paused_total(),
+        check_gaps: Gaps::of(&ctx.check_gaps.lock().unwrap_or_else(|e| e.into_inner())),
+    })
+}
+
+/// Starts the workers: each takes the next pending job (in id order) and sees it
+/// through before it takes another; the one that finds the page empty reads the
+/// next page. Enough of them to keep every request slot busy while others wait out
+/// a backoff or a list, and at most 2,048 (a few KiB each): memory does not follow
+/// `--concurrency`.
+fn spawn_workers(ctx: &Arc<Ctx>, on_done: Option<OnDone>) -> JoinSet<Result<()>> {
+    let pool_size = (ctx.cfg.concurrency * 8).clamp(256, 2_048);
     let feed = Arc::new(tokio::sync::Mutex::new(Feed {
-        store: store.clone(),
-        run_id,
+        store: ctx.store.clone(),
+        run_id: ctx.run_id,
         page: VecDeque::new(),
         after: 0,
         done: false,
@@ -235,12 +258,23 @@ pub async fn drain(
             }
         });
     }
+    workers
+}
+
+/// Waits for the workers to end: once the run stops, for at most `grace` (or until
+/// a second signal), then abandons those still waiting for a reply. The first error
+/// a worker met, and whether any were abandoned.
+async fn wait_for(
+    mut workers: JoinSet<Result<()>>,
+    control: &Control,
+    grace: Duration,
+) -> (Option<Error>, bool) {
     let mut first_error: Option<Error> = None;
     let mut abandoned = false;
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         if deadline.is_none() && control.stop.is_cancelled() {
-            deadline = Some(tokio::time::Instant::now() + ctx.cfg.grace);
+            deadline = Some(tokio::time::Instant::now() + grace);
         }
         let timer = async {
             match deadline {
@@ -251,7 +285,7 @@ pub async fn drain(
         tokio::select! {
             next = workers.join_next() => match next {
                 None => break,
-                some => collect(some, &mut first_error, &control),
+                some => collect(some, &mut first_error, control),
             },
             () = control.abandon.cancelled() => { abandoned = true; break; }
             () = timer => if deadline.is_some() { abandoned = true; break; },
@@ -265,27 +299,7 @@ pub async fn drain(
         workers.abort_all();
         while workers.join_next().await.is_some() {}
     }
-    desk_done.cancel();
-    let _ = desk_task.await;
-    store.flush().await?;
-    if let Some(e) = first_error {
-        return Err(e);
-    }
-    let claims_lost = ctx.claims_lost.load(std::sync::atomic::Ordering::Relaxed);
-    if claims_lost > 0 {
-        tracing::warn!(
-            jobs = claims_lost,
-            "left jobs to another run that claimed them while this one ran; two runs worked \
-             on this database at once (see the README: How exactly-once is kept)"
-        );
-    }
-    Ok(Drained {
-        stopped: control.reason(),
-        abandoned,
-        claims_lost,
-        paused: ctx.pacer.paused_total(),
-        check_gaps: Gaps::of(&ctx.check_gaps.lock().unwrap_or_else(|e| e.into_inner())),
-    })
+    (first_error, abandoned)
 }
 
 /// Pages of pending jobs, handed out one at a time in id order.

@@ -8,16 +8,20 @@
 //! | [`cli`] | the clap structs (nothing else imports clap) | — |
 //! | [`config`] | flags → resolved, typed settings; the key; URL rules | `cli`, `engine` types |
 //! | [`job`] | the request body, its key, the validation rules (pure) | — |
-//! | [`source`] | streaming CSV reader: columns by header, line numbers | `job` |
-//! | [`store`] | SQLite: schema, migrations, the single writer thread; **all SQL** | `job`, `source` |
+//! | [`source`] | streaming CSV reader: columns by header, line numbers, encodings, quotes | `job` |
+//! | [`store`] | SQLite: schema, migrations, the single writer thread; **all SQL** (rooms listed in its docs) | `job`, `source` |
 //! | [`api`] | the HTTP client (**only reqwest user**), wire parsing, classification | `job` |
-//! | [`engine`] | pacing, retries, the exactly-once protocol per job | `store`, `api` handles |
+//! | [`engine`] | pacing, retries, the check desk, and the exactly-once protocol as a pure state machine (`engine/protocol.rs`) driven per job by `engine/worker.rs` | `store`, `api` handles |
 //! | [`report`] | the run summary, text and JSON, built from the store | `store` facts |
 //! | [`metrics`] | the Prometheus textfile of a run | `report` |
 //! | [`sandbox`] | the simulated API (axum) with fault knobs and stats | — |
 //! | [`commands`] | one function per subcommand, wiring the above | everything |
 //! | [`error`] | the top-level error and the exit codes | — |
 //! | [`text`] | text for people: durations, plurals, escaping of input text | — |
+//!
+//! The design notes behind them (job states, the protocol, exit codes, the queue) are
+//! in `docs/design.md`; what the KohortPay API does and does not promise is in
+//! `docs/api-notes.md`.
 //!
 //! Data flows CSV → `source` → `store` (jobs) → `engine` → `api` → `store`
 //! (attempts, groups, states) → `report`. The engine only ever drains `jobs`, so a

@@ -1,5 +1,6 @@
-//! Every response and transport error sorted into the design's closed set of
-//! outcomes, by one pure function. The table test below is the contract.
+//! Every response and transport error sorted into a closed set of outcomes
+//! (`docs/design.md#response-classification`) by one pure function. The table test
+//! below is the contract.
 
 use std::time::{Duration, SystemTime};
 
@@ -25,7 +26,7 @@ pub enum Transport {
     Body,
 }
 
-/// The closed set of outcomes (design.md, "Exactly-once protocol", step 2).
+/// The closed set of outcomes (`docs/design.md#response-classification`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Class {
     /// 2xx with a readable body: created (or, for a check, answered).

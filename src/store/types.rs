@@ -8,7 +8,7 @@ use serde::Serialize;
 pub use crate::job::Group as GroupRec;
 use crate::job::SendBody;
 
-/// A job's state, as in the design's state diagram.
+/// A job's state; [`Transition`] lists the changes between states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {

@@ -106,7 +106,7 @@ impl CsvSource {
             }
             Err(problems.join("; "))
         };
-        // Only an invalid row's cells are kept (see store::ops::import), so only an
+        // Only an invalid row's cells are kept (see store/import.rs), so only an
         // invalid row pays for collecting them.
         let (key, raw) = if outcome.is_err() {
             (fields.key(), self.raw_cells())

@@ -9,13 +9,13 @@ pub(super) const BODY_COLUMNS: &str =
     "customer_id, order_id, payment_intent_id, expires_at, mid_expire_at, metadata";
 
 /// The parameters [`bind_body`] binds, named as their columns.
-const BODY_PARAMS: [&str; 6] = [
-    ":customer_id",
-    ":order_id",
-    ":payment_intent_id",
-    ":expires_at",
-    ":mid_expire_at",
-    ":metadata",
+const BODY_PARAMS: [&std::ffi::CStr; 6] = [
+    c":customer_id",
+    c":order_id",
+    c":payment_intent_id",
+    c":expires_at",
+    c":mid_expire_at",
+    c":metadata",
 ];
 
 /// The body's fields in [`BODY_COLUMNS`] order (metadata as JSON text, made by the

@@ -21,7 +21,7 @@ use crate::source::ImportRow;
 /// what the README tells producers to use.
 pub const DEFAULT_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// A cheap, cloneable handle to the database owner.
+/// A cheap, cloneable handle to the database writer.
 #[derive(Clone, Debug)]
 pub struct Store {
     tx: mpsc::Sender<Message>,
@@ -44,7 +44,7 @@ impl Store {
         Store::open_with(path, Access::Write, DEFAULT_BUSY_TIMEOUT)
     }
 
-    /// Opens the database at `path` and starts its owner thread. A file that is
+    /// Opens the database at `path` and starts its writer thread. A file that is
     /// not a kohort-batch database is refused before anything is written to it.
     pub fn open_with(
         path: &Path,
@@ -397,8 +397,8 @@ impl Store {
             attempt,
             transition,
         });
-        // One message wakes an idle owner; later records ride with whatever comes
-        // next. A full queue means the owner is busy and reaches the outbox soon.
+        // One message wakes an idle writer; later records ride with whatever comes
+        // next. A full queue means the writer is busy and reaches the outbox soon.
         if first
             && let Err(mpsc::error::TrySendError::Closed(_)) = self.tx.try_send(Message::Outbox)
         {
@@ -423,13 +423,13 @@ impl Store {
     /// Starts copying the WAL into the database file in the background, so that little
     /// is left for [`close`](Self::close) (call it once the writing is done).
     pub fn checkpoint_soon(&self) {
-        // A full queue means the owner is busy writing anyway; the final checkpoint
+        // A full queue means the writer is busy writing anyway; the final checkpoint
         // then does it all.
         let _ = self.tx.try_send(Message::Checkpoint);
     }
 
     /// Ends the session: everything queued is committed, the WAL is copied into the
-    /// database file and emptied, and the owner thread stops (every handle then
+    /// database file and emptied, and the writer thread stops (every handle then
     /// fails). Returns when that is done, so the process can exit.
     pub async fn close(&self) {
         let (done_tx, done_rx) = oneshot::channel();

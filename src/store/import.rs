@@ -232,12 +232,21 @@ mod chunk_params {
     }
 }
 
-/// `INSERT … VALUES (…), (…), … RETURNING` of [`CHUNK_ROWS`] new pending jobs: does
-/// nothing for a row whose key is taken, and returns the rows that went in.
-fn chunk_sql() -> &'static str {
+/// `INSERT … VALUES (…), (…), …` of [`CHUNK_ROWS`] new pending jobs: does nothing
+/// for a row whose key is taken. With `returning`, it returns the rows that went in
+/// (which costs about half as much again as the insert: only used when needed).
+fn chunk_sql(returning: bool) -> &'static str {
+    static PLAIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static RETURNING: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    match returning {
+        false => PLAIN.get_or_init(|| chunk_insert_sql("")),
+        true => RETURNING.get_or_init(|| chunk_insert_sql(" RETURNING key, line")),
+    }
+}
+
+fn chunk_insert_sql(returning: &str) -> String {
     use chunk_params::{NOW, PER_ROW, RUN_ID, SOURCE_ID, first_of_row};
-    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SQL.get_or_init(|| {
+    {
         let rows: Vec<String> = (0..CHUNK_ROWS)
             .map(|k| {
                 let p: Vec<String> = (first_of_row(k)..first_of_row(k) + PER_ROW)
@@ -252,11 +261,10 @@ fn chunk_sql() -> &'static str {
             .collect();
         format!(
             "INSERT INTO jobs ({BODY_COLUMNS}, raw, source_id, line, state, first_run_id, \
-             last_run_id, updated_ms) VALUES {} ON CONFLICT (key) DO NOTHING \
-             RETURNING id, key, line",
+             last_run_id, updated_ms) VALUES {} ON CONFLICT (key) DO NOTHING{returning}",
             rows.join(", ")
         )
-    })
+    }
 }
 
 /// Inserts a chunk of valid rows with one statement: a statement per row costs about
@@ -277,30 +285,53 @@ fn insert_chunk(
         .collect();
     let went_in = insert_rows(c, batch, &valid)?;
     counts.rows += chunk.len() as u64;
-    for ((row, payload), id) in valid.into_iter().zip(went_in) {
+    for ((row, payload), went_in) in valid.into_iter().zip(went_in) {
         let new = batch.job(row, payload);
-        match id {
+        if !went_in {
+            import_valid(c, insert, &new, counts)?;
+        } else if invalid_keys.contains(payload.key()) {
             // A fix of an invalid row takes that row's place.
-            Some(id) if invalid_keys.contains(payload.key()) => new.settle_insert(c, id, counts)?,
-            Some(_) => counts.queued += 1,
-            None => import_valid(c, insert, &new, counts)?,
+            new.settle_insert(c, job_with_key(c, payload.key())?, counts)?;
+        } else {
+            counts.queued += 1;
         }
     }
     Ok(())
 }
 
-/// Runs [`chunk_sql`] for `rows`; returns, for each row, the id of its new job, or
-/// `None` if its key was taken (by an earlier job or an earlier row of the chunk).
+/// Inserts `rows` with [`chunk_sql`]; returns, for each row, whether it went in
+/// (its key was not taken by an earlier job or an earlier row of the chunk). The
+/// plain statement's count of changes settles the usual cases (all rows went in, or
+/// none); only when some did is it undone and run again, returning the new jobs.
 fn insert_rows(
     c: &Connection,
     batch: &ImportBatch,
     rows: &[(&ImportRow, &Payload)],
-) -> rusqlite::Result<Vec<Option<i64>>> {
-    let mut stmt = c.prepare_cached(chunk_sql())?;
+) -> rusqlite::Result<Vec<bool>> {
+    let savepoint = |sql: &str| c.prepare_cached(sql)?.execute([]).map(drop);
+    savepoint("SAVEPOINT chunk")?;
+    let went_in = match bound_chunk(c, batch, rows, false).and_then(|mut s| s.raw_execute()) {
+        Ok(0) => Ok(vec![false; rows.len()]),
+        Ok(n) if n == rows.len() => Ok(vec![true; rows.len()]),
+        Ok(_) => savepoint("ROLLBACK TO chunk")
+            .and_then(|()| returned_rows(bound_chunk(c, batch, rows, true)?, rows)),
+        Err(e) => Err(e),
+    };
+    savepoint("RELEASE chunk")?;
+    went_in
+}
+
+/// [`chunk_sql`] with `rows` bound, ready to run.
+fn bound_chunk<'c>(
+    c: &'c Connection,
+    batch: &ImportBatch,
+    rows: &[(&ImportRow, &Payload)],
+    returning: bool,
+) -> rusqlite::Result<rusqlite::CachedStatement<'c>> {
+    let mut stmt = c.prepare_cached(chunk_sql(returning))?;
     stmt.raw_bind_parameter(chunk_params::SOURCE_ID, batch.source_id)?;
     stmt.raw_bind_parameter(chunk_params::RUN_ID, batch.run_id)?;
     stmt.raw_bind_parameter(chunk_params::NOW, batch.now)?;
-    let mut by_line = std::collections::HashMap::with_capacity(rows.len());
     for (k, (row, p)) in rows.iter().enumerate() {
         let line = row.line as i64;
         let metadata_json = row.metadata_json.as_deref();
@@ -310,20 +341,38 @@ fn insert_rows(
         for (i, value) in values.enumerate() {
             stmt.raw_bind_parameter(chunk_params::first_of_row(k) + i, value)?;
         }
-        by_line.insert(line, k);
     }
-    // RETURNING gives no order: each returned job is matched to its row by line and key.
-    let mut went_in = vec![None; rows.len()];
+    Ok(stmt)
+}
+
+/// Runs a [`chunk_sql`] with RETURNING; returns which rows went in.
+fn returned_rows(
+    mut stmt: rusqlite::CachedStatement<'_>,
+    rows: &[(&ImportRow, &Payload)],
+) -> rusqlite::Result<Vec<bool>> {
+    // RETURNING gives no order: each new job is matched to its row by line and key.
+    let by_line: std::collections::HashMap<i64, usize> = rows
+        .iter()
+        .enumerate()
+        .map(|(k, (row, _))| (row.line as i64, k))
+        .collect();
+    let mut went_in = vec![false; rows.len()];
     let mut returned = stmt.raw_query();
     while let Some(r) = returned.next()? {
-        let row = r.get::<_, Option<i64>>(2)?.and_then(|l| by_line.get(&l));
+        let row = r.get::<_, Option<i64>>(1)?.and_then(|l| by_line.get(&l));
         if let Some(&k) = row
-            && r.get_ref(1)?.as_str_or_null()? == Some(rows[k].1.key())
+            && r.get_ref(0)?.as_str_or_null()? == Some(rows[k].1.key())
         {
-            went_in[k] = Some(r.get(0)?);
+            went_in[k] = true;
         }
     }
     Ok(went_in)
+}
+
+/// The id of the job that holds `key` (a row's new job, once it went in).
+fn job_with_key(c: &Connection, key: &str) -> rusqlite::Result<i64> {
+    c.prepare_cached("SELECT id FROM jobs WHERE key = :key")?
+        .query_row(named_params! {":key": key}, |r| r.get(0))
 }
 
 /// A new pending job; does nothing when its key is taken (see [`NewJob::insert`]).
@@ -355,12 +404,12 @@ impl NewJob<'_> {
              last_run_id = :run_id, updated_ms = :now WHERE id = :id",
         )?;
         bind_body(&mut stmt, self.payload, self.metadata_json)?;
-        stmt.raw_bind_parameter(":source_id", self.source_id)?;
-        stmt.raw_bind_parameter(":line", self.line)?;
-        stmt.raw_bind_parameter(":needs_check", needs_check)?;
-        stmt.raw_bind_parameter(":run_id", self.run_id)?;
-        stmt.raw_bind_parameter(":now", self.now)?;
-        stmt.raw_bind_parameter(":id", id)?;
+        stmt.raw_bind_parameter(c":source_id", self.source_id)?;
+        stmt.raw_bind_parameter(c":line", self.line)?;
+        stmt.raw_bind_parameter(c":needs_check", needs_check)?;
+        stmt.raw_bind_parameter(c":run_id", self.run_id)?;
+        stmt.raw_bind_parameter(c":now", self.now)?;
+        stmt.raw_bind_parameter(c":id", id)?;
         stmt.raw_execute().map(drop)
     }
 
@@ -391,10 +440,10 @@ impl NewJob<'_> {
     /// already taken.
     fn insert(&self, stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<Option<i64>> {
         bind_body(stmt, self.payload, self.metadata_json)?;
-        stmt.raw_bind_parameter(":source_id", self.source_id)?;
-        stmt.raw_bind_parameter(":line", self.line)?;
-        stmt.raw_bind_parameter(":run_id", self.run_id)?;
-        stmt.raw_bind_parameter(":now", self.now)?;
+        stmt.raw_bind_parameter(c":source_id", self.source_id)?;
+        stmt.raw_bind_parameter(c":line", self.line)?;
+        stmt.raw_bind_parameter(c":run_id", self.run_id)?;
+        stmt.raw_bind_parameter(c":now", self.now)?;
         let mut returned = stmt.raw_query();
         match returned.next()? {
             Some(r) => Ok(Some(r.get(0)?)),

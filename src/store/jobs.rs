@@ -115,24 +115,23 @@ pub(super) fn record(
 
 /// One HTTP exchange of a job.
 fn insert_attempt(c: &Connection, run_id: i64, job_id: i64, a: &Attempt) -> rusqlite::Result<()> {
-    c.prepare_cached(
+    let mut stmt = c.prepare_cached(
         "INSERT INTO attempts (job_id, run_id, kind, started_at, started_ms, latency_ms, \
          status, class, error, batch) VALUES (:job_id, :run_id, :kind, :started_at, \
          :started_ms, :latency_ms, :status, :class, :error, :batch)",
-    )?
-    .execute(named_params! {
-        ":job_id": job_id,
-        ":run_id": run_id,
-        ":kind": a.kind.as_str(),
-        ":started_at": ts_text(a.started_at),
-        ":started_ms": a.started_at.as_millisecond(),
-        ":latency_ms": a.latency.as_secs_f64() * 1000.0,
-        ":status": a.status,
-        ":class": a.class.as_str(),
-        ":error": a.error,
-        ":batch": a.batch,
-    })
-    .map(drop)
+    )?;
+    // Names as C strings: bound without a copy, on the busiest path of a run.
+    stmt.raw_bind_parameter(c":job_id", job_id)?;
+    stmt.raw_bind_parameter(c":run_id", run_id)?;
+    stmt.raw_bind_parameter(c":kind", a.kind.as_str())?;
+    stmt.raw_bind_parameter(c":started_at", ts_text(a.started_at))?;
+    stmt.raw_bind_parameter(c":started_ms", a.started_at.as_millisecond())?;
+    stmt.raw_bind_parameter(c":latency_ms", a.latency.as_secs_f64() * 1000.0)?;
+    stmt.raw_bind_parameter(c":status", a.status)?;
+    stmt.raw_bind_parameter(c":class", a.class.as_str())?;
+    stmt.raw_bind_parameter(c":error", &a.error)?;
+    stmt.raw_bind_parameter(c":batch", a.batch)?;
+    stmt.raw_execute().map(drop)
 }
 
 /// What every state change of a job sets: the attempt count (`bump`: one if an
@@ -150,11 +149,11 @@ impl StateChange {
     /// this run's to change.
     fn apply(&self, c: &Connection, transition: &Transition) -> rusqlite::Result<bool> {
         let mut stmt = c.prepare_cached(update_sql(transition))?;
-        stmt.raw_bind_parameter(":bump", self.bump)?;
-        stmt.raw_bind_parameter(":status", self.status)?;
-        stmt.raw_bind_parameter(":run_id", self.run_id)?;
-        stmt.raw_bind_parameter(":now_ms", self.now_ms)?;
-        stmt.raw_bind_parameter(":job_id", self.job_id)?;
+        stmt.raw_bind_parameter(c":bump", self.bump)?;
+        stmt.raw_bind_parameter(c":status", self.status)?;
+        stmt.raw_bind_parameter(c":run_id", self.run_id)?;
+        stmt.raw_bind_parameter(c":now_ms", self.now_ms)?;
+        stmt.raw_bind_parameter(c":job_id", self.job_id)?;
         bind_transition(&mut stmt, transition)?;
         let applied = stmt.raw_execute()? == 1;
         if applied && let Transition::Succeeded { obtained, group } = transition {
@@ -211,29 +210,29 @@ fn bind_transition(
     match transition {
         Transition::Keep | Transition::Unsent => {}
         Transition::InFlight { check_after, .. } => {
-            stmt.raw_bind_parameter(":check_after", check_after)?;
+            stmt.raw_bind_parameter(c":check_after", check_after)?;
         }
         Transition::Succeeded { obtained, group } => {
-            stmt.raw_bind_parameter(":obtained", obtained.as_str())?;
-            stmt.raw_bind_parameter(":group_id", &group.id)?;
+            stmt.raw_bind_parameter(c":obtained", obtained.as_str())?;
+            stmt.raw_bind_parameter(c":group_id", &group.id)?;
         }
         Transition::Failed {
             reason,
             class,
             status: _,
         } => {
-            stmt.raw_bind_parameter(":reason", reason)?;
-            stmt.raw_bind_parameter(":class", class)?;
+            stmt.raw_bind_parameter(c":reason", reason)?;
+            stmt.raw_bind_parameter(c":class", class)?;
         }
-        Transition::Unknown { reason } => stmt.raw_bind_parameter(":reason", reason)?,
+        Transition::Unknown { reason } => stmt.raw_bind_parameter(c":reason", reason)?,
         Transition::Pending {
             next_attempt_at,
             needs_check,
             reason,
         } => {
-            stmt.raw_bind_parameter(":next_attempt_at", next_attempt_at)?;
-            stmt.raw_bind_parameter(":needs_check", needs_check)?;
-            stmt.raw_bind_parameter(":reason", reason)?;
+            stmt.raw_bind_parameter(c":next_attempt_at", next_attempt_at)?;
+            stmt.raw_bind_parameter(c":needs_check", needs_check)?;
+            stmt.raw_bind_parameter(c":reason", reason)?;
         }
     }
     Ok(())

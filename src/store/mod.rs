@@ -1,7 +1,7 @@
 //! The SQLite store: the only place that holds SQL.
 //!
-//! One thread owns the connection. Everything else talks to it through a
-//! [`Store`] handle over a bounded channel; the owner runs whatever has queued up
+//! One thread, the writer, owns the connection. Everything else talks to it through a
+//! [`Store`] handle over a bounded channel; the writer runs whatever has queued up
 //! in one transaction (group commit) and answers each caller only after that
 //! transaction is durable. So "`in_flight` is written before a request leaves"
 //! holds while thousands of rows per second go by. If one command fails, its whole
@@ -10,7 +10,7 @@
 //! next transaction (a crash before then leaves the job `in_flight`, to be checked).
 //!
 //! A second thread, with its own connection, copies the WAL into the database file
-//! (checkpoints) so the owner never stops for it; [`Store::close`] ends a session
+//! (checkpoints) so the writer never stops for it; [`Store::close`] ends a session
 //! with the WAL copied and emptied.
 //!
 //! # Rooms

@@ -17,7 +17,7 @@ pub(super) struct Record {
     pub(super) transition: Transition,
 }
 
-/// Last records whose callers do not wait (see `Store::record_last`). The owner
+/// Last records whose callers do not wait (see `Store::record_last`). The writer
 /// writes them before each command of its next transaction and before its commit, so a
 /// call sent after a record returned always sees that record.
 #[derive(Debug, Default)]

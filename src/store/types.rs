@@ -8,7 +8,8 @@ use serde::Serialize;
 pub use crate::job::Group as GroupRec;
 use crate::job::SendBody;
 
-/// A job's state (`docs/design.md#job-states`).
+/// A job's state (`docs/design.md#job-states`); [`Transition`] lists the changes
+/// between states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {

@@ -14,6 +14,73 @@ pub(crate) const MIN_EXPIRY: SignedDuration = SignedDuration::from_mins(2);
 /// Latest accepted `expiresAt`, from now (the server's ceiling is 90 days, fixed at its start).
 pub(crate) const MAX_EXPIRY: SignedDuration = SignedDuration::from_hours(89 * 24);
 
+/// A field of the request body, as an input column: the one table of columns the
+/// CSV reader, the inbox reader, `export failures` and the README follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Field {
+    CustomerId,
+    OrderId,
+    PaymentIntentId,
+    ExpiresAt,
+    MidExpireAt,
+    /// A JSON object (or `metadata.KEY` columns, one per key).
+    Metadata,
+}
+
+impl Field {
+    /// Every field, in the order of the request body.
+    pub(crate) const ALL: [Field; 6] = [
+        Field::CustomerId,
+        Field::OrderId,
+        Field::PaymentIntentId,
+        Field::ExpiresAt,
+        Field::MidExpireAt,
+        Field::Metadata,
+    ];
+
+    /// The name in CSV headers, `export failures` and the request body (camelCase).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Field::CustomerId => "customerId",
+            Field::OrderId => "orderId",
+            Field::PaymentIntentId => "paymentIntentId",
+            Field::ExpiresAt => "expiresAt",
+            Field::MidExpireAt => "midExpireAt",
+            Field::Metadata => "metadata",
+        }
+    }
+
+    /// The column of `jobs` (and of `inbox`, where it has one) that holds it.
+    pub(crate) fn column(self) -> &'static str {
+        match self {
+            Field::CustomerId => "customer_id",
+            Field::OrderId => "order_id",
+            Field::PaymentIntentId => "payment_intent_id",
+            Field::ExpiresAt => "expires_at",
+            Field::MidExpireAt => "mid_expire_at",
+            Field::Metadata => "metadata",
+        }
+    }
+
+    /// Whether producers can give it in the `inbox` table.
+    pub(crate) fn in_inbox(self) -> bool {
+        self != Field::MidExpireAt
+    }
+
+    /// The field a header names, with case, spaces, `-` and `_` ignored
+    /// (`customer_id`, `Customer ID` and `customerId` are one column).
+    pub(crate) fn for_header(header: &str) -> Option<Field> {
+        let folded = |s: &str| -> String {
+            s.chars()
+                .filter(|c| !matches!(c, '_' | '-' | ' '))
+                .flat_map(char::to_lowercase)
+                .collect()
+        };
+        let header = folded(header.trim());
+        Field::ALL.into_iter().find(|f| folded(f.name()) == header)
+    }
+}
+
 /// The request body of `POST /groups`, in the camelCase the API documents.
 ///
 /// Serialized with sorted metadata keys and fixed timestamp formatting, so equal
@@ -38,10 +105,19 @@ pub struct Payload {
 impl Payload {
     /// The job key: the order id, else the payment intent id.
     pub(crate) fn key(&self) -> &str {
-        self.order_id
-            .as_deref()
-            .or(self.payment_intent_id.as_deref())
-            .unwrap_or_default()
+        key_of(self.order_id.as_deref(), self.payment_intent_id.as_deref()).unwrap_or_default()
+    }
+
+    /// A text field's value (`None` for the metadata, which is not text).
+    fn text(&self, field: Field) -> Option<&str> {
+        match field {
+            Field::CustomerId => Some(&self.customer_id),
+            Field::OrderId => self.order_id.as_deref(),
+            Field::PaymentIntentId => self.payment_intent_id.as_deref(),
+            Field::ExpiresAt => self.expires_at.as_deref(),
+            Field::MidExpireAt => self.mid_expire_at.as_deref(),
+            Field::Metadata => None,
+        }
     }
 
     /// The row this body came from, as input columns (canonical names) and cells:
@@ -49,15 +125,9 @@ impl Payload {
     /// any other metadata as the JSON `metadata` column.
     pub(crate) fn input_cells(&self) -> std::collections::BTreeMap<String, String> {
         let mut cells = std::collections::BTreeMap::new();
-        for (name, value) in [
-            ("customerId", Some(&self.customer_id)),
-            ("orderId", self.order_id.as_ref()),
-            ("paymentIntentId", self.payment_intent_id.as_ref()),
-            ("expiresAt", self.expires_at.as_ref()),
-            ("midExpireAt", self.mid_expire_at.as_ref()),
-        ] {
-            if let Some(v) = value {
-                cells.insert(name.to_owned(), v.clone());
+        for field in Field::ALL {
+            if let Some(v) = self.text(field) {
+                cells.insert(field.name().to_owned(), v.to_owned());
             }
         }
         match &self.metadata {
@@ -80,9 +150,73 @@ impl Payload {
         cells
     }
 
-    /// The canonical JSON text stored and compared.
+    /// The canonical JSON text stored and compared (see [`BodyText::to_json`]).
     pub(crate) fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+        let metadata = self
+            .metadata
+            .as_ref()
+            .map(|m| serde_json::to_string(m).unwrap_or_default());
+        let body = BodyText {
+            customer_id: &self.customer_id,
+            order_id: self.order_id.as_deref(),
+            payment_intent_id: self.payment_intent_id.as_deref(),
+            expires_at: self.expires_at.as_deref(),
+            mid_expire_at: self.mid_expire_at.as_deref(),
+            metadata: metadata.as_deref(),
+        };
+        String::from_utf8(body.to_json()).unwrap_or_default()
+    }
+}
+
+/// A request body's fields as text, borrowed from a [`Payload`] or from the
+/// database's columns: the one writer of the JSON that is sent, stored and compared.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyText<'a> {
+    pub customer_id: &'a str,
+    pub order_id: Option<&'a str>,
+    pub payment_intent_id: Option<&'a str>,
+    pub expires_at: Option<&'a str>,
+    pub mid_expire_at: Option<&'a str>,
+    /// The metadata object, as JSON text (written as it is).
+    pub metadata: Option<&'a str>,
+}
+
+impl<'a> BodyText<'a> {
+    /// `{"customerId":…,…}`: the fields in [`Field::ALL`] order under their names,
+    /// absent ones left out, strings escaped as JSON, the metadata as given.
+    pub(crate) fn to_json(self) -> Vec<u8> {
+        let mut json = Vec::with_capacity(160);
+        json.push(b'{');
+        for field in Field::ALL {
+            let Some(value) = self.get(field) else {
+                continue;
+            };
+            if json.len() > 1 {
+                json.push(b',');
+            }
+            json.push(b'"');
+            json.extend_from_slice(field.name().as_bytes());
+            json.extend_from_slice(b"\":");
+            if field == Field::Metadata {
+                json.extend_from_slice(value.as_bytes());
+            } else {
+                // Writing a string into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut json, value);
+            }
+        }
+        json.push(b'}');
+        json
+    }
+
+    fn get(self, field: Field) -> Option<&'a str> {
+        match field {
+            Field::CustomerId => Some(self.customer_id),
+            Field::OrderId => self.order_id,
+            Field::PaymentIntentId => self.payment_intent_id,
+            Field::ExpiresAt => self.expires_at,
+            Field::MidExpireAt => self.mid_expire_at,
+            Field::Metadata => self.metadata,
+        }
     }
 }
 
@@ -169,8 +303,43 @@ pub(crate) struct RowFields {
 impl RowFields {
     /// The key this row would have, even if it is invalid (for reporting).
     pub(crate) fn key(&self) -> Option<String> {
-        clean(&self.order_id).or_else(|| clean(&self.payment_intent_id))
+        let (order, intent) = (clean(&self.order_id), clean(&self.payment_intent_id));
+        key_of(order.as_deref(), intent.as_deref()).map(str::to_owned)
     }
+
+    /// Where a field's cell goes.
+    pub(crate) fn slot(&mut self, field: Field) -> &mut Option<String> {
+        match field {
+            Field::CustomerId => &mut self.customer_id,
+            Field::OrderId => &mut self.order_id,
+            Field::PaymentIntentId => &mut self.payment_intent_id,
+            Field::ExpiresAt => &mut self.expires_at,
+            Field::MidExpireAt => &mut self.mid_expire_at,
+            Field::Metadata => &mut self.metadata,
+        }
+    }
+
+    /// The cells given, by input column name (`metadata.KEY` columns included).
+    pub(crate) fn cells(&self) -> std::collections::BTreeMap<String, String> {
+        let mut me = self.clone();
+        let mut cells: std::collections::BTreeMap<String, String> = Field::ALL
+            .into_iter()
+            .filter_map(|f| me.slot(f).take().map(|v| (f.name().to_owned(), v)))
+            .collect();
+        for (k, v) in &self.metadata_columns {
+            cells.insert(format!("metadata.{k}"), v.clone());
+        }
+        cells
+    }
+}
+
+/// The one rule for a job's key: the order id, else the payment intent id (the
+/// `jobs.key` column is the same rule in SQL: `coalesce(order_id, payment_intent_id)`).
+pub(crate) fn key_of<'a>(
+    order_id: Option<&'a str>,
+    payment_intent_id: Option<&'a str>,
+) -> Option<&'a str> {
+    order_id.or(payment_intent_id)
 }
 
 fn clean(cell: &Option<String>) -> Option<String> {
@@ -434,6 +603,39 @@ fn json_kind(v: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one table of input columns: every spelling a header may use finds its
+    /// field, and the README names each field and its inbox column.
+    #[test]
+    fn one_table_of_columns_serves_headers_the_inbox_and_the_readme() {
+        let readme = include_str!("../README.md");
+        for f in Field::ALL {
+            for header in [
+                f.name(),
+                f.column(),
+                &f.name().to_uppercase(),
+                &format!(" {} ", f.column()),
+            ] {
+                assert_eq!(Field::for_header(header), Some(f), "{header:?}");
+            }
+            assert!(
+                readme.contains(&format!("`{}`", f.name())),
+                "README lacks {}",
+                f.name()
+            );
+            if f.in_inbox() {
+                assert!(
+                    readme.contains(&format!("`{}`", f.column())),
+                    "README lacks {}",
+                    f.column()
+                );
+            }
+        }
+        assert_eq!(Field::for_header("metadata.campaign"), None);
+        assert_eq!(Field::for_header("order"), None);
+        assert_eq!(key_of(Some("o"), Some("p")), Some("o"));
+        assert_eq!(key_of(None, Some("p")), Some("p"));
+    }
 
     fn now() -> Timestamp {
         "2026-11-24T12:00:00Z".parse().unwrap()

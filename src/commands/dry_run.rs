@@ -6,8 +6,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use jiff::Timestamp;
-
 use super::send::{check_classes, check_inputs, import_csv, state_count};
 use super::write_atomic;
 use crate::config::SendConfig;
@@ -86,7 +84,7 @@ async fn plan_on_copy<'a>(
     for path in csv {
         imported += import_csv(&store, run_id, path, &cfg.csv).await?;
     }
-    imported += store.move_inbox(run_id, Timestamp::now()).await?;
+    imported += super::send::move_inbox_rows(&store, run_id).await?;
     let always = cfg.engine.precheck == engine::Precheck::Always;
     let (jobs, checks) = store.send_plan(always).await?;
     let states = store.state_counts().await?;

@@ -158,7 +158,7 @@ async fn requeue(
 
 /// Moves the rows producers wrote to the inbox into jobs.
 async fn move_inbox(store: &Store, run_id: i64) -> Result<()> {
-    let moved = store.move_inbox(run_id, Timestamp::now()).await?;
+    let moved = move_inbox_rows(store, run_id).await?;
     if moved.rows > 0 {
         tracing::info!(
             rows = moved.rows,
@@ -168,6 +168,38 @@ async fn move_inbox(store: &Store, run_id: i64) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Moves the inbox rows present now into jobs, a page at a time: each page is
+/// validated here, as CSV rows are, and imported and deleted from the inbox in one
+/// transaction. Rows written meanwhile wait for the next run.
+pub(super) async fn move_inbox_rows(store: &Store, run_id: i64) -> Result<ImportCounts> {
+    const PAGE: usize = 2_000;
+    let mut counts = ImportCounts::default();
+    let Some(last) = store.inbox_last().await? else {
+        return Ok(counts);
+    };
+    let mut after = 0;
+    loop {
+        let page = store.inbox_page(after, last, PAGE).await?;
+        let Some(&(through, _)) = page.last() else {
+            break;
+        };
+        let now = Timestamp::now();
+        let rows: Vec<ImportRow> = page
+            .iter()
+            .map(|(id, fields)| ImportRow::from_fields(id.unsigned_abs(), fields, now))
+            .collect();
+        for row in &rows {
+            if let Err(reason) = &row.outcome {
+                let key = row.key.as_deref().unwrap_or("-");
+                tracing::warn!(run = run_id, source = "inbox", inbox_id = row.line, key, %reason, "invalid row");
+            }
+        }
+        counts += store.import_inbox(run_id, rows, through).await?;
+        after = through;
+    }
+    Ok(counts)
 }
 
 /// Sends every pending job, with a progress bar when one shows.

@@ -88,7 +88,7 @@ pub(super) fn sniff_delimiter(head: &[u8]) -> u8 {
             line.split(|b| b == d).any(|cell| {
                 let text = String::from_utf8_lossy(cell);
                 column_for(text.trim_matches(|c: char| c == '"' || c.is_whitespace()))
-                    == Column::CustomerId
+                    == Column::Field(crate::job::Field::CustomerId)
             })
         })
         .unwrap_or(b',')

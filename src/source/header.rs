@@ -1,14 +1,12 @@
 //! The header: what each column means (case, spaces and snake/camel case folded),
 //! and the checks a header must pass before any row is read.
 
+use crate::job::Field;
+
 #[derive(Debug, Clone, PartialEq)]
 pub(super) enum Column {
-    CustomerId,
-    OrderId,
-    PaymentIntentId,
-    ExpiresAt,
-    MidExpireAt,
-    Metadata,
+    /// A field of the request body (the table is [`Field`]).
+    Field(Field),
     MetadataKey(String),
     /// Columns that `export failures` adds; ignored on re-import.
     ExportOnly,
@@ -24,18 +22,10 @@ pub(super) fn column_for(header: &str) -> Column {
     {
         return Column::MetadataKey(rest.to_owned());
     }
-    let norm: String = trimmed
-        .chars()
-        .filter(|c| !matches!(c, '_' | '-' | ' '))
-        .flat_map(char::to_lowercase)
-        .collect();
-    match norm.as_str() {
-        "customerid" => Column::CustomerId,
-        "orderid" => Column::OrderId,
-        "paymentintentid" => Column::PaymentIntentId,
-        "expiresat" => Column::ExpiresAt,
-        "midexpireat" => Column::MidExpireAt,
-        "metadata" => Column::Metadata,
+    if let Some(field) = Field::for_header(trimmed) {
+        return Column::Field(field);
+    }
+    match trimmed.to_ascii_lowercase().as_str() {
         "error" | "line" | "state" | "source" => Column::ExportOnly,
         _ => Column::Unknown,
     }
@@ -45,12 +35,7 @@ pub(super) fn column_for(header: &str) -> Column {
 /// `Metadata.x` → `metadata.x`); `None` for columns that are not input.
 pub fn canonical_header(header: &str) -> Option<String> {
     Some(match column_for(header) {
-        Column::CustomerId => "customerId".to_owned(),
-        Column::OrderId => "orderId".to_owned(),
-        Column::PaymentIntentId => "paymentIntentId".to_owned(),
-        Column::ExpiresAt => "expiresAt".to_owned(),
-        Column::MidExpireAt => "midExpireAt".to_owned(),
-        Column::Metadata => "metadata".to_owned(),
+        Column::Field(f) => f.name().to_owned(),
         Column::MetadataKey(k) => format!("metadata.{k}"),
         Column::ExportOnly | Column::Unknown => return None,
     })
@@ -101,20 +86,21 @@ pub(super) fn check_columns(headers: &[String], columns: &[Column]) -> Result<()
     if let Some(message) = same_field_twice(headers, columns) {
         return Err(message);
     }
-    let has = |c: Column| columns.contains(&c);
+    let has = |f: Field| columns.contains(&Column::Field(f));
     let mut missing = Vec::new();
-    if !has(Column::CustomerId) {
+    if !has(Field::CustomerId) {
         missing.push("customerId column");
     }
-    if !has(Column::OrderId) && !has(Column::PaymentIntentId) {
+    if !has(Field::OrderId) && !has(Field::PaymentIntentId) {
         missing.push("orderId (or paymentIntentId) column");
     }
     if !missing.is_empty() {
+        let names: Vec<&str> = Field::ALL.iter().map(|f| f.name()).collect();
         return Err(format!(
-            "the header has no {} (found: {}); the columns are customerId, orderId, \
-             paymentIntentId, expiresAt, midExpireAt, metadata, metadata.KEY",
+            "the header has no {} (found: {}); the columns are {}, metadata.KEY",
             missing.join(" and no "),
-            headers.join(", ")
+            headers.join(", "),
+            names.join(", ")
         ));
     }
     Ok(())

@@ -6,6 +6,7 @@ use super::header::{Column, canonical_header};
 use super::lines::line_breaks;
 use super::reader::CsvSource;
 use super::row::ImportRow;
+use crate::job::Field;
 
 impl CsvSource {
     /// The last row, made invalid if the input ended inside a quoted field.
@@ -49,7 +50,7 @@ impl CsvSource {
             };
             let is_id = matches!(
                 column,
-                Column::CustomerId | Column::OrderId | Column::PaymentIntentId
+                Column::Field(Field::CustomerId | Field::OrderId | Field::PaymentIntentId)
             );
             let looks_like_rows = || {
                 cell.split(|b| *b == b'\n' || *b == b'\r')

@@ -49,6 +49,19 @@ impl ImportRow {
     }
 }
 
+impl ImportRow {
+    /// A row given as fields (an inbox row), validated as a CSV row is; `line` is
+    /// where it came from (the inbox id). An invalid row keeps its cells.
+    pub(crate) fn from_fields(line: u64, fields: &RowFields, now: Timestamp) -> ImportRow {
+        let outcome = job::validate(fields, now).map_err(|p| p.join("; "));
+        let (key, raw) = match &outcome {
+            Ok(_) => (fields.key(), BTreeMap::new()),
+            Err(_) => (fields.key(), fields.cells()),
+        };
+        ImportRow::new(line, key, outcome, raw)
+    }
+}
+
 impl CsvSource {
     pub(super) fn convert(&self, line: u64, now: Timestamp) -> ImportRow {
         let mut problems = Vec::new();
@@ -77,12 +90,7 @@ impl CsvSource {
                 }
             };
             let slot = match &self.columns[i] {
-                Column::CustomerId => &mut fields.customer_id,
-                Column::OrderId => &mut fields.order_id,
-                Column::PaymentIntentId => &mut fields.payment_intent_id,
-                Column::ExpiresAt => &mut fields.expires_at,
-                Column::MidExpireAt => &mut fields.mid_expire_at,
-                Column::Metadata => &mut fields.metadata,
+                Column::Field(f) => fields.slot(*f),
                 Column::MetadataKey(k) => {
                     fields.metadata_columns.push((k.clone(), text));
                     continue;

@@ -1,7 +1,7 @@
 //! A job's request body in its columns: binding it, reading it back, and writing it
 //! straight from the columns as the JSON to send.
 
-use crate::job::{Payload, SendBody};
+use crate::job::{BodyText, Payload, SendBody};
 
 /// The request-body columns of `jobs`, in the order [`body_values`] gives them and
 /// [`read_body`] reads them.
@@ -81,31 +81,8 @@ pub(super) fn send_body(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Op
     let Some(customer_id) = text(0)? else {
         return Ok(None);
     };
-    let mut json = Vec::with_capacity(160);
-    json.push(b'{');
-    let mut field = |name: &str, value: &str| {
-        if json.len() > 1 {
-            json.push(b',');
-        }
-        json.push(b'"');
-        json.extend_from_slice(name.as_bytes());
-        json.extend_from_slice(b"\":");
-        // Writing a string into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut json, value);
-    };
-    field("customerId", customer_id);
     let order_id = text(1)?;
     let payment_intent = text(2)?;
-    for (name, value) in [
-        ("orderId", order_id),
-        ("paymentIntentId", payment_intent),
-        ("expiresAt", text(3)?),
-        ("midExpireAt", text(4)?),
-    ] {
-        if let Some(v) = value {
-            field(name, v);
-        }
-    }
     if let Some(metadata) = text(5)? {
         // Written by kohort-batch from a parsed object; checked all the same, as it is
         // sent as it is.
@@ -122,10 +99,16 @@ pub(super) fn send_body(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Op
                 format!("the stored metadata is not a JSON object: {e}").into(),
             ));
         }
-        json.extend_from_slice(b",\"metadata\":");
-        json.extend_from_slice(metadata.as_bytes());
     }
-    json.push(b'}');
+    let json = BodyText {
+        customer_id,
+        order_id,
+        payment_intent_id: payment_intent,
+        expires_at: text(3)?,
+        mid_expire_at: text(4)?,
+        metadata: text(5)?,
+    }
+    .to_json();
     Ok(Some(SendBody::new(
         json,
         order_id.map(str::to_owned),

@@ -265,11 +265,33 @@ impl Store {
         self.call(move |c| queue::requeue_unknown(c, run_id)).await
     }
 
-    /// Moves every row now in the inbox into jobs (validated against `now`) in one
-    /// transaction. Rows inserted after the move starts wait for the next run.
-    pub async fn move_inbox(&self, run_id: i64, now: jiff::Timestamp) -> Result<ImportCounts> {
+    /// The id of the last inbox row present now, if any (see [`Store::inbox_page`]).
+    pub async fn inbox_last(&self) -> Result<Option<i64>> {
+        self.call(queue::inbox_last).await
+    }
+
+    /// Up to `limit` inbox rows after `after` and up to `last`, in id order, as the
+    /// cells producers wrote.
+    pub(crate) async fn inbox_page(
+        &self,
+        after: i64,
+        last: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, crate::job::RowFields)>> {
+        self.call(move |c| queue::inbox_page(c, after, last, limit))
+            .await
+    }
+
+    /// Imports inbox rows (validated, as CSV rows are) and deletes the inbox rows up
+    /// to `through`, in one transaction.
+    pub async fn import_inbox(
+        &self,
+        run_id: i64,
+        rows: Vec<ImportRow>,
+        through: i64,
+    ) -> Result<ImportCounts> {
         self.call(move |c| {
-            let counts = queue::move_inbox(c, run_id, now)?;
+            let counts = queue::import_inbox(c, run_id, &rows, through)?;
             if counts.rows > 0 {
                 runs::add_import_counts(c, run_id, counts)?;
             }

@@ -1,19 +1,14 @@
 //! The queue side of the store: moving inbox rows into jobs, and putting failed
 //! (or unknown) jobs back to pending for `retry-failed`.
 
-use std::collections::BTreeMap;
-
-use jiff::Timestamp;
 use rusqlite::types::Value;
 use rusqlite::{Connection, named_params};
 
 use super::clock::now_ms;
 use super::import;
 use super::types::ImportCounts;
-use crate::job::{self, RowFields};
+use crate::job::{Field, RowFields};
 use crate::source::ImportRow;
-
-const CHUNK: i64 = 2000;
 
 /// A producer may store any SQLite type; anything scalar is read as text.
 fn text(v: Value) -> Option<String> {
@@ -25,69 +20,53 @@ fn text(v: Value) -> Option<String> {
     }
 }
 
-/// Moves every inbox row present now into jobs, validating each, then deletes them;
-/// all inside the caller's transaction. `line` of such a job is its inbox id.
-pub(super) fn move_inbox(
+/// The id of the last inbox row present now (`None`: the inbox is empty). A run
+/// moves the rows up to it; rows written later wait for the next run.
+pub(super) fn inbox_last(c: &Connection) -> rusqlite::Result<Option<i64>> {
+    c.query_row("SELECT max(id) FROM inbox", [], |r| r.get(0))
+}
+
+/// Up to `limit` inbox rows after `after` and up to `last`, in id order, as their
+/// fields (columns from the one table, [`Field`]).
+pub(super) fn inbox_page(
+    c: &Connection,
+    after: i64,
+    last: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<(i64, RowFields)>> {
+    let fields: Vec<Field> = Field::ALL.into_iter().filter(|f| f.in_inbox()).collect();
+    let columns: Vec<&str> = fields.iter().map(|f| f.column()).collect();
+    let sql = format!(
+        "SELECT id, {} FROM inbox WHERE id > :after AND id <= :last ORDER BY id LIMIT :limit",
+        columns.join(", ")
+    );
+    let mut stmt = c.prepare_cached(&sql)?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    stmt.query_map(
+        named_params! {":after": after, ":last": last, ":limit": limit},
+        |r| {
+            let mut row = RowFields::default();
+            for (i, field) in fields.iter().enumerate() {
+                *row.slot(*field) = text(r.get(i + 1)?);
+            }
+            Ok((r.get(0)?, row))
+        },
+    )?
+    .collect()
+}
+
+/// Imports inbox rows (validated by the caller, as CSV rows are) and deletes every
+/// inbox row up to `through`, in the caller's transaction: a row is moved once.
+pub(super) fn import_inbox(
     c: &Connection,
     run_id: i64,
-    now: Timestamp,
+    rows: &[ImportRow],
+    through: i64,
 ) -> rusqlite::Result<ImportCounts> {
-    let max: Option<i64> = c.query_row("SELECT max(id) FROM inbox", [], |r| r.get(0))?;
-    let Some(max) = max else {
-        return Ok(ImportCounts::default());
-    };
-    let mut counts = ImportCounts::default();
-    let mut after = 0;
-    loop {
-        let mut stmt = c.prepare_cached(
-            "SELECT id, customer_id, order_id, payment_intent_id, metadata, expires_at FROM inbox \
-             WHERE id > :after AND id <= :max ORDER BY id LIMIT :limit",
-        )?;
-        let rows: Vec<ImportRow> = stmt
-            .query_map(
-                named_params! {":after": after, ":max": max, ":limit": CHUNK},
-                |r| {
-                    let id: i64 = r.get(0)?;
-                    let fields = RowFields {
-                        customer_id: text(r.get(1)?),
-                        order_id: text(r.get(2)?),
-                        payment_intent_id: text(r.get(3)?),
-                        metadata: text(r.get(4)?),
-                        expires_at: text(r.get(5)?),
-                        ..RowFields::default()
-                    };
-                    let mut raw = BTreeMap::new();
-                    for (name, value) in [
-                        ("customerId", &fields.customer_id),
-                        ("orderId", &fields.order_id),
-                        ("paymentIntentId", &fields.payment_intent_id),
-                        ("metadata", &fields.metadata),
-                        ("expiresAt", &fields.expires_at),
-                    ] {
-                        if let Some(v) = value {
-                            raw.insert(name.to_owned(), v.clone());
-                        }
-                    }
-                    Ok(ImportRow::new(
-                        id as u64,
-                        fields.key(),
-                        job::validate(&fields, now).map_err(|p| p.join("; ")),
-                        raw,
-                    ))
-                },
-            )?
-            .collect::<rusqlite::Result<_>>()?;
-        let Some(last) = rows.last() else { break };
-        after = last.line as i64;
-        for row in rows.iter().filter(|r| r.outcome.is_err()) {
-            let reason = row.outcome.as_ref().err().map_or("", String::as_str);
-            tracing::warn!(run = run_id, source = "inbox", inbox_id = row.line, key = row.key.as_deref().unwrap_or("-"), %reason, "invalid row");
-        }
-        counts += import::import(c, run_id, "inbox", &rows)?;
-    }
+    let counts = import::import(c, run_id, "inbox", rows)?;
     c.execute(
-        "DELETE FROM inbox WHERE id <= :max",
-        named_params! {":max": max},
+        "DELETE FROM inbox WHERE id <= :through",
+        named_params! {":through": through},
     )?;
     Ok(counts)
 }

@@ -441,6 +441,9 @@ fn bodies_read_back_as_the_payload_serializes_them() {
             prop_assert_eq!(jobs.len(), payloads.len());
             for (job, p) in jobs.iter().zip(&payloads) {
                 prop_assert_eq!(&job.body, &crate::job::SendBody::from(p));
+                // One writer serves both; serde's own serialization is the oracle.
+                let serde = serde_json::to_string(p).unwrap();
+                prop_assert_eq!(&job.body.json()[..], serde.as_bytes());
             }
             Ok(())
         })

@@ -79,8 +79,9 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
-    /// A file named by the user could not be read or written.
-    #[error("cannot {action} {path}: {source}")]
+    /// A file named by the user could not be read or written (the system's reason
+    /// is the source).
+    #[error("cannot {action} {path}")]
     File {
         action: &'static str,
         path: PathBuf,
@@ -102,6 +103,9 @@ pub enum Error {
         path: PathBuf,
         cause: crate::store::DbCause,
         message: String,
+        /// SQLite's own error, when it said one.
+        #[source]
+        source: Option<std::sync::Arc<rusqlite::Error>>,
     },
 
     /// Another process is running a batch on this database.
@@ -117,8 +121,12 @@ pub enum Error {
     },
 
     /// A bug or an unexpected state. Please report it.
-    #[error("internal error: {0}")]
-    Internal(String),
+    #[error("internal error: {what}")]
+    Internal {
+        what: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 }
 
 impl Error {
@@ -145,13 +153,52 @@ impl Error {
                 DbCause::Busy | DbCause::ReadOnly | DbCause::Full | DbCause::Io => Exit::IoError,
                 DbCause::Bug => Exit::Internal,
             },
-            Error::Internal(_) => Exit::Internal,
+            Error::Internal { .. } => Exit::Internal,
         }
     }
 
     pub(crate) fn usage(msg: impl Into<String>) -> Self {
         Error::Usage(msg.into())
     }
+
+    /// A bug or an unexpected state, said in words.
+    pub(crate) fn internal(what: impl Into<String>) -> Self {
+        Error::Internal {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// A bug or an unexpected state, with the error that showed it.
+    pub(crate) fn internal_from(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Internal {
+            what: what.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+}
+
+/// An error and its causes, each said once: `what: why: why…`. The one way an error
+/// is shown to a person (at the top, when a command ends).
+pub fn render(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let said = c.to_string();
+        // A cause that repeats what is said already (SQLite's "Error code 13:
+        // database or disk is full" under rusqlite's "database or disk is full") adds
+        // nothing.
+        let gist = said.rsplit(": ").next().unwrap_or(&said);
+        if !gist.is_empty() && !text.contains(gist) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// The fix that follows a database message (its cause's, if it has one).
@@ -196,6 +243,42 @@ mod tests {
         };
         assert_eq!(locked.exit(), Exit::Locked);
         assert!(locked.to_string().contains("pid 1"));
-        assert_eq!(Error::Internal("x".into()).exit(), Exit::Internal);
+        assert_eq!(Error::internal("x").exit(), Exit::Internal);
+    }
+
+    #[test]
+    fn errors_keep_their_cause_and_say_each_once() {
+        let missing = Error::File {
+            action: "open CSV file",
+            path: "o.csv".into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "No such file"),
+        };
+        assert_eq!(render(&missing), "cannot open CSV file o.csv: No such file");
+        let sqlite = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            Some("database or disk is full".into()),
+        );
+        let full = crate::store::Failure::from(sqlite)
+            .context("cannot record outcomes")
+            .into_error(std::path::Path::new("k.db"));
+        let text = render(&full);
+        assert!(std::error::Error::source(&full).is_some());
+        assert_eq!(
+            text.matches("database or disk is full").count(),
+            1,
+            "{text}"
+        );
+        assert!(
+            text.starts_with("database k.db: cannot record outcomes: "),
+            "{text}"
+        );
+        let bug = Error::internal_from(
+            "cannot make a temporary directory",
+            std::io::Error::other("quota"),
+        );
+        assert_eq!(
+            render(&bug),
+            "internal error: cannot make a temporary directory: quota"
+        );
     }
 }

@@ -59,7 +59,7 @@ pub fn main_entry() -> ExitCode {
             });
         }
         Err(cli::ParseError::Config(e)) => {
-            commands::out::tell(&format!("error: {e}"));
+            commands::out::tell(&format!("error: {}", error::render(&e)));
             return ExitCode::from(e.exit().code());
         }
     };

@@ -109,7 +109,7 @@ impl ApiClient {
                 path.display(),
                 error_chain(&e)
             )),
-            None => Error::Internal(format!("cannot build the HTTP client: {e}")),
+            None => Error::internal_from("cannot build the HTTP client", e),
         })?;
         let base = base.trim_end_matches('/').to_owned();
         let groups_url = reqwest::Url::parse(&format!("{base}/groups"))

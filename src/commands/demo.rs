@@ -58,9 +58,9 @@ pub(crate) async fn demo(keep: Option<&Path>) -> Result<Exit> {
     }
     let sb = Sandbox::start(mild_faults(), ([127, 0, 0, 1], 0).into())
         .await
-        .map_err(|e| Error::Internal(format!("cannot start the sandbox on loopback: {e}")))?;
+        .map_err(|e| Error::internal_from("cannot start the sandbox on loopback", e))?;
     let dir = tempfile::tempdir()
-        .map_err(|e| Error::Internal(format!("cannot make a temporary directory: {e}")))?;
+        .map_err(|e| Error::internal_from("cannot make a temporary directory", e))?;
     let csv = dir.path().join("orders.csv");
     std::fs::write(&csv, SAMPLE_CSV).map_err(|source| Error::File {
         action: "write",

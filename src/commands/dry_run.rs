@@ -65,7 +65,7 @@ async fn plan_on_copy<'a>(
     retry: Option<&RetryFilter>,
 ) -> Result<Plan<'a>> {
     let dir = tempfile::tempdir()
-        .map_err(|e| Error::Internal(format!("cannot make a temporary directory: {e}")))?;
+        .map_err(|e| Error::internal_from("cannot make a temporary directory", e))?;
     let copy = dir.path().join("dry-run.db");
     if cfg.db.exists() {
         Store::snapshot(&cfg.db, &copy)?;

@@ -105,7 +105,7 @@ impl Sink {
                 let out = self
                     .json
                     .as_mut()
-                    .ok_or_else(|| Error::Internal("no JSON sink".into()))?;
+                    .ok_or_else(|| Error::internal("no JSON sink"))?;
                 write!(out, "{sep}{}", serde_json::Value::Object(obj))
                     .map_err(io_error("the export"))
             }
@@ -132,7 +132,7 @@ fn csv_err(e: csv::Error) -> Error {
             path: "the export".into(),
             source,
         },
-        other => Error::Internal(format!("cannot write CSV: {other:?}")),
+        other => Error::internal(format!("cannot write CSV: {other:?}")),
     }
 }
 

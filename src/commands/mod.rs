@@ -120,7 +120,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Exit {
         // The reader of the output went away (`| head`): it has what it wanted.
         Err(e) if out::is_broken_pipe(&e) => Exit::Success,
         Err(e) => {
-            out::tell(&format!("error: {e}"));
+            out::tell(&format!("error: {}", crate::error::render(&e)));
             e.exit()
         }
     }
@@ -158,7 +158,7 @@ fn man() -> Result<Exit> {
     let mut text = Vec::new();
     match clap_mangen::Man::new(crate::cli::command()).render(&mut text) {
         Ok(()) => out::say(&String::from_utf8_lossy(&text)).map(|()| Exit::Success),
-        Err(e) => Err(Error::Internal(format!(
+        Err(e) => Err(Error::internal(format!(
             "cannot render the manual page: {e}"
         ))),
     }

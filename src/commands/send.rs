@@ -114,7 +114,7 @@ async fn begin(
         retry_filter: retry,
     };
     let options = serde_json::to_string(&options)
-        .map_err(|e| Error::Internal(format!("cannot write the run's options: {e}")))?;
+        .map_err(|e| Error::internal_from("cannot write the run's options", e))?;
     let run_id = store.begin_run(command, options, true).await?;
     Ok((api, store, run_id))
 }
@@ -281,7 +281,7 @@ async fn finish(
     let mut facts = store
         .run_facts(run_id)
         .await?
-        .ok_or_else(|| Error::Internal(format!("run {run_id} vanished from the database")))?;
+        .ok_or_else(|| Error::internal(format!("run {run_id} vanished from the database")))?;
     let all_states = store.state_counts().await?;
     let in_db = |s: &str| state_count(&all_states, s);
     let backlog = backlog(&all_states, &facts.states);
@@ -501,7 +501,7 @@ pub async fn import_csv(
     }
     let empty = reader
         .await
-        .map_err(|e| Error::Internal(format!("the CSV reader failed: {e}")))??;
+        .map_err(|e| Error::internal_from("the CSV reader failed", e))??;
     if empty > 0 {
         let skipped = ImportCounts {
             empty,

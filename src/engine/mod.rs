@@ -186,7 +186,7 @@ pub async fn drain(
         desk: desk::Desk::new(BATCH_CHECKS),
         check_gaps: std::sync::Mutex::new(
             hdrhistogram::Histogram::new_with_bounds(1, 86_400_000, 2)
-                .map_err(|e| Error::Internal(format!("cannot make a histogram: {e}")))?,
+                .map_err(|e| Error::internal_from("cannot make a histogram", e))?,
         ),
     });
     let desk_done = CancellationToken::new();
@@ -344,9 +344,9 @@ fn collect(
         None | Some(Ok(Ok(()))) => return,
         Some(Ok(Err(e))) => e,
         Some(Err(join)) if join.is_cancelled() => return,
-        Some(Err(join)) => Error::Internal(format!("a worker panicked: {join}")),
+        Some(Err(join)) => Error::internal(format!("a worker panicked: {join}")),
     };
-    tracing::error!(error = %err, "stopping the run: cannot record outcomes");
+    tracing::error!(error = %crate::error::render(&err), "stopping the run: cannot record outcomes");
     control.stop.cancel();
     first_error.get_or_insert(err);
 }

@@ -53,6 +53,9 @@ impl DbCause {
 pub struct Failure {
     pub cause: DbCause,
     pub message: String,
+    /// SQLite's own error, when it said one (shared: one failed transaction is told
+    /// to every caller in it).
+    pub source: Option<std::sync::Arc<rusqlite::Error>>,
 }
 
 impl Failure {
@@ -60,12 +63,26 @@ impl Failure {
         Failure {
             cause,
             message: message.into(),
+            source: None,
+        }
+    }
+
+    /// The top-level error for this failure of the database at `path`.
+    pub fn into_error(self, path: &std::path::Path) -> crate::error::Error {
+        crate::error::Error::Database {
+            path: path.to_owned(),
+            cause: self.cause,
+            message: self.message,
+            source: self.source,
         }
     }
 
     /// The same failure, its message prefixed with what was being done.
     pub fn context(&self, what: &str) -> Failure {
-        Failure::new(self.cause, format!("{what}: {}", self.message))
+        Failure {
+            message: format!("{what}: {}", self.message),
+            ..self.clone()
+        }
     }
 }
 
@@ -91,7 +108,10 @@ impl From<rusqlite::Error> for Failure {
             DbCause::NotOurs => "not a SQLite database (is --db the right file?)".to_owned(),
             _ => e.to_string(),
         };
-        Failure::new(cause, message)
+        Failure {
+            source: Some(std::sync::Arc::new(e)),
+            ..Failure::new(cause, message)
+        }
     }
 }
 

@@ -51,11 +51,7 @@ impl Store {
         access: Access,
         busy_timeout: std::time::Duration,
     ) -> Result<Store> {
-        let db_err = |f: Failure| Error::Database {
-            path: path.to_owned(),
-            cause: f.cause,
-            message: f.message,
-        };
+        let db_err = |f: Failure| f.into_error(path);
         // SQLite would read `file:…` as a URI (and its `?nolock=1`, `?mode=`), opening
         // another file than the one the run lock is taken beside.
         if path.to_str().is_some_and(|p| p.starts_with("file:")) {
@@ -103,7 +99,7 @@ impl Store {
         let (tx, rx) = mpsc::channel::<Message>(4096);
         let outbox = Arc::new(Outbox::default());
         Writer::spawn(conn, rx, path, checkpointer, outbox.clone())
-            .map_err(|e| Error::Internal(format!("cannot start the database thread: {e}")))?;
+            .map_err(|e| Error::internal_from("cannot start the database thread", e))?;
         Ok(Store {
             tx,
             path: path.to_owned(),
@@ -116,11 +112,7 @@ impl Store {
     /// run), reading it only: `src` is checked as `report` checks it and never
     /// changed.
     pub fn snapshot(src: &Path, dest: &Path) -> Result<()> {
-        let err = |f: Failure| Error::Database {
-            path: src.to_owned(),
-            cause: f.cause,
-            message: format!("cannot copy it for the dry run: {}", f.message),
-        };
+        let err = |f: Failure| f.context("cannot copy it for the dry run").into_error(src);
         if !src.is_file() {
             return Err(Error::Usage(format!(
                 "there is no database at {}: pass the --db of your runs",
@@ -138,13 +130,8 @@ impl Store {
             true,
         )
         .map_err(|e| err(e.into()))?;
-        schema::prepare(&mut conn, Access::Read, DEFAULT_BUSY_TIMEOUT).map_err(|f| {
-            Error::Database {
-                path: src.to_owned(),
-                cause: f.cause,
-                message: f.message,
-            }
-        })?;
+        schema::prepare(&mut conn, Access::Read, DEFAULT_BUSY_TIMEOUT)
+            .map_err(|f| f.into_error(src))?;
         conn.execute(
             "VACUUM INTO :dest",
             rusqlite::named_params! {":dest": dest.display().to_string()},
@@ -174,7 +161,7 @@ impl Store {
         self.outbox_ok()?;
         let (reply, reply_rx) = oneshot::channel::<Result<T, Failure>>();
         let command = Box::new(FnCommand::new(f, reply));
-        let closed = || Error::Internal("the database thread has stopped".into());
+        let closed = || Error::internal("the database thread has stopped");
         self.tx
             .send(Message::Command(command))
             .await
@@ -187,11 +174,7 @@ impl Store {
 
     /// The top-level error for a failure of this database.
     fn error(&self, failure: Failure) -> Error {
-        Error::Database {
-            path: self.path.clone(),
-            cause: failure.cause,
-            message: failure.message,
-        }
+        failure.into_error(&self.path)
     }
 
     /// Starts a run. An `exclusive` run (one that sends) first takes the run lock
@@ -424,7 +407,7 @@ impl Store {
         if first
             && let Err(mpsc::error::TrySendError::Closed(_)) = self.tx.try_send(Message::Outbox)
         {
-            return Err(Error::Internal("the database thread has stopped".into()));
+            return Err(Error::internal("the database thread has stopped"));
         }
         Ok(())
     }

@@ -50,6 +50,8 @@ mod types;
 mod writer;
 
 pub use failure::DbCause;
+#[cfg(test)]
+pub(crate) use failure::Failure;
 pub use handle::{DEFAULT_BUSY_TIMEOUT, Store};
 pub use lock::lock_path;
 pub use queue::RetryFilter;

@@ -97,14 +97,7 @@ impl Report {
     pub(crate) fn from_facts(f: RunFacts) -> Report {
         let jobs: BTreeMap<String, i64> = JobState::ALL
             .iter()
-            .map(|s| {
-                let n = f
-                    .states
-                    .iter()
-                    .find(|(k, _)| k == s.as_str())
-                    .map_or(0, |(_, n)| *n);
-                (s.as_str().to_owned(), n)
-            })
+            .map(|s| (s.as_str().to_owned(), f.states.get(*s)))
             .collect();
         let kind = |k: &str| {
             f.attempts_by_kind
@@ -478,6 +471,7 @@ fn group_failures(rows: &[FailureReason]) -> (Vec<FailureGroup>, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StateCounts;
 
     fn facts() -> RunFacts {
         let fail = |state: &str, key: Option<&str>, line, reason: &str| FailureReason {
@@ -505,11 +499,11 @@ mod tests {
                 invalid: 5,
                 empty: 0,
             }),
-            states: vec![
-                ("succeeded".into(), 200),
-                ("failed".into(), 3),
-                ("invalid".into(), 5),
-            ],
+            states: StateCounts::from([
+                (JobState::Succeeded, 200),
+                (JobState::Failed, 3),
+                (JobState::Invalid, 5),
+            ]),
             obtained: vec![("created".into(), 197), ("existing".into(), 3)],
             attempts_by_kind: vec![("check_order".into(), 203), ("create".into(), 205)],
             attempts_by_class: vec![
@@ -583,7 +577,7 @@ mod tests {
         let f = RunFacts {
             command: "enqueue".into(),
             exit_code: Some(0),
-            states: vec![("pending".into(), 3)],
+            states: StateCounts::from([(JobState::Pending, 3)]),
             ..facts()
         };
         let text = Report::from_facts(f).to_text();

@@ -6,12 +6,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::send::{check_classes, check_inputs, import_csv, state_count};
+use super::send::{check_classes, check_inputs, import_csv};
 use super::write_atomic;
 use crate::config::SendConfig;
 use crate::engine;
 use crate::error::{Error, Exit, Result};
-use crate::store::{ImportCounts, RetryFilter, Store};
+use crate::store::{ImportCounts, JobState, RetryFilter, StateCounts, Store};
 use crate::text::count;
 
 /// Runs the command's preparation on a copy of the database and says what
@@ -49,11 +49,13 @@ struct Plan<'a> {
     imported: ImportCounts,
     /// `retry-failed`: how many failed jobs its filters put back.
     requeued: Option<u64>,
-    /// Jobs that would be sent, and how many of them are checked first.
+    /// Jobs that would be sent, how many of them are checked first, and the
+    /// requests those checks take (lists of 25, and single checks).
     jobs: i64,
-    checks: i64,
+    checked: i64,
+    check_requests: i64,
     /// Jobs by state in the copy.
-    states: Vec<(String, i64)>,
+    states: StateCounts,
 }
 
 /// Requeues, imports and moves the inbox as the command would, on a copy of the
@@ -86,7 +88,10 @@ async fn plan_on_copy<'a>(
     }
     imported += super::send::move_inbox_rows(&store, run_id).await?;
     let always = cfg.engine.precheck == engine::Precheck::Always;
-    let (jobs, checks) = store.send_plan(always).await?;
+    let (jobs, listed, single) = store.send_plan(always).await?;
+    // Plain ids are checked in lists of 25, the rest one request each.
+    let take = crate::api::LIST_TAKE as i64;
+    let check_requests = (listed + take - 1) / take + single;
     let states = store.state_counts().await?;
     store.close().await;
     Ok(Plan {
@@ -94,18 +99,19 @@ async fn plan_on_copy<'a>(
         imported,
         requeued,
         jobs,
-        checks,
+        checked: listed + single,
+        check_requests,
         states,
     })
 }
 
 impl Plan<'_> {
-    fn in_copy(&self, state: &str) -> i64 {
-        state_count(&self.states, state)
+    fn in_copy(&self, state: JobState) -> i64 {
+        self.states.get(state)
     }
 
     fn requests(&self) -> i64 {
-        self.jobs + self.checks
+        self.jobs + self.check_requests
     }
 
     /// Seconds sending would take at the configured rate; `None` without a rate.
@@ -120,11 +126,12 @@ impl Plan<'_> {
             "imported": self.imported,
             "requeued": self.requeued,
             "jobs_to_send": self.jobs,
-            "checked_first": self.checks,
-            "already_succeeded": self.in_copy("succeeded"),
-            "invalid": self.in_copy("invalid"),
-            "failed": self.in_copy("failed"),
-            "unknown": self.in_copy("unknown"),
+            "checked_first": self.checked,
+            "check_requests": self.check_requests,
+            "already_succeeded": self.in_copy(JobState::Succeeded),
+            "invalid": self.in_copy(JobState::Invalid),
+            "failed": self.in_copy(JobState::Failed),
+            "unknown": self.in_copy(JobState::Unknown),
             "conflicts": self.imported.conflicts,
             "requests": self.requests(),
             "rate_per_sec": cfg.engine.rate,
@@ -135,7 +142,7 @@ impl Plan<'_> {
 
     fn to_text(&self, cfg: &SendConfig) -> String {
         let (command, imported) = (self.command, &self.imported);
-        let (jobs, checks, requests) = (self.jobs, self.checks, self.requests());
+        let (jobs, checks, requests) = (self.jobs, self.check_requests, self.requests());
         let mut text = format!(
             "kohort-batch {command} --dry-run: nothing was changed, nothing was sent\n\
              \x20 Imported   {}: {} queued, {} fixed, {} invalid, {}, {}\n",
@@ -154,11 +161,11 @@ impl Plan<'_> {
         }
         text.push_str(&format!(
             "  Would send {} ({} checked first for an existing group); {} already succeeded\n\
-             \x20 Requests   about {requests} ({jobs} creates, {checks} checks; a check that finds a \
-             group fetches it instead of creating one)\n",
+             \x20 Requests   about {requests} ({jobs} creates, {checks} for checks, 25 orders to a \
+             list; a check that finds a group fetches it instead of creating one)\n",
             count(jobs.max(0) as u64, "job", "jobs"),
-            checks,
-            self.in_copy("succeeded"),
+            self.checked,
+            self.in_copy(JobState::Succeeded),
         ));
         text.push_str(&match self.estimated_secs(cfg) {
             Some(secs) => format!(

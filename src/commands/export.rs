@@ -9,7 +9,7 @@ use super::inspect::io_error;
 use crate::cli::{ExportFormat, ExportWhat};
 use crate::error::{Error, Exit, Result};
 use crate::source::canonical_header;
-use crate::store::{JobExport, Store};
+use crate::store::{JobExport, JobState, Store};
 
 /// Jobs read from the database per query.
 const PAGE: usize = 2000;
@@ -17,7 +17,7 @@ const PAGE: usize = 2000;
 /// Calls `each` for every job in `states`, page by page.
 async fn for_each_job(
     store: &Store,
-    states: &'static [&'static str],
+    states: &'static [JobState],
     mut each: impl FnMut(JobExport) -> Result<()>,
 ) -> Result<()> {
     let mut after = 0;
@@ -39,7 +39,12 @@ async fn for_each_failure(
     store: &Store,
     mut each: impl FnMut(JobExport) -> Result<()>,
 ) -> Result<()> {
-    for_each_job(store, &["failed", "unknown", "invalid"], &mut each).await?;
+    for_each_job(
+        store,
+        &[JobState::Failed, JobState::Unknown, JobState::Invalid],
+        &mut each,
+    )
+    .await?;
     let mut after = 0;
     loop {
         let page = store.conflicts_page(after, PAGE).await?;
@@ -190,7 +195,7 @@ async fn export_groups(
         header.map(String::from).to_vec(),
         open_output(output)?,
     )?;
-    for_each_job(store, &["succeeded"], |j| {
+    for_each_job(store, &[JobState::Succeeded], |j| {
         let no_share_id = j.share_id.as_deref().is_none_or(str::is_empty);
         if missing_share_id && !no_share_id {
             return Ok(());

@@ -18,7 +18,7 @@ use crate::engine::{self, Control, StopReason};
 use crate::error::{Error, Exit, Result};
 use crate::report::Report;
 use crate::source::{CsvEncoding, CsvOptions, CsvSource, ImportRow};
-use crate::store::{Access, ImportCounts, RetryFilter, RunFacts, Store};
+use crate::store::{Access, ImportCounts, JobState, RetryFilter, RunFacts, StateCounts, Store};
 
 /// Rows per import transaction.
 const IMPORT_BATCH: usize = 4_000;
@@ -212,7 +212,7 @@ async fn send_pending(
 ) -> Result<engine::Drained> {
     // Counting the pending jobs reads the whole table: only for a bar that shows.
     let bar = if super::progress::wanted() {
-        let pending = state_count(&store.state_counts().await?, "pending");
+        let pending = store.state_counts().await?.get(JobState::Pending);
         super::progress::start(pending as u64)
     } else {
         None
@@ -283,17 +283,17 @@ async fn finish(
         .await?
         .ok_or_else(|| Error::internal(format!("run {run_id} vanished from the database")))?;
     let all_states = store.state_counts().await?;
-    let in_db = |s: &str| state_count(&all_states, s);
+    let in_db = |s: JobState| all_states.get(s);
     let backlog = backlog(&all_states, &facts.states);
     let exit = if exit == Exit::Success {
-        judge(&facts, sent, outputs.requeued, in_db("failed"))
+        judge(&facts, sent, outputs.requeued, in_db(JobState::Failed))
     } else {
         exit
     };
     // A run stopped early says how much is left for the next one.
     let stopped = match stopped {
         Some(why) if matches!(exit, Exit::StoppedByApi | Exit::Interrupted) => {
-            let pending = (in_db("pending") + in_db("in_flight")).max(0) as u64;
+            let pending = (in_db(JobState::Pending) + in_db(JobState::InFlight)).max(0) as u64;
             Some(format!(
                 "{why}; {} pending, for the next run",
                 crate::text::count(pending, "row stays", "rows stay")
@@ -326,10 +326,16 @@ async fn finish(
         write_atomic(path, report.to_json().as_bytes())?;
     }
     if let Some(path) = outputs.metrics_file {
-        let gauges: Vec<(String, i64)> = ["failed", "unknown", "invalid", "pending", "in_flight"]
-            .iter()
-            .map(|s| ((*s).to_owned(), in_db(s)))
-            .collect();
+        let gauges: Vec<(String, i64)> = [
+            JobState::Failed,
+            JobState::Unknown,
+            JobState::Invalid,
+            JobState::Pending,
+            JobState::InFlight,
+        ]
+        .into_iter()
+        .map(|s| (s.as_str().to_owned(), in_db(s)))
+        .collect();
         let mut finished = crate::metrics::Finished::of(&report, &gauges, last_success);
         finished.groups_without_share_id = no_share_id;
         let text = crate::metrics::render(&finished);
@@ -361,8 +367,8 @@ fn ending(outcome: Result<Option<StopReason>>) -> (Exit, Option<String>, Option<
 /// `failed_in_db` failed jobs are left.
 fn judge(facts: &RunFacts, sent: bool, requeued: Option<u64>, failed_in_db: i64) -> Exit {
     // Without sending, pending is the expected end state of a row.
-    let fine = |s: &str| s == "succeeded" || (!sent && s == "pending");
-    let bad = facts.states.iter().any(|(s, n)| *n > 0 && !fine(s)) || !facts.conflicts.is_empty();
+    let fine = |s: JobState| s == JobState::Succeeded || (!sent && s == JobState::Pending);
+    let bad = facts.states.listed().any(|(s, _)| !fine(s)) || !facts.conflicts.is_empty();
     let retried_nothing = requeued == Some(0) && failed_in_db > 0;
     if bad || retried_nothing {
         Exit::RowsFailed
@@ -373,36 +379,33 @@ fn judge(facts: &RunFacts, sent: bool, requeued: Option<u64>, failed_in_db: i64)
 
 /// What is left to do in the whole database that is older than this run: jobs
 /// by state, less those of `this_run`.
-fn backlog(all_states: &[(String, i64)], this_run: &[(String, i64)]) -> BTreeMap<String, i64> {
-    ["failed", "unknown", "invalid", "pending"]
-        .iter()
-        .map(|s| {
-            let older = state_count(all_states, s) - state_count(this_run, s);
-            ((*s).to_owned(), older.max(0))
-        })
-        .collect()
-}
-
-/// How many jobs `counts` (state, count) has in `state`.
-pub(super) fn state_count(counts: &[(String, i64)], state: &str) -> i64 {
-    counts
-        .iter()
-        .find(|(n, _)| n == state)
-        .map_or(0, |(_, n)| *n)
+fn backlog(all_states: &StateCounts, this_run: &StateCounts) -> BTreeMap<String, i64> {
+    [
+        JobState::Failed,
+        JobState::Unknown,
+        JobState::Invalid,
+        JobState::Pending,
+    ]
+    .into_iter()
+    .map(|s| {
+        let older = all_states.get(s) - this_run.get(s);
+        (s.as_str().to_owned(), older.max(0))
+    })
+    .collect()
 }
 
 fn log_finished(run_id: i64, report: &Report, exit: Exit) {
-    let jobs = |s: &str| report.jobs.get(s).copied().unwrap_or(0);
+    let jobs = |s: JobState| report.jobs.get(s.as_str()).copied().unwrap_or(0);
     tracing::info!(
         run = run_id,
         command = %report.command,
         exit_code = exit.code(),
         duration_secs = report.duration_secs.unwrap_or(0.0),
-        succeeded = jobs("succeeded"),
-        failed = jobs("failed"),
-        unknown = jobs("unknown"),
-        invalid = jobs("invalid"),
-        pending = jobs("pending"),
+        succeeded = jobs(JobState::Succeeded),
+        failed = jobs(JobState::Failed),
+        unknown = jobs(JobState::Unknown),
+        invalid = jobs(JobState::Invalid),
+        pending = jobs(JobState::Pending),
         requests = report.requests.total,
         "run finished"
     );

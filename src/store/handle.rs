@@ -12,7 +12,7 @@ use super::failure::Failure;
 use super::outbox::{Outbox, Record};
 use super::reads::{self, JobExport, RunFacts, RunListEntry};
 use super::writer::{FnCommand, Message, Writer};
-use super::{Access, Attempt, ImportCounts, Job, RetryFilter, Transition};
+use super::{Access, Attempt, ImportCounts, Job, JobState, RetryFilter, StateCounts, Transition};
 use super::{import, jobs, lock, queue, runs, schema};
 use crate::error::{Error, Result};
 use crate::source::ImportRow;
@@ -140,8 +140,9 @@ impl Store {
         Ok(())
     }
 
-    /// What sending the pending jobs would take: (jobs, of which checked first).
-    pub async fn send_plan(&self, precheck_always: bool) -> Result<(i64, i64)> {
+    /// What sending the pending jobs would take: (jobs, of which checked first in a
+    /// list, of which checked on their own).
+    pub async fn send_plan(&self, precheck_always: bool) -> Result<(i64, i64, i64)> {
         self.call(move |c| reads::send_plan(c, precheck_always))
             .await
     }
@@ -293,7 +294,7 @@ impl Store {
     /// groups (exports page through the table so memory stays flat).
     pub async fn jobs_page(
         &self,
-        states: &'static [&'static str],
+        states: &'static [JobState],
         after_id: i64,
         limit: usize,
     ) -> Result<Vec<JobExport>> {
@@ -374,7 +375,7 @@ impl Store {
     }
 
     /// Job counts by state over the whole database.
-    pub async fn state_counts(&self) -> Result<Vec<(String, i64)>> {
+    pub async fn state_counts(&self) -> Result<StateCounts> {
         self.call(reads::state_counts).await
     }
 

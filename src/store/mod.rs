@@ -58,7 +58,8 @@ pub use queue::RetryFilter;
 pub use reads::{FailureReason, JobExport, RunFacts, RunListEntry};
 pub use schema::Access;
 pub use types::{
-    Attempt, FailureClass, GroupRec, ImportCounts, Job, JobState, Obtained, RequestKind, Transition,
+    Attempt, FailureClass, GroupRec, ImportCounts, Job, JobState, Obtained, RequestKind,
+    StateCounts, Transition,
 };
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use rusqlite::{Connection, OptionalExtension, named_params};
 use serde::Serialize;
 
 use super::body::read_body;
-use super::types::{ImportCounts, JobState, Obtained};
+use super::types::{ImportCounts, JobState, Obtained, StateCounts};
 use crate::job::Payload;
 
 /// A failed, unknown or invalid row of a run (for the report's reasons).
@@ -28,7 +28,7 @@ pub struct RunFacts {
     pub stopped: Option<String>,
     pub imported: Option<ImportCounts>,
     /// Final states of the jobs this run touched.
-    pub states: Vec<(String, i64)>,
+    pub states: StateCounts,
     /// How the succeeded jobs got their groups.
     pub obtained: Vec<(String, i64)>,
     /// Attempts by request kind.
@@ -49,13 +49,21 @@ pub struct RunFacts {
 }
 
 /// What sending the pending jobs would take: (jobs, of which checked first).
-pub(super) fn send_plan(c: &Connection, precheck_always: bool) -> rusqlite::Result<(i64, i64)> {
+pub(super) fn send_plan(
+    c: &Connection,
+    precheck_always: bool,
+) -> rusqlite::Result<(i64, i64, i64)> {
+    // A check is due as the protocol decides (`engine/protocol.rs`); a plain order id
+    // (`api::searchable`) is checked in a list, any other on its own.
     c.query_row(
-        "SELECT count(*), coalesce(sum(needs_check = 1 OR (:precheck_always \
-         AND order_id IS NOT NULL AND payment_intent_id IS NULL AND creates = 0)), 0) \
-         FROM jobs WHERE state = 'pending'",
+        "SELECT count(*), coalesce(sum(due AND plain), 0), coalesce(sum(due AND NOT plain), 0) \
+         FROM (SELECT (needs_check = 1 OR (:precheck_always AND creates = 0)) \
+                      AND order_id IS NOT NULL AND payment_intent_id IS NULL AS due, \
+                      (order_id NOT GLOB '*[^A-Za-z0-9_.-]*' AND length(order_id) \
+                       BETWEEN 1 AND 256) AS plain \
+               FROM jobs WHERE state = 'pending')",
         named_params! {":precheck_always": precheck_always},
-        |r| Ok((r.get(0)?, r.get(1)?)),
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )
 }
 
@@ -103,10 +111,9 @@ pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<Option<
         |r| r.get(0),
     )?;
     attempt_facts(c, run_id, &mut facts)?;
-    let unfinished = facts
-        .states
-        .iter()
-        .any(|(s, _)| matches!(s.as_str(), "failed" | "unknown" | "invalid"));
+    let unfinished = [JobState::Failed, JobState::Unknown, JobState::Invalid]
+        .into_iter()
+        .any(|s| facts.states.get(s) > 0);
     facts.failures = if !unfinished {
         Vec::new()
     } else {
@@ -130,40 +137,33 @@ pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<Option<
 /// The run's jobs by state, and its succeeded jobs by how they got their group, in
 /// one pass over `jobs` and without sorting it (a million-row import is reported in
 /// a fraction of the time a `GROUP BY` takes). Only counts above zero are listed.
-#[expect(clippy::type_complexity, reason = "two lists of (name, count)")]
-fn job_counts(
-    c: &Connection,
-    run_id: i64,
-) -> rusqlite::Result<(Vec<(String, i64)>, Vec<(String, i64)>)> {
-    let states = JobState::ALL.map(JobState::as_str);
+fn job_counts(c: &Connection, run_id: i64) -> rusqlite::Result<(StateCounts, Vec<(String, i64)>)> {
     let obtained = Obtained::ALL.map(Obtained::as_str);
-    let mut by_state = [0i64; JobState::ALL.len()];
+    let mut by_state = StateCounts::default();
     let mut by_obtained = [0i64; Obtained::ALL.len()];
     // One pass, tallied here: a GROUP BY sorts the whole table, and a count(*) FILTER
     // per name evaluates nine aggregates on every row.
     let mut stmt = c.prepare("SELECT state, obtained FROM jobs WHERE last_run_id = :run_id")?;
     let mut rows = stmt.query(named_params! {":run_id": run_id})?;
     while let Some(r) = rows.next()? {
-        let state = r.get_ref(0)?.as_str()?;
-        if let Some(i) = states.iter().position(|s| *s == state) {
-            by_state[i] += 1;
-            if state == "succeeded"
-                && let Some(o) = r.get_ref(1)?.as_str_or_null()?
-                && let Some(j) = obtained.iter().position(|name| *name == o)
-            {
-                by_obtained[j] += 1;
-            }
+        let Some(state) = JobState::parse(r.get_ref(0)?.as_str()?) else {
+            continue;
+        };
+        by_state.add(state, 1);
+        if state == JobState::Succeeded
+            && let Some(o) = r.get_ref(1)?.as_str_or_null()?
+            && let Some(j) = obtained.iter().position(|name| *name == o)
+        {
+            by_obtained[j] += 1;
         }
     }
-    let listed = |names: &[&str], counts: &[i64]| -> Vec<(String, i64)> {
-        names
-            .iter()
-            .zip(counts)
-            .filter(|(_, n)| **n > 0)
-            .map(|(name, n)| ((*name).to_owned(), *n))
-            .collect()
-    };
-    Ok((listed(&states, &by_state), listed(&obtained, &by_obtained)))
+    let obtained = obtained
+        .iter()
+        .zip(by_obtained)
+        .filter(|(_, n)| *n > 0)
+        .map(|(name, n)| ((*name).to_owned(), n))
+        .collect();
+    Ok((by_state, obtained))
 }
 
 /// The run's attempts by kind and by class, their latencies and the send window, in
@@ -336,25 +336,16 @@ fn saved_counts(json: &str) -> Option<(i64, i64)> {
 
 /// Jobs in the whole database by state, counted in one plain pass: a `GROUP BY`
 /// sorts the table (a million jobs took 45 MB and a quarter of an import's time).
-pub(super) fn state_counts(c: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {
-    let states = JobState::ALL.map(JobState::as_str);
-    let mut counts = [0i64; JobState::ALL.len()];
+pub(super) fn state_counts(c: &Connection) -> rusqlite::Result<StateCounts> {
+    let mut counts = StateCounts::default();
     let mut stmt = c.prepare("SELECT state FROM jobs")?;
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
-        let state = r.get_ref(0)?.as_str()?;
-        if let Some(i) = states.iter().position(|s| *s == state) {
-            counts[i] += 1;
+        if let Some(state) = JobState::parse(r.get_ref(0)?.as_str()?) {
+            counts.add(state, 1);
         }
     }
-    let mut out: Vec<(String, i64)> = states
-        .iter()
-        .zip(counts)
-        .filter(|(_, n)| *n > 0)
-        .map(|(s, n)| ((*s).to_owned(), n))
-        .collect();
-    out.sort();
-    Ok(out)
+    Ok(counts)
 }
 
 /// A job with its group, flattened (exports, tests).
@@ -422,14 +413,14 @@ pub(super) fn jobs(c: &Connection) -> rusqlite::Result<Vec<JobExport>> {
 
 pub(super) fn jobs_page(
     c: &Connection,
-    states: &[&str],
+    states: &[JobState],
     after_id: i64,
     limit: usize,
 ) -> rusqlite::Result<Vec<JobExport>> {
-    // The states are constants of the caller, never user text.
+    // The states' names are constants, never user text.
     let list = states
         .iter()
-        .map(|s| format!("'{s}'"))
+        .map(|s| format!("'{}'", s.as_str()))
         .collect::<Vec<_>>()
         .join(",");
     let mut stmt = c.prepare_cached(&format!(

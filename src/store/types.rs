@@ -46,6 +46,48 @@ impl JobState {
     pub fn parse(s: &str) -> Option<JobState> {
         JobState::ALL.into_iter().find(|st| st.as_str() == s)
     }
+
+    /// Its place in [`JobState::ALL`].
+    fn index(self) -> usize {
+        JobState::ALL
+            .iter()
+            .position(|s| *s == self)
+            .unwrap_or_default()
+    }
+}
+
+/// Jobs counted by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateCounts([i64; JobState::ALL.len()]);
+
+impl StateCounts {
+    /// How many jobs are in `state`.
+    pub fn get(&self, state: JobState) -> i64 {
+        self.0[state.index()]
+    }
+
+    /// Counts one more job in `state`.
+    pub fn add(&mut self, state: JobState, n: i64) {
+        self.0[state.index()] += n;
+    }
+
+    /// The states with at least one job, in report order.
+    pub fn listed(&self) -> impl Iterator<Item = (JobState, i64)> + '_ {
+        JobState::ALL
+            .into_iter()
+            .map(|s| (s, self.get(s)))
+            .filter(|(_, n)| *n > 0)
+    }
+}
+
+impl<const N: usize> From<[(JobState, i64); N]> for StateCounts {
+    fn from(counts: [(JobState, i64); N]) -> Self {
+        let mut c = StateCounts::default();
+        for (s, n) in counts {
+            c.add(s, n);
+        }
+        c
+    }
 }
 
 /// How a succeeded job got its group.

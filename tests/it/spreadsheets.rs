@@ -199,8 +199,10 @@ async fn a_dry_run_says_what_would_happen_and_changes_nothing() {
         serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
     assert_eq!(v["jobs_to_send"], 4, "{v}");
     assert_eq!(v["checked_first"], 4, "{v}");
-    assert_eq!(v["requests"], 8, "{v}");
-    assert_eq!(v["estimated_secs"], 4.0, "{v}");
+    // Four orders checked in one list, four creates.
+    assert_eq!(v["check_requests"], 1, "{v}");
+    assert_eq!(v["requests"], 5, "{v}");
+    assert_eq!(v["estimated_secs"], 2.5, "{v}");
     assert_eq!(v["conflicts"], 1, "{v}");
     let out = s.bin_retry_failed().arg("--dry-run").output().await;
     let stdout = String::from_utf8_lossy(&out.stdout);

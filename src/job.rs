@@ -349,11 +349,6 @@ fn clean(cell: &Option<String>) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Formats a timestamp the way the API wants it: RFC 3339, UTC, milliseconds.
-pub(crate) fn format_ts(ts: Timestamp) -> String {
-    ts.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
-}
-
 fn parse_ts(field: &str, text: &str) -> Result<Timestamp, String> {
     text.parse::<Timestamp>().map_err(|_| {
         format!(
@@ -386,8 +381,8 @@ pub(crate) fn validate(row: &RowFields, now: Timestamp) -> Result<Payload, Vec<S
         customer_id: customer_id.unwrap_or_default(),
         order_id,
         payment_intent_id,
-        expires_at: expires_at.map(format_ts),
-        mid_expire_at: mid_expire_at.map(format_ts),
+        expires_at: expires_at.map(crate::text::api_time),
+        mid_expire_at: mid_expire_at.map(crate::text::api_time),
         metadata,
     })
 }
@@ -476,8 +471,8 @@ fn expiry(text: Option<String>, now: Timestamp, problems: &mut Vec<String>) -> O
         problems.push(format!(
             "expiresAt {text} is outside the allowed window: it must lie between \
              2 minutes and 89 days from now ({} … {})",
-            format_ts(lo),
-            format_ts(hi)
+            crate::text::api_time(lo),
+            crate::text::api_time(hi)
         ));
     }
     Some(ts)
@@ -502,7 +497,7 @@ fn mid_expiry(
     {
         problems.push(format!(
             "midExpireAt {text} is not before expiresAt {}",
-            format_ts(end)
+            crate::text::api_time(end)
         ));
     }
     Some(mid)
@@ -717,7 +712,9 @@ mod tests {
             (89 * 86_400, true),
             (89 * 86_400 + 1, false),
         ] {
-            r.expires_at = Some(format_ts(now() + SignedDuration::from_secs(offset)));
+            r.expires_at = Some(crate::text::api_time(
+                now() + SignedDuration::from_secs(offset),
+            ));
             assert_eq!(validate(&r, now()).is_ok(), ok, "offset {offset}s");
         }
     }

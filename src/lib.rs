@@ -14,7 +14,7 @@
 //! | [`engine`] | pacing, retries, the check desk, and the exactly-once protocol as a pure state machine (`engine/protocol.rs`) driven per job by `engine/worker.rs` | `store`, `api` handles |
 //! | [`report`] | the run summary, text and JSON, built from the store | `store` facts |
 //! | [`metrics`] | the Prometheus textfile of a run | `report` |
-//! | [`sandbox`] | the simulated API (axum) with fault knobs and stats | — |
+//! | [`sandbox`] | the simulated API (axum) with fault knobs and stats | `text` |
 //! | [`commands`] | one function per subcommand, wiring the above | everything |
 //! | [`error`] | the top-level error and the exit codes | — |
 //! | [`text`] | text for people: durations, plurals, escaping of input text | — |

@@ -5,6 +5,12 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
+/// A time as the API writes and wants it: RFC 3339, UTC, milliseconds
+/// (`2026-12-24T18:00:00.000Z`).
+pub(crate) fn api_time(ts: jiff::Timestamp) -> String {
+    ts.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
 /// A duration as people write it (`1h`, `5m`, `30s`, `250ms`, `1.5s`).
 pub(crate) fn human(d: Duration) -> String {
     let ms = d.as_millis();

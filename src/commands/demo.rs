@@ -26,16 +26,7 @@ pub(crate) async fn sandbox(cfg: SandboxConfig, listen: std::net::SocketAddr) ->
     ))?;
     let stop = tokio_util::sync::CancellationToken::new();
     let trigger = stop.clone();
-    tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) {
-            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-        }
-        trigger.cancel();
-    });
+    super::on_signals(move || trigger.cancel());
     sb.serve_until(stop).await;
     Ok(Exit::Success)
 }

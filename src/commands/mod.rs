@@ -257,6 +257,12 @@ fn signals() -> Arc<Control> {
 
 /// First SIGINT/SIGTERM: stop starting requests; second: abandon those in flight.
 fn listen_for_signals(control: Arc<Control>) {
+    on_signals(move || control.signal());
+}
+
+/// Calls `then` on every SIGINT or SIGTERM (for a run: stop, then abandon; for the
+/// sandbox: shut down).
+pub(super) fn on_signals(then: impl Fn() + Send + 'static) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut int), Ok(mut term)) = (
@@ -268,8 +274,8 @@ fn listen_for_signals(control: Arc<Control>) {
         };
         loop {
             tokio::select! {
-                _ = int.recv() => control.signal(),
-                _ = term.recv() => control.signal(),
+                _ = int.recv() => then(),
+                _ = term.recv() => then(),
             }
         }
     });

@@ -82,10 +82,6 @@ fn field<'a>(obj: &'a Map<String, Value>, snake: &str, camel: &str) -> Option<&'
         .filter(|v| !v.is_null())
 }
 
-fn ts(t: Timestamp) -> String {
-    t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
-}
-
 /// The customer id of a create: a non-empty string the server accepts the form of.
 fn check_customer(obj: &Map<String, Value>) -> Result<&str, Rejection> {
     match field(obj, "customer_id", "customerId") {
@@ -130,8 +126,8 @@ fn check_expires_at(e: &Value, now: Timestamp, booted: Timestamp) -> Result<(), 
             400,
             json!([format!(
                 "expiresAt must be between {} and {}",
-                ts(lo),
-                ts(hi)
+                crate::text::api_time(lo),
+                crate::text::api_time(hi)
             )]),
         ));
     }
@@ -358,14 +354,14 @@ impl World {
             "payment_intent_id": pi,
             "creator_email": null,
             "metadata": field(obj, "metadata", "metadata"),
-            "expires_at": ts(end),
-            "mid_expire_at": ts(mid),
+            "expires_at": crate::text::api_time(end),
+            "mid_expire_at": crate::text::api_time(mid),
             "j_minus2_expire_at": null,
             "j_plus3_start_at": null,
             "reminder_email_sent": "NOT_SENT",
-            "created_at": ts(now),
+            "created_at": crate::text::api_time(now),
             "created_by": null,
-            "updated_at": ts(now),
+            "updated_at": crate::text::api_time(now),
             "updated_by": null,
             "canceled_at": null,
             "completed_at": null,

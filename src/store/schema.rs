@@ -414,6 +414,12 @@ pub fn prepare(
 }
 
 /// Applies the migrations that take the schema from `from` to `to`, in one transaction.
+/// The current schema in a fresh connection (tests).
+#[cfg(test)]
+pub(super) fn migrate_for_tests(conn: &mut Connection) {
+    migrate(conn, 0, VERSION).expect("the schema");
+}
+
 fn migrate(conn: &mut Connection, from: i64, to: i64) -> rusqlite::Result<()> {
     if from >= to {
         return Ok(());

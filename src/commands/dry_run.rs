@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::send::{check_classes, check_inputs, import_csv};
+use super::send::{check_inputs, import_csv};
 use super::write_atomic;
 use crate::config::SendConfig;
 use crate::engine;
@@ -23,9 +23,6 @@ pub(super) async fn dry_run(
     retry: Option<RetryFilter>,
 ) -> Result<Exit> {
     check_inputs(csv, &cfg.csv)?;
-    if let Some(filter) = &retry {
-        check_classes(&filter.classes)?;
-    }
     let plan = plan_on_copy(cfg, command, csv, retry.as_ref()).await?;
     super::out::report(&plan.to_text(cfg))?;
     if let Some(path) = &cfg.report_json {

@@ -140,7 +140,7 @@ async fn retry_command(args: RetryArgs, env_key: Option<String>) -> Result<Exit>
     let filter = RetryFilter {
         statuses: args.statuses,
         transport_only: args.transport,
-        classes: args.classes,
+        classes: send::failure_classes(&args.classes)?,
         include_unknown: false,
     };
     retry_failed(&cfg, filter, signals()).await

@@ -154,11 +154,7 @@ fn finish(ctx: &Ctx, job: &Job, tally: &Tally, attempt: Option<Attempt>, end: Fi
         Final::Succeeded { obtained, group } => Transition::Succeeded { obtained, group },
         Final::Failed { reason, class } => {
             warn_failed(ctx, job, tally, "failed", &reason);
-            Transition::Failed {
-                reason,
-                class: class.to_string(),
-                status: None,
-            }
+            Transition::Failed { reason, class }
         }
         Final::Unknown { reason } => {
             warn_failed(ctx, job, tally, "unknown", &reason);

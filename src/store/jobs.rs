@@ -254,13 +254,9 @@ fn bind_transition(
             stmt.raw_bind_parameter(param::OBTAINED, obtained.as_str())?;
             stmt.raw_bind_parameter(param::GROUP_ID, &group.id)?;
         }
-        Transition::Failed {
-            reason,
-            class,
-            status: _,
-        } => {
+        Transition::Failed { reason, class } => {
             stmt.raw_bind_parameter(param::REASON, reason)?;
-            stmt.raw_bind_parameter(param::CLASS, class)?;
+            stmt.raw_bind_parameter(param::CLASS, class.to_string())?;
         }
         Transition::Unknown { reason } => stmt.raw_bind_parameter(param::REASON, reason)?,
         Transition::Pending {
@@ -371,8 +367,7 @@ mod tests {
             (
                 Transition::Failed {
                     reason: reason.clone(),
-                    class: "x".into(),
-                    status: None,
+                    class: crate::store::FailureClass::OrderNotFound,
                 },
                 param::CLASS,
             ),

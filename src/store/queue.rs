@@ -6,7 +6,7 @@ use rusqlite::{Connection, named_params};
 
 use super::clock::now_ms;
 use super::import;
-use super::types::ImportCounts;
+use super::types::{FailureClass, ImportCounts};
 use crate::job::{Field, RowFields};
 use crate::source::ImportRow;
 
@@ -89,7 +89,7 @@ pub struct RetryFilter {
     /// Only jobs whose last attempt got no HTTP response at all.
     pub transport_only: bool,
     /// Only jobs of these failure classes (`retries_exhausted`, `http_404`, …).
-    pub classes: Vec<String>,
+    pub classes: Vec<FailureClass>,
     /// Also put back `unknown` jobs (a person's decision: they may duplicate).
     pub include_unknown: bool,
 }
@@ -118,7 +118,7 @@ pub(super) fn requeue_failed(
     if !f.classes.is_empty() {
         let names = list_params("class", f.classes.len());
         conditions.push(format!("error_class IN ({})", names.join(", ")));
-        let classes = f.classes.iter().map(|s| Value::Text(s.clone()));
+        let classes = f.classes.iter().map(|c| Value::Text(c.to_string()));
         values.extend(names.into_iter().zip(classes));
     }
     let mut which = format!("({})", conditions.join(" AND "));

@@ -499,3 +499,33 @@ async fn a_checkpoint_can_be_asked_for_before_the_close() {
     let wal = path.with_file_name("k.db-wal");
     assert_eq!(std::fs::metadata(&wal).map_or(0, |m| m.len()), 0);
 }
+
+#[test]
+fn failure_classes_read_back_as_they_are_written() {
+    use super::FailureClass;
+    for name in [
+        "order_not_found",
+        "retries_exhausted",
+        "http_400",
+        "http_422",
+        "http_499",
+    ] {
+        let class = FailureClass::parse(name).unwrap();
+        assert_eq!(class.to_string(), name);
+        assert_eq!(
+            serde_json::to_string(&class).unwrap(),
+            format!("\"{name}\"")
+        );
+    }
+    for bad in [
+        "http_500",
+        "http_40",
+        "http_+40",
+        "http_4000",
+        "HTTP_400",
+        "ambiguous",
+        "",
+    ] {
+        assert_eq!(FailureClass::parse(bad), None, "{bad}");
+    }
+}

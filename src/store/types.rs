@@ -192,8 +192,7 @@ pub enum Transition {
     },
     Failed {
         reason: String,
-        class: String,
-        status: Option<u16>,
+        class: FailureClass,
     },
     Unknown {
         reason: String,
@@ -279,6 +278,12 @@ impl FailureClass {
                     .then_some(FailureClass::Http(status))
             }
         }
+    }
+}
+
+impl Serialize for FailureClass {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 

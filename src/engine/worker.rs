@@ -64,31 +64,8 @@ impl Worker<'_> {
         }
         Ok(match action {
             Action::Wait(d) => ctx.sleep(d).await.then_some(Event::Ready),
-            Action::Check { recheck } => {
-                let order = job.body.checkable_order().unwrap_or_default();
-                let cleared = &mut self.cleared;
-                let (checked, attempt) =
-                    requests::check(ctx, job, order, recheck, &mut self.tally, cleared).await?;
-                if let Checked::Absent = checked {
-                    self.cleared_at = Some(Instant::now());
-                }
-                self.unrecorded = attempt;
-                Some(Event::Checked(checked))
-            }
-            Action::Create => {
-                let (cleared, cleared_at) = (&mut self.cleared, self.cleared_at.take());
-                let left = || {
-                    drop(cleared.take());
-                    if let Some(at) = cleared_at {
-                        ctx.note_check_gap(at.elapsed());
-                    }
-                };
-                let created = requests::create(ctx, job, &mut self.tally, left).await?;
-                created.map(|(created, attempt)| {
-                    self.unrecorded = Some(attempt);
-                    Event::Created(created)
-                })
-            }
+            Action::Check { recheck } => Some(self.check(recheck).await?),
+            Action::Create => self.create().await?,
             Action::Refetch(group) => {
                 let (group, attempt) = requests::refetch(ctx, job, group, &mut self.tally).await;
                 self.unrecorded = attempt;
@@ -115,6 +92,38 @@ impl Worker<'_> {
                 None
             }
         })
+    }
+
+    /// Checks the job's order (in a list when it can), noting when a check cleared it.
+    async fn check(&mut self, recheck: bool) -> Result<Event> {
+        let (ctx, job) = (self.ctx, self.job);
+        let order = job.body.checkable_order().unwrap_or_default();
+        let cleared = &mut self.cleared;
+        let (checked, attempt) =
+            requests::check(ctx, job, order, recheck, &mut self.tally, cleared).await?;
+        if let Checked::Absent = checked {
+            self.cleared_at = Some(Instant::now());
+        }
+        self.unrecorded = attempt;
+        Ok(Event::Checked(checked))
+    }
+
+    /// Sends the create; when it leaves, the job no longer counts as cleared and the
+    /// time since its check is noted. `None` if the run stopped first.
+    async fn create(&mut self) -> Result<Option<Event>> {
+        let ctx = self.ctx;
+        let (cleared, cleared_at) = (&mut self.cleared, self.cleared_at.take());
+        let left = || {
+            drop(cleared.take());
+            if let Some(at) = cleared_at {
+                ctx.note_check_gap(at.elapsed());
+            }
+        };
+        let created = requests::create(ctx, self.job, &mut self.tally, left).await?;
+        Ok(created.map(|(created, attempt)| {
+            self.unrecorded = Some(attempt);
+            Event::Created(created)
+        }))
     }
 }
 

@@ -16,12 +16,7 @@ fn mixed_rows() -> String {
 }
 
 fn requests(sb: &kohort_batch::sandbox::Sandbox, route: &str) -> u64 {
-    sb.stats(false)
-        .requests
-        .iter()
-        .filter(|(k, _)| k.starts_with(route))
-        .map(|(_, v)| v)
-        .sum()
+    sandbox_requests(sb, |k| k.starts_with(route))
 }
 
 /// What every run below must show: one group per order, no create for a checkout

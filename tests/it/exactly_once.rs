@@ -12,12 +12,7 @@ use kohort_batch::store::RetryFilter;
 use crate::util::*;
 
 fn served(sb: &kohort_batch::sandbox::Sandbox, suffix: &str) -> u64 {
-    sb.stats(false)
-        .requests
-        .iter()
-        .filter(|(k, _)| k.ends_with(suffix))
-        .map(|(_, v)| v)
-        .sum()
+    sandbox_requests(sb, |k| k.ends_with(suffix))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -130,6 +130,16 @@ pub fn count(db: &Path, sql: &str) -> i64 {
     column(db, sql)[0].parse().unwrap()
 }
 
+/// Requests the sandbox counted under the "METHOD /route STATUS" labels `pick` takes.
+pub fn sandbox_requests(sb: &Sandbox, pick: impl Fn(&str) -> bool) -> u64 {
+    sb.stats(false)
+        .requests
+        .iter()
+        .filter(|(k, _)| pick(k))
+        .map(|(_, v)| v)
+        .sum()
+}
+
 /// Asserts from the sandbox's own count that each of these orders has exactly one group.
 pub fn assert_one_group_each(sb: &Sandbox, orders: impl IntoIterator<Item = String>) {
     let stats = sb.stats(true);

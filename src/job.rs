@@ -422,6 +422,13 @@ fn id_problems(
                 control_name(c)
             ));
         }
+        // `.` and `..` would name another path in a URL (`GET /orders/..`).
+        if let Some(v) = value.as_deref().filter(|v| v.bytes().all(|b| b == b'.')) {
+            problems.push(format!(
+                "{field} {v:?} is only dots: no KohortPay id looks like that, and it cannot \
+                 be asked about in a URL; fix the id"
+            ));
+        }
     }
     problems
 }
@@ -598,6 +605,22 @@ fn json_kind(v: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_of_only_dots_are_refused() {
+        for id in [".", "..", "..."] {
+            let row = RowFields {
+                customer_id: Some("cus_1".into()),
+                order_id: Some(id.into()),
+                ..RowFields::default()
+            };
+            let problems = validate(&row, Timestamp::now()).unwrap_err();
+            assert!(
+                problems.iter().any(|p| p.contains("only dots")),
+                "{problems:?}"
+            );
+        }
+    }
 
     /// The one table of input columns: every spelling a header may use finds its
     /// field, and the README names each field and its inbox column.

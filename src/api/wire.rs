@@ -234,6 +234,24 @@ impl<'de> Deserialize<'de> for Scalar {
     }
 }
 
+/// An order's group as its `payment_group_id` says: `Ok(None)` when the field is
+/// there and null or empty (no group yet); an error when the field is missing or not
+/// text, which says nothing (and must never read as "no group": that would create a
+/// second one).
+fn order_group_of(obj: &Map<String, Value>) -> Result<Option<String>, String> {
+    let present = obj
+        .get("payment_group_id")
+        .or_else(|| obj.get("paymentGroupId"));
+    match present {
+        None => Err("the order has no payment_group_id field".to_owned()),
+        Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone()).filter(|s| !s.is_empty())),
+        Some(other) => Err(format!(
+            "the order's payment_group_id is not text ({other})"
+        )),
+    }
+}
+
 /// Reads `GET /orders/{id}` and returns its `payment_group_id` (None: no group yet).
 pub fn parse_order_group(body: &[u8]) -> Result<Option<String>, String> {
     let value: Value =
@@ -241,14 +259,15 @@ pub fn parse_order_group(body: &[u8]) -> Result<Option<String>, String> {
     let obj = value
         .as_object()
         .ok_or_else(|| "the order is not a JSON object".to_owned())?;
-    Ok(text(field(obj, "payment_group_id", "paymentGroupId")).filter(|s| !s.is_empty()))
+    order_group_of(obj)
 }
 
 /// One order of a `GET /orders?search=` list: its id and its group id, if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListedOrder {
     pub id: String,
-    pub group_id: Option<String>,
+    /// Its group (`Ok(None)`: none yet), or why the entry does not say.
+    pub group_id: Result<Option<String>, String>,
 }
 
 /// Reads `{"data": [order, …], "count": N}`. Orders without an id are skipped; an
@@ -265,8 +284,7 @@ pub(crate) fn parse_order_list(body: &[u8]) -> Result<Vec<ListedOrder>, String> 
         .filter_map(Value::as_object)
         .filter_map(|obj| {
             let id = text(field(obj, "id", "id"))?;
-            let group_id =
-                text(field(obj, "payment_group_id", "paymentGroupId")).filter(|s| !s.is_empty());
+            let group_id = order_group_of(obj);
             Some(ListedOrder { id, group_id })
         })
         .collect())
@@ -470,16 +488,33 @@ mod tests {
     fn order_lists_give_ids_and_groups_and_skip_what_is_not_an_order() {
         let list = parse_order_list(
             br#"{"data":[{"id":"o1","payment_group_id":"pg_1"},{"id":"o2","payment_group_id":null},
-                {"paymentGroupId":"pg_x"},7,{"id":"o3","paymentGroupId":""}],"count":4}"#,
+                {"paymentGroupId":"pg_x"},7,{"id":"o3","paymentGroupId":""},{"id":"o4"},
+                {"id":"o5","payment_group_id":{"id":"pg_5"}}],"count":6}"#,
         )
         .unwrap();
-        let got: Vec<(&str, Option<&str>)> = list
+        let got: Vec<(&str, Result<Option<&str>, ()>)> = list
             .iter()
-            .map(|o| (o.id.as_str(), o.group_id.as_deref()))
+            .map(|o| {
+                (
+                    o.id.as_str(),
+                    o.group_id.as_ref().map(Option::as_deref).map_err(drop),
+                )
+            })
             .collect();
-        assert_eq!(got, [("o1", Some("pg_1")), ("o2", None), ("o3", None)]);
+        assert_eq!(
+            got,
+            [
+                ("o1", Ok(Some("pg_1"))),
+                ("o2", Ok(None)),
+                ("o3", Ok(None)),
+                // No field, or not text: unknown, never "no group".
+                ("o4", Err(())),
+                ("o5", Err(())),
+            ]
+        );
         assert!(parse_order_list(br#"{"items":[]}"#).is_err());
         assert!(parse_order_list(b"<html>").is_err());
+        assert!(parse_order_group(br#"{"id":"o"}"#).is_err());
     }
 
     #[test]

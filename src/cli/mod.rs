@@ -406,7 +406,8 @@ pub struct SandboxArgs {
     pub late_after: String,
 
     /// How order lists answer: honest, unfiltered (ignore the search), refused (400),
-    /// first-only (only the first order asked for): servers not to be trusted.
+    /// first-only (only the first order asked for), summaries (no payment_group_id):
+    /// servers not to be trusted.
     #[arg(long, default_value = "honest", value_name = "HOW")]
     pub list_answer: String,
 

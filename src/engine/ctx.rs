@@ -171,8 +171,9 @@ impl Ctx {
             self.pacer.note_healthy();
         } else if self.pacer.note_outage_failures(jobs) {
             self.stop(StopReason::Api(format!(
-                "the API looks unavailable: {} requests in a row failed (last: {}); pending \
-                 rows stay pending for the next run",
+                "the API looks unavailable: the last {} requests failed (a list of orders \
+                 counts once for each order it asked about; last: {}); pending rows stay \
+                 pending for the next run",
                 self.cfg.breaker_threshold,
                 reply.error.as_deref().unwrap_or("no response")
             )));

@@ -72,6 +72,8 @@ struct Waiter {
 
 #[derive(Default)]
 struct Queues {
+    /// The desk has stopped: no more ids are taken.
+    closed: bool,
     rechecks: VecDeque<Waiter>,
     fresh: VecDeque<Waiter>,
     /// When the oldest fresh id arrived.
@@ -116,6 +118,9 @@ impl Desk {
         let (answer, answered) = oneshot::channel();
         {
             let mut q = self.lock();
+            if q.closed {
+                return (Lookup::Stopped, None);
+            }
             let waiter = Waiter {
                 order_id: order_id.to_owned(),
                 answer,
@@ -173,6 +178,7 @@ impl Desk {
     fn close(&self) {
         let mut q = self.lock();
         let q = &mut *q;
+        q.closed = true;
         for w in q.rechecks.drain(..).chain(q.fresh.drain(..)) {
             let _ = w.answer.send((Lookup::Stopped, None));
         }
@@ -219,7 +225,13 @@ pub(crate) async fn serve(
 /// Sends one list and answers each of its waiters.
 async fn send(ctx: &Ctx, desk: &Arc<Desk>, batch: Vec<Waiter>) {
     let ids: Vec<&str> = batch.iter().map(|w| w.order_id.as_str()).collect();
-    let Some(reply) = ctx.paced_for(ids.len(), ctx.api.list_orders(&ids)).await else {
+    let request = ctx.paced_for(ids.len(), ctx.api.list_orders(&ids));
+    // A second signal (or the end of the grace) gives up waiting for the answer.
+    let reply = tokio::select! {
+        reply = request => reply,
+        () = ctx.control.abandon.cancelled() => None,
+    };
+    let Some(reply) = reply else {
         for w in batch {
             let _ = w.answer.send((Lookup::Stopped, None));
         }
@@ -237,7 +249,11 @@ async fn send(ctx: &Ctx, desk: &Arc<Desk>, batch: Vec<Waiter>) {
             error: reply.error.clone(),
         },
     };
-    if reply.class == Class::Definitive && desk.batching.swap(false, Ordering::AcqRel) {
+    // Refused for good, or answered with a body that is not a list: the route is not
+    // what the API notes say; check one order at a time from now on.
+    let unusable = reply.class == Class::Definitive
+        || (reply.class != Class::Ok && reply.status.is_some_and(|s| (200..300).contains(&s)));
+    if unusable && desk.batching.swap(false, Ordering::AcqRel) {
         tracing::warn!(
             parent: &ctx.span,
             error = reply.error.as_deref().unwrap_or_default(),
@@ -247,10 +263,15 @@ async fn send(ctx: &Ctx, desk: &Arc<Desk>, batch: Vec<Waiter>) {
         );
     }
     let listed = reply.value.unwrap_or_default();
+    let class = if unusable {
+        Class::Definitive
+    } else {
+        reply.class
+    };
     for w in batch {
         let lookup = answer_for(
             desk,
-            &reply.class,
+            &class,
             &reply.retry_after,
             &reply.error,
             &listed,
@@ -285,11 +306,75 @@ fn answer_for(
     if entries.peek().is_none() {
         return Lookup::Single;
     }
-    match entries.find_map(|o| o.group_id.clone()) {
-        Some(group) => Lookup::Grouped(group),
-        None => {
+    // A group in any entry wins; an entry that does not say sends the order to a
+    // single check; only entries that all say "no group" clear it.
+    let entries: Vec<&ListedOrder> = entries.collect();
+    if let Some(group) = entries
+        .iter()
+        .find_map(|o| o.group_id.clone().ok().flatten())
+    {
+        return Lookup::Grouped(group);
+    }
+    match entries.iter().any(|o| o.group_id.is_err()) {
+        true => Lookup::Single,
+        false => {
             desk.cleared.fetch_add(1, Ordering::AcqRel);
             Lookup::Clear(Cleared(desk.clone()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An id handed in after the desk closed is answered at once, never left waiting.
+    #[tokio::test(start_paused = true)]
+    async fn an_id_handed_in_after_the_desk_closed_is_answered_at_once() {
+        let desk = Desk::new(true);
+        let waiting = tokio::spawn({
+            let desk = desk.clone();
+            async move { desk.lookup("ord_1", false).await.0 }
+        });
+        tokio::task::yield_now().await;
+        desk.close();
+        assert!(matches!(waiting.await.unwrap(), Lookup::Stopped));
+        assert!(matches!(
+            desk.lookup("ord_2", true).await.0,
+            Lookup::Stopped
+        ));
+    }
+
+    /// Only an entry with the asked id counts; one that does not say whether the
+    /// order has a group sends it to a single check; a group anywhere wins.
+    #[test]
+    fn what_a_list_says_about_one_order() {
+        let desk = Desk::new(true);
+        let listed = |entries: &[(&str, Result<Option<&str>, ()>)]| -> Vec<ListedOrder> {
+            entries
+                .iter()
+                .map(|(id, g)| ListedOrder {
+                    id: (*id).to_owned(),
+                    group_id: g.map(|g| g.map(str::to_owned)).map_err(|()| "?".to_owned()),
+                })
+                .collect()
+        };
+        let say = |entries: &[(&str, Result<Option<&str>, ()>)]| {
+            answer_for(&desk, &Class::Ok, &None, &None, &listed(entries), "o1")
+        };
+        assert!(matches!(say(&[("o2", Ok(None))]), Lookup::Single));
+        assert!(matches!(say(&[("o1", Err(()))]), Lookup::Single));
+        assert!(matches!(say(&[("o1", Ok(Some("g")))]), Lookup::Grouped(g) if g == "g"));
+        assert!(matches!(
+            say(&[("o1", Err(())), ("o1", Ok(Some("g")))]),
+            Lookup::Grouped(_)
+        ));
+        let clear = say(&[("o1", Ok(None)), ("o2", Ok(Some("g")))]);
+        assert!(matches!(clear, Lookup::Clear(_)));
+        assert_eq!(desk.cleared.load(Ordering::Relaxed), 1);
+        drop(clear);
+        assert_eq!(desk.cleared.load(Ordering::Relaxed), 0);
+        let refused = answer_for(&desk, &Class::Definitive, &None, &None, &[], "o1");
+        assert!(matches!(refused, Lookup::Single));
     }
 }

@@ -57,6 +57,8 @@ pub enum ListAnswer {
     Refused,
     /// Lists only the first order asked for.
     FirstOnly,
+    /// Lists the orders asked for as summaries, without `payment_group_id`.
+    Summaries,
 }
 
 impl std::str::FromStr for ListAnswer {
@@ -68,8 +70,10 @@ impl std::str::FromStr for ListAnswer {
             "unfiltered" => Ok(ListAnswer::Unfiltered),
             "refused" => Ok(ListAnswer::Refused),
             "first-only" => Ok(ListAnswer::FirstOnly),
+            "summaries" => Ok(ListAnswer::Summaries),
             _ => Err(format!(
-                "--list-answer {s:?} is not one of honest, unfiltered, refused, first-only"
+                "--list-answer {s:?} is not one of honest, unfiltered, refused, first-only, \
+                 summaries"
             )),
         }
     }

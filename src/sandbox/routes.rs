@@ -172,10 +172,17 @@ async fn list_orders(
             .first()
             .map(|id| format!("id:{id}"))
             .unwrap_or_default(),
-        ListAnswer::Honest | ListAnswer::Refused => search,
+        ListAnswer::Honest | ListAnswer::Refused | ListAnswer::Summaries => search,
     };
-    let (data, count) =
+    let (mut data, count) =
         app.change(|w, rng| w.list_orders(rng, &search, take, skip, Timestamp::now()));
+    if answer == ListAnswer::Summaries {
+        for order in &mut data {
+            if let Some(o) = order.as_object_mut() {
+                o.remove("payment_group_id");
+            }
+        }
+    }
     app.count(format!("{route} 200"));
     axum::Json(json!({ "data": data, "count": count })).into_response()
 }

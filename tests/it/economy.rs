@@ -76,6 +76,7 @@ async fn an_untrustworthy_list_never_leads_to_a_second_group() {
         ListAnswer::Unfiltered,
         ListAnswer::Refused,
         ListAnswer::FirstOnly,
+        ListAnswer::Summaries,
     ] {
         let cfg = SandboxConfig {
             list_answer: answer,

@@ -230,7 +230,7 @@ pub struct SendBody {
 }
 
 impl SendBody {
-    /// `json` must be what [`Payload::to_json`] gives for a payload with this
+    /// `json` must be what `Payload::to_json` gives for a payload with this
     /// `orderId` and (if `payment_intent`) a `paymentIntentId`.
     pub fn new(
         json: impl Into<bytes::Bytes>,

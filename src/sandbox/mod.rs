@@ -19,7 +19,7 @@
 //! | `gate` | what every API request passes first: rate limit, key, latency, fault |
 //! | `routes` | the route table and one handler per route |
 //! | `responses` | the error envelope, the router's HTML pages, a cut connection |
-//! | [`state`] | the simulated data (groups, orders) and the server's rules |
+//! | `state` | the simulated data (groups, orders) and the server's rules |
 
 mod app;
 mod faults;

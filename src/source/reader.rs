@@ -121,7 +121,7 @@ impl CsvSource {
     /// The next row, validated against `now`; `Ok(None)` at the end of the input.
     /// An `Err` is an I/O failure (or text of another encoding) that ends the
     /// import; a bad row is an `Ok` with a reason. Rows whose every field is empty
-    /// are skipped and counted ([`CsvSource::empty_lines`]).
+    /// are skipped and counted (`CsvSource::empty_lines`).
     pub fn next_row(&mut self, now: Timestamp) -> Result<Option<ImportRow>> {
         // One row of look-ahead: the last row is good only if the input ends outside
         // a quoted field; one that ends inside swallowed the rest of the file.

@@ -249,7 +249,7 @@ impl Store {
         self.call(move |c| queue::requeue_unknown(c, run_id)).await
     }
 
-    /// The id of the last inbox row present now, if any (see [`Store::inbox_page`]).
+    /// The id of the last inbox row present now, if any (see `Store::inbox_page`).
     pub async fn inbox_last(&self) -> Result<Option<i64>> {
         self.call(queue::inbox_last).await
     }

@@ -436,19 +436,16 @@ fn id_problems(
 /// One problem per field (as written, `metadata.KEY` columns included) over
 /// [`MAX_FIELD_BYTES`].
 fn oversized_fields(row: &RowFields) -> Vec<String> {
-    let cells = [
-        ("customerId", &row.customer_id),
-        ("orderId", &row.order_id),
-        ("paymentIntentId", &row.payment_intent_id),
-        ("expiresAt", &row.expires_at),
-        ("midExpireAt", &row.mid_expire_at),
-        ("metadata", &row.metadata),
-    ];
-    let metadata_columns = row.metadata_columns.iter().map(|(k, v)| (k.as_str(), v));
-    cells
+    let mut row = row.clone();
+    let fields = Field::ALL.map(|f| (f.name().to_owned(), row.slot(f).take()));
+    let metadata_columns = row
+        .metadata_columns
         .iter()
-        .filter_map(|(f, v)| v.as_ref().map(|v| (*f, v.len())))
-        .chain(metadata_columns.map(|(k, v)| (k, v.len())))
+        .map(|(k, v)| (format!("metadata.{k}"), v.len()));
+    fields
+        .into_iter()
+        .filter_map(|(f, v)| v.map(|v| (f, v.len())))
+        .chain(metadata_columns)
         .filter(|(_, len)| *len > MAX_FIELD_BYTES)
         .map(|(field, len)| {
             format!(

@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 use crate::Exit;
 use serde::Serialize;
 
-use crate::store::{FailureReason, ImportCounts, JobState, RunFacts};
+use crate::store::{FailureReason, ImportCounts, JobState, RequestKind, RunFacts};
 use crate::text::{count, escape};
 
 /// How many failure reasons the report lists, and examples per reason.
@@ -99,10 +99,10 @@ impl Report {
             .iter()
             .map(|s| (s.as_str().to_owned(), f.states.get(*s)))
             .collect();
-        let kind = |k: &str| {
+        let kind = |k: RequestKind| {
             f.attempts_by_kind
                 .iter()
-                .find(|(n, _)| n == k)
+                .find(|(n, _)| n == k.as_str())
                 .map_or(0, |(_, c)| *c)
         };
         let class = |k: &str| {
@@ -138,9 +138,11 @@ impl Report {
             obtained: f.obtained.into_iter().collect(),
             requests: Requests {
                 total,
-                creates: kind("create"),
-                checks: kind("check_order") + kind("fetch_group") + kind("list_orders"),
-                lists: kind("list_orders"),
+                creates: kind(RequestKind::Create),
+                checks: kind(RequestKind::CheckOrder)
+                    + kind(RequestKind::FetchGroup)
+                    + kind(RequestKind::ListOrders),
+                lists: kind(RequestKind::ListOrders),
                 transient_failures: class("retry") + class("ambiguous"),
                 by_class: f.attempts_by_class.into_iter().collect(),
                 rate_per_sec: round2(rate_per_sec),

@@ -15,8 +15,8 @@ use jiff::Timestamp;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 
 pub use classify::{Class, Exchange, RETRY_AFTER_CAP, Transport, classify};
-pub use orders::{LIST_TAKE, searchable};
-pub use wire::ListedOrder;
+pub(crate) use orders::{LIST_TAKE, searchable};
+pub(crate) use wire::ListedOrder;
 
 use crate::error::{Error, Result};
 use crate::job::{Group, SendBody};

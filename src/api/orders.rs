@@ -6,12 +6,12 @@ use super::wire::{self, ListedOrder};
 use super::{ApiClient, Reply};
 
 /// The most orders one list request may ask for (`take`: more is a 400).
-pub const LIST_TAKE: usize = 25;
+pub(crate) const LIST_TAKE: usize = 25;
 
 /// Whether an order id can be put in a search as it is: ASCII letters, digits, `_`,
 /// `-` and `.` only. Anything else (`,`, spaces, `%`, quotes, operator characters)
 /// could change what the search means, so such an order is checked on its own.
-pub fn searchable(order_id: &str) -> bool {
+pub(crate) fn searchable(order_id: &str) -> bool {
     !order_id.is_empty()
         && order_id.len() <= 256
         && order_id

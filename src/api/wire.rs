@@ -264,7 +264,7 @@ pub fn parse_order_group(body: &[u8]) -> Result<Option<String>, String> {
 
 /// One order of a `GET /orders?search=` list: its id and its group id, if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListedOrder {
+pub(crate) struct ListedOrder {
     pub id: String,
     /// Its group (`Ok(None)`: none yet), or why the entry does not say.
     pub group_id: Result<Option<String>, String>,

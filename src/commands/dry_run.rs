@@ -85,7 +85,8 @@ async fn plan_on_copy<'a>(
     }
     imported += super::send::move_inbox_rows(&store, run_id).await?;
     let always = cfg.engine.precheck == engine::Precheck::Always;
-    let (jobs, listed, single) = store.send_plan(always).await?;
+    let plan = store.send_plan(always).await?;
+    let (jobs, listed, single) = (plan.jobs, plan.listed, plan.single);
     // Plain ids are checked in lists of 25, the rest one request each.
     let take = crate::api::LIST_TAKE as i64;
     let check_requests = (listed + take - 1) / take + single;

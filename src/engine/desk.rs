@@ -9,8 +9,9 @@
 //!
 //! Only what the API promises is used (`docs/api-notes.md#list-and-search-grammar`):
 //! an order in the answer that was not asked for is ignored, an asked order missing
-//! from it is checked on its own, and a list request refused for good (a 4xx) turns
-//! batching off for the rest of the run.
+//! from it (or listed without saying whether it has a group) is checked on its own,
+//! and a list request refused for good (a 4xx), or answered with a 2xx that is not a
+//! list, turns batching off for the rest of the run.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -22,7 +23,8 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::ctx::Ctx;
-use crate::api::{Class, LIST_TAKE, ListedOrder, Reply};
+use crate::api::{Class, LIST_TAKE, ListedOrder};
+use crate::store::{Attempt, RequestKind};
 
 /// How long a short list waits for more ids before it is sent anyway.
 pub(crate) const LINGER: Duration = Duration::from_millis(20);
@@ -35,9 +37,10 @@ pub(crate) enum Lookup {
     /// The order is listed without a group: the job may create. Holding the token
     /// counts the job as cleared until its create has left.
     Clear(Cleared),
-    /// Not in the answer (or batching is off): check it on its own.
+    /// Check it on its own: the answer does not list it, or does not say whether it
+    /// has a group; the list route was refused or is off.
     Single,
-    /// The list request got no usable answer.
+    /// The list request failed transiently: retry the check later.
     Failed {
         retry_after: Option<Duration>,
         error: String,
@@ -46,13 +49,9 @@ pub(crate) enum Lookup {
     Stopped,
 }
 
-/// One list request, as each job it served records it.
-#[derive(Debug, Clone)]
-pub(crate) struct Listing {
-    /// Numbers the run's list requests: the jobs of one list share it.
-    pub batch: i64,
-    pub reply: Reply<()>,
-}
+/// One list request, as each job it served records it (its `batch` names the
+/// request).
+pub(crate) type Listing = Attempt;
 
 /// A job cleared by a list whose create has not left yet; dropping it says it has.
 #[derive(Debug)]
@@ -100,9 +99,10 @@ impl std::fmt::Debug for Desk {
 }
 
 impl Desk {
-    pub fn new(batching: bool) -> Arc<Desk> {
+    /// A desk that sends lists until the API refuses one.
+    pub(crate) fn new() -> Arc<Desk> {
         let desk = Desk::default();
-        desk.batching.store(batching, Ordering::Relaxed);
+        desk.batching.store(true, Ordering::Relaxed);
         Arc::new(desk)
     }
 
@@ -237,33 +237,28 @@ async fn send(ctx: &Ctx, desk: &Arc<Desk>, batch: Vec<Waiter>) {
         }
         return;
     };
-    let listing = Listing {
-        batch: desk.batches.fetch_add(1, Ordering::Relaxed) + 1,
-        reply: Reply {
-            value: Some(()),
-            class: reply.class,
-            status: reply.status,
-            started_at: reply.started_at,
-            latency: reply.latency,
-            retry_after: reply.retry_after,
-            error: reply.error.clone(),
-        },
+    let listing = Attempt {
+        batch: Some(desk.batches.fetch_add(1, Ordering::Relaxed) + 1),
+        ..Attempt::of(RequestKind::ListOrders, &reply)
     };
     // Refused for good, or answered with a body that is not a list: the route is not
     // what the API notes say; check one order at a time from now on.
-    let unusable = reply.class == Class::Definitive
+    let route_unusable = reply.class == Class::Definitive
         || (reply.class != Class::Ok && reply.status.is_some_and(|s| (200..300).contains(&s)));
-    if unusable && desk.batching.swap(false, Ordering::AcqRel) {
+    if route_unusable && desk.batching.swap(false, Ordering::AcqRel) {
+        let what = match reply.class {
+            Class::Definitive => "refused a list of orders",
+            _ => "answered a list of orders with something that is not a list",
+        };
         tracing::warn!(
             parent: &ctx.span,
-            error = reply.error.as_deref().unwrap_or_default(),
-            "the API refused a list of orders ({}); existence checks go one order at a time \
-             for the rest of the run",
+            "the API {what} ({}); existence checks go one order at a time for the rest of \
+             the run",
             reply.error.as_deref().unwrap_or("no reason given")
         );
     }
     let listed = reply.value.unwrap_or_default();
-    let class = if unusable {
+    let class = if route_unusable {
         Class::Definitive
     } else {
         reply.class
@@ -331,7 +326,7 @@ mod tests {
     /// An id handed in after the desk closed is answered at once, never left waiting.
     #[tokio::test(start_paused = true)]
     async fn an_id_handed_in_after_the_desk_closed_is_answered_at_once() {
-        let desk = Desk::new(true);
+        let desk = Desk::new();
         let waiting = tokio::spawn({
             let desk = desk.clone();
             async move { desk.lookup("ord_1", false).await.0 }
@@ -349,7 +344,7 @@ mod tests {
     /// order has a group sends it to a single check; a group anywhere wins.
     #[test]
     fn what_a_list_says_about_one_order() {
-        let desk = Desk::new(true);
+        let desk = Desk::new();
         let listed = |entries: &[(&str, Result<Option<&str>, ()>)]| -> Vec<ListedOrder> {
             entries
                 .iter()

@@ -162,9 +162,6 @@ impl Gaps {
 /// Called once per job whose task ended (a progress bar's tick).
 pub(crate) type OnDone = Arc<dyn Fn() + Send + Sync>;
 
-/// Whether existence checks go in lists of orders (see `desk`).
-const BATCH_CHECKS: bool = true;
-
 /// Sends every pending job. Returns when the queue is empty or the run stopped.
 pub async fn drain(
     store: Store,
@@ -183,7 +180,7 @@ pub async fn drain(
         control: control.clone(),
         run_id,
         claims_lost: Default::default(),
-        desk: desk::Desk::new(BATCH_CHECKS),
+        desk: desk::Desk::new(),
         check_gaps: std::sync::Mutex::new(
             hdrhistogram::Histogram::new_with_bounds(1, 86_400_000, 2)
                 .map_err(|e| Error::internal_from("cannot make a histogram", e))?,

@@ -61,7 +61,8 @@ pub(crate) enum Checked {
         retry_after: Option<Duration>,
         error: String,
     },
-    /// The run stopped (the API refused the key) before or during the check.
+    /// Leave the job as it is: the run stops (the key refused, a signal), or the job
+    /// is no longer this run's.
     Stopped,
 }
 
@@ -154,7 +155,7 @@ pub(crate) struct Protocol<J> {
 }
 
 impl<J: FnMut() -> f64> Protocol<J> {
-    pub fn new(rules: Rules, start: Start, backoff: Backoff<J>) -> Self {
+    pub(crate) fn new(rules: Rules, start: Start, backoff: Backoff<J>) -> Self {
         Protocol {
             rules,
             checkable: start.checkable,

@@ -20,18 +20,6 @@ pub(super) fn unix_ms_in(d: Duration) -> i64 {
     jiff::Timestamp::now().as_millisecond().saturating_add(ms)
 }
 
-fn attempt_of<T>(kind: RequestKind, reply: &Reply<T>) -> Attempt {
-    Attempt {
-        kind,
-        started_at: reply.started_at,
-        latency: reply.latency,
-        status: reply.status,
-        class: reply.class,
-        error: reply.error.clone(),
-        batch: None,
-    }
-}
-
 /// Requests made for one job in this run, for its log line.
 #[derive(Debug, Default)]
 pub(super) struct Tally {
@@ -41,8 +29,12 @@ pub(super) struct Tally {
 
 impl Tally {
     fn note<T>(&mut self, reply: &Reply<T>) {
+        self.count(reply.latency);
+    }
+
+    fn count(&mut self, latency: Duration) {
         self.sent += 1;
-        self.last_latency = Some(reply.latency);
+        self.last_latency = Some(latency);
     }
 }
 
@@ -64,13 +56,7 @@ pub(super) async fn check(
         return check_alone(ctx, job, order_id, tally).await;
     }
     let (lookup, listing) = ctx.desk.lookup(order_id, recheck).await;
-    let attempt = listing.map(|l| {
-        tally.note(&l.reply);
-        Attempt {
-            batch: Some(l.batch),
-            ..attempt_of(RequestKind::ListOrders, &l.reply)
-        }
-    });
+    let attempt = listing.inspect(|l| tally.count(l.latency));
     match lookup {
         Lookup::Clear(token) => {
             *cleared = Some(token);
@@ -103,7 +89,7 @@ async fn check_alone(ctx: &Ctx, job: &Job, order_id: &str, tally: &mut Tally) ->
         return Ok((Checked::Stopped, None));
     };
     tally.note(&reply);
-    let attempt = attempt_of(RequestKind::CheckOrder, &reply);
+    let attempt = Attempt::of(RequestKind::CheckOrder, &reply);
     let group_id = match reply.class {
         Class::Ok => reply.value.clone().flatten(),
         Class::Definitive => {
@@ -136,7 +122,7 @@ async fn fetch_found(
         return Ok((Checked::Stopped, None));
     };
     tally.note(&reply);
-    let attempt = attempt_of(RequestKind::FetchGroup, &reply);
+    let attempt = Attempt::of(RequestKind::FetchGroup, &reply);
     if reply.class != Class::Ok {
         return Ok(unanswered(reply, attempt));
     }
@@ -186,7 +172,7 @@ pub(super) async fn create(
     ctx.observe(&reply);
     drop(permit);
     tally.note(&reply);
-    let attempt = attempt_of(RequestKind::Create, &reply);
+    let attempt = Attempt::of(RequestKind::Create, &reply);
     let error = reply.error.unwrap_or_default();
     let retry_after = reply.retry_after;
     let created = match reply.class {
@@ -257,7 +243,7 @@ pub(super) async fn refetch(
     let reply = ctx.paced(ctx.api.group(&group.id)).await;
     let attempt = reply.map(|reply| {
         tally.note(&reply);
-        let attempt = attempt_of(RequestKind::FetchGroup, &reply);
+        let attempt = Attempt::of(RequestKind::FetchGroup, &reply);
         if let (Class::Ok, Some(Some(fetched))) = (reply.class, reply.value)
             && fetched.id == group.id
             && fetched.share_id.is_some()

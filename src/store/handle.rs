@@ -140,9 +140,8 @@ impl Store {
         Ok(())
     }
 
-    /// What sending the pending jobs would take: (jobs, of which checked first in a
-    /// list, of which checked on their own).
-    pub async fn send_plan(&self, precheck_always: bool) -> Result<(i64, i64, i64)> {
+    /// What sending the pending jobs would take.
+    pub(crate) async fn send_plan(&self, precheck_always: bool) -> Result<reads::SendPlan> {
         self.call(move |c| reads::send_plan(c, precheck_always))
             .await
     }
@@ -245,12 +244,12 @@ impl Store {
     }
 
     /// Puts `unknown` jobs back to pending (a person decided to re-send them). Returns how many.
-    pub async fn requeue_unknown(&self, run_id: i64) -> Result<usize> {
+    pub(crate) async fn requeue_unknown(&self, run_id: i64) -> Result<usize> {
         self.call(move |c| queue::requeue_unknown(c, run_id)).await
     }
 
     /// The id of the last inbox row present now, if any (see `Store::inbox_page`).
-    pub async fn inbox_last(&self) -> Result<Option<i64>> {
+    pub(crate) async fn inbox_last(&self) -> Result<Option<i64>> {
         self.call(queue::inbox_last).await
     }
 
@@ -268,7 +267,7 @@ impl Store {
 
     /// Imports inbox rows (validated, as CSV rows are) and deletes the inbox rows up
     /// to `through`, in one transaction.
-    pub async fn import_inbox(
+    pub(crate) async fn import_inbox(
         &self,
         run_id: i64,
         rows: Vec<ImportRow>,
@@ -386,8 +385,9 @@ impl Store {
 
     /// Records a job's last change in this run (an attempt, if any, and a final state)
     /// without waiting: it is written with the next transaction, whatever that is. A
-    /// crash before then leaves the job `in_flight`, as a crash just before an awaited
-    /// record would, and the next run checks it. A failure to write it makes every
+    /// crash before then leaves the job as it was (`pending`, or `in_flight` after a
+    /// create), as a crash just before an awaited record would, and the next run
+    /// takes it up again (checking it first if it was in flight). A failure to write it makes every
     /// later call fail, [`flush`](Self::flush) included.
     pub fn record_last(
         &self,

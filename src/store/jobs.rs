@@ -80,7 +80,7 @@ macro_rules! set_state_sql {
 }
 
 /// The numbered parameters of the statements on the busiest path of a run (a state
-/// change, an attempt, a group), by name. Numbers, not `:names`: SQLite finds a name
+/// change, an attempt), by name; a group's insert binds its columns in order. Numbers, not `:names`: SQLite finds a name
 /// by comparing it with every parameter of the statement, which cost 5% of a run's
 /// instructions (`benches/instructions.sh`). The store's tests run every statement.
 mod param {
@@ -304,7 +304,7 @@ fn insert_group(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
              ON CONFLICT (job_id) DO NOTHING",
         )?
-        // In the columns' order (numbers, not names: see [`param`]).
+        // In the columns' order (numbers, not names, as for [`param`]).
         .execute(rusqlite::params![
             group.id,
             job_id,

@@ -113,7 +113,10 @@ pub(super) fn requeue_failed(
         values.extend(names.into_iter().zip(statuses));
     }
     if f.transport_only {
-        conditions.push("last_status IS NULL AND error_class = 'retries_exhausted'".to_owned());
+        conditions.push(format!(
+            "last_status IS NULL AND error_class = '{}'",
+            FailureClass::RetriesExhausted
+        ));
     }
     if !f.classes.is_empty() {
         let names = list_params("class", f.classes.len());

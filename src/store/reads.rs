@@ -48,13 +48,20 @@ pub struct RunFacts {
     pub conflicts: Vec<FailureReason>,
 }
 
-/// What sending the pending jobs would take: (jobs, of which checked first).
-pub(super) fn send_plan(
-    c: &Connection,
-    precheck_always: bool,
-) -> rusqlite::Result<(i64, i64, i64)> {
-    // A check is due as the protocol decides (`engine/protocol.rs`); a plain order id
-    // (`api::searchable`) is checked in a list, any other on its own.
+/// What sending the pending jobs would take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendPlan {
+    /// Jobs that would be sent.
+    pub jobs: i64,
+    /// Of those, checked first in lists of orders (their ids are plain).
+    pub listed: i64,
+    /// Of those, checked first on their own.
+    pub single: i64,
+}
+
+/// A check is due as the protocol decides (`engine/protocol.rs`); a plain order id
+/// (the rule of `api::searchable`, in SQL) is checked in a list, any other alone.
+pub(super) fn send_plan(c: &Connection, precheck_always: bool) -> rusqlite::Result<SendPlan> {
     c.query_row(
         "SELECT count(*), coalesce(sum(due AND plain), 0), coalesce(sum(due AND NOT plain), 0) \
          FROM (SELECT (needs_check = 1 OR (:precheck_always AND creates = 0)) \
@@ -63,8 +70,26 @@ pub(super) fn send_plan(
                        BETWEEN 1 AND 256) AS plain \
                FROM jobs WHERE state = 'pending')",
         named_params! {":precheck_always": precheck_always},
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        |r| {
+            Ok(SendPlan {
+                jobs: r.get(0)?,
+                listed: r.get(1)?,
+                single: r.get(2)?,
+            })
+        },
     )
+}
+
+/// The SQL rule of [`send_plan`] for a plain id (tests: it must agree with
+/// `api::searchable`).
+#[cfg(test)]
+pub(super) fn plain_in_sql(c: &Connection, id: &str) -> bool {
+    c.query_row(
+        "SELECT (?1 NOT GLOB '*[^A-Za-z0-9_.-]*' AND length(?1) BETWEEN 1 AND 256)",
+        [id],
+        |r| r.get(0),
+    )
+    .unwrap()
 }
 
 /// The report kept when the run finished (`None` for a run that did not finish, or

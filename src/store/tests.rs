@@ -529,3 +529,20 @@ fn failure_classes_read_back_as_they_are_written() {
         assert_eq!(FailureClass::parse(bad), None, "{bad}");
     }
 }
+
+/// The dry run's SQL for "this id goes in a list" agrees with the client's rule.
+#[test]
+fn the_dry_runs_plain_id_rule_is_the_clients() {
+    let c = rusqlite::Connection::open_in_memory().unwrap();
+    let long = "x".repeat(257);
+    for id in [
+        "ord_1", "A-b.c_9", "", "a b", "a,b", "a%b", "a:b", "a*b", "a[b", "ordé", &long, "a\nb",
+        ".",
+    ] {
+        assert_eq!(
+            super::reads::plain_in_sql(&c, id),
+            crate::api::searchable(id),
+            "{id:?}"
+        );
+    }
+}

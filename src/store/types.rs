@@ -169,6 +169,21 @@ pub struct Attempt {
     pub batch: Option<i64>,
 }
 
+impl Attempt {
+    /// The attempt a reply records (no `batch`: one job's own request).
+    pub(crate) fn of<T>(kind: RequestKind, reply: &crate::api::Reply<T>) -> Attempt {
+        Attempt {
+            kind,
+            started_at: reply.started_at,
+            latency: reply.latency,
+            status: reply.status,
+            class: reply.class,
+            error: reply.error.clone(),
+            batch: None,
+        }
+    }
+}
+
 /// A job's state change, written in the same transaction as its attempt.
 #[derive(Debug, Clone)]
 pub enum Transition {

@@ -67,9 +67,10 @@ async fn checks_go_in_lists_of_25_and_cost_one_request_per_25_orders() {
     );
 }
 
-/// A list that ignores the search, one that refuses every search, and one that
-/// answers for only the first order asked: the client uses only what was asked and
-/// answered, checks the rest one by one, and never creates a second group.
+/// A list that ignores the search, one that refuses every search, one that answers
+/// for only the first order asked, and one whose orders do not say whether they
+/// have a group: the client uses only what was asked and answered, checks the rest
+/// one by one, and never creates a second group.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_untrustworthy_list_never_leads_to_a_second_group() {
     for answer in [

@@ -49,15 +49,7 @@ fn unshare_works() -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_run_exits_5_even_from_another_pid_namespace_and_producers_still_write() {
-    let latency = Duration::from_millis(200);
-    let s = Scene::new(
-        SandboxConfig {
-            latency: (latency, latency),
-            ..SandboxConfig::default()
-        },
-        &csv_rows(40),
-    )
-    .await;
+    let s = Scene::new(slow(200), &csv_rows(40)).await;
     let mut first = slow_run(&s);
     let holder = wait_for_holder(&s.db).await;
     assert!(holder.contains(&format!("pid {}", first.id())), "{holder}");

@@ -37,15 +37,7 @@ async fn wait(child: Child) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn first_signal_finishes_in_flight_requests_then_reports_and_exits_4() {
-    let latency = Duration::from_millis(400);
-    let s = Scene::new(
-        SandboxConfig {
-            latency: (latency, latency),
-            ..SandboxConfig::default()
-        },
-        &csv_rows(40),
-    )
-    .await;
+    let s = Scene::new(slow(400), &csv_rows(40)).await;
     let child = spawn_run(&s, &["--concurrency", "4", "--precheck", "ambiguous"]);
     until("four groups", || s.sb.stats(false).groups_total >= 4).await;
     signal(&child, "-TERM");
@@ -77,15 +69,7 @@ async fn first_signal_finishes_in_flight_requests_then_reports_and_exits_4() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn second_signal_abandons_in_flight_requests_and_the_next_run_resolves_them() {
-    let latency = Duration::from_millis(1500);
-    let s = Scene::new(
-        SandboxConfig {
-            latency: (latency, latency),
-            ..SandboxConfig::default()
-        },
-        &csv_rows(12),
-    )
-    .await;
+    let s = Scene::new(slow(1500), &csv_rows(12)).await;
     let child = spawn_run(
         &s,
         &[

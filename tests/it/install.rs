@@ -212,12 +212,7 @@ async fn the_deploy_readme_installs_a_nightly_setup_producers_can_feed() {
         );
         return;
     }
-    let latency = std::time::Duration::from_millis(20);
-    let sb = sandbox(SandboxConfig {
-        latency: (latency, latency),
-        ..SandboxConfig::default()
-    })
-    .await;
+    let sb = sandbox(slow(20)).await;
     let host = Host::new();
 
     // Install: the user, the directories with their modes, the database.

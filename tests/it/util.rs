@@ -130,6 +130,15 @@ pub fn count(db: &Path, sql: &str) -> i64 {
     column(db, sql)[0].parse().unwrap()
 }
 
+/// A sandbox that answers every request after exactly `ms` milliseconds.
+pub fn slow(ms: u64) -> SandboxConfig {
+    let latency = std::time::Duration::from_millis(ms);
+    SandboxConfig {
+        latency: (latency, latency),
+        ..SandboxConfig::default()
+    }
+}
+
 /// Requests the sandbox counted under the "METHOD /route STATUS" labels `pick` takes.
 pub fn sandbox_requests(sb: &Sandbox, pick: impl Fn(&str) -> bool) -> u64 {
     sb.stats(false)

@@ -4,7 +4,6 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use kohort_batch::Exit;
 use kohort_batch::commands;
@@ -33,15 +32,7 @@ for i in range(1, n + 1):
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_producer_keeps_inserting_while_runs_drain_nothing_lost_or_doubled() {
-    let latency = Duration::from_millis(40);
-    let s = Scene::new(
-        SandboxConfig {
-            latency: (latency, latency),
-            ..SandboxConfig::default()
-        },
-        "",
-    )
-    .await;
+    let s = Scene::new(slow(40), "").await;
     create_db(&s.db);
     let producer = Command::new("python3")
         .args(["-c", PRODUCER])

@@ -18,6 +18,9 @@ pub enum Exchange {
 pub enum Transport {
     /// Connection refused, DNS failure, TLS handshake failure: nothing was sent.
     Connect,
+    /// The server's TLS certificate is not trusted: nothing was sent, and every
+    /// request would fail the same way (a missing `--ca-cert`, or the wrong address).
+    Untrusted,
     /// The client gave up waiting after the request was sent.
     Timeout,
     /// The connection was reset or closed before a complete response.
@@ -58,6 +61,7 @@ impl Class {
 pub fn classify(exchange: Exchange) -> Class {
     match exchange {
         Exchange::Transport(Transport::Connect) => Class::Retry,
+        Exchange::Transport(Transport::Untrusted) => Class::Stop,
         Exchange::Transport(Transport::Timeout | Transport::Reset | Transport::Body) => {
             Class::Ambiguous
         }
@@ -145,6 +149,11 @@ mod tests {
                 Exchange::Transport(Transport::Connect),
                 Retry,
                 "connection refused / DNS",
+            ),
+            (
+                Exchange::Transport(Transport::Untrusted),
+                Stop,
+                "untrusted TLS certificate: every request would fail",
             ),
             (
                 Exchange::Transport(Transport::Timeout),

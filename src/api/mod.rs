@@ -289,7 +289,9 @@ fn path_segment(id: &str) -> String {
 }
 
 fn transport_kind(e: &reqwest::Error) -> Transport {
-    if e.is_connect() {
+    if e.is_connect() && untrusted_certificate(e) {
+        Transport::Untrusted
+    } else if e.is_connect() {
         Transport::Connect
     } else if e.is_timeout() {
         Transport::Timeout
@@ -300,9 +302,33 @@ fn transport_kind(e: &reqwest::Error) -> Transport {
     }
 }
 
+/// Whether the TLS handshake failed because the server's certificate is not trusted
+/// (rustls says so somewhere in the error's causes).
+fn untrusted_certificate(e: &reqwest::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(tls) = c.downcast_ref::<rustls::Error>() {
+            return matches!(tls, rustls::Error::InvalidCertificate(_));
+        }
+        // An io::Error's `source` skips the error it wraps: look inside it instead.
+        cause = match c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
+    }
+    false
+}
+
 fn describe_transport(kind: Transport, e: &reqwest::Error) -> String {
     let what = match kind {
         Transport::Connect => "could not connect",
+        Transport::Untrusted => {
+            "could not connect: the API's TLS certificate is not trusted (give its CA with \
+             --ca-cert, or check --api-base)"
+        }
         Transport::Timeout => "timed out waiting for the response",
         Transport::Reset => "the connection failed mid-request",
         Transport::Body => "the response body was cut short",

@@ -78,6 +78,9 @@ pub(crate) fn verdict<T>(reply: &Reply<T>, max_pause: Duration) -> RunVerdict {
 fn stop_message<T>(reply: &Reply<T>) -> String {
     let reason = reply.error.as_deref().unwrap_or_default();
     match reply.status {
+        // No answer at all, yet every request would fail alike (an untrusted
+        // certificate): the reason says what to do.
+        None => format!("{reason}; no row was failed"),
         Some(300..=399) => format!(
             "the API answered with a redirect ({reason}); redirects are not followed, as the \
              key would go to another address. --api-base is probably wrong: give the API's \

@@ -253,12 +253,18 @@ async fn tls_with_a_private_root_and_a_refusal_without_it() {
     let root = s.write("root.pem", &ca.pem());
     assert!(s.url().starts_with("https://127.0.0.1:"));
 
-    let untrusted = s.run_bin(&["--max-attempts", "1"]).await;
-    assert_eq!(untrusted.status.code(), Some(1));
-    let errors = column(&s.db, "SELECT DISTINCT error FROM jobs");
+    // An untrusted certificate stops the run (exit 3) and fails no row: every request
+    // would fail alike, and the message says to give --ca-cert.
+    let untrusted = s.run_bin(&[]).await;
+    assert_eq!(untrusted.status.code(), Some(3));
+    let said = all_text(&untrusted);
     assert!(
-        errors[0].contains("could not connect") && errors[0].to_lowercase().contains("certificate"),
-        "{errors:?}"
+        said.contains("TLS certificate is not trusted") && said.contains("--ca-cert"),
+        "{said}"
+    );
+    assert_eq!(
+        column(&s.db, "SELECT DISTINCT state FROM jobs"),
+        ["pending"]
     );
     assert_eq!(s.sb.stats(false).groups_total, 0);
 

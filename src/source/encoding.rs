@@ -33,11 +33,16 @@ pub(super) const NOT_UTF8_FIX: &str = "this looks like Windows-1252 (what a spre
 /// Checks that a file read as UTF-8 is UTF-8 throughout, before any row of it is
 /// imported; the error names the first line that is not. Streams: memory stays flat.
 pub fn check_utf8(path: &Path) -> Result<()> {
-    let mut file = std::fs::File::open(path).map_err(|source| Error::File {
+    let file = std::fs::File::open(path).map_err(|source| Error::File {
         action: "open CSV file",
         path: path.to_owned(),
         source,
     })?;
+    check_utf8_in(file, path)
+}
+
+/// As [`check_utf8`], for any reader (`path` names it in messages).
+pub(crate) fn check_utf8_in(mut file: impl Read, path: &Path) -> Result<()> {
     let mut buf = vec![0u8; 256 * 1024];
     let (mut carried, mut line) = (0usize, 1u64);
     loop {

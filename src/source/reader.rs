@@ -47,7 +47,11 @@ impl CsvSource {
     /// Opens a file, or standard input for `-`, read as `opts` say.
     pub(crate) fn open_with(path: &Path, opts: &CsvOptions) -> Result<Self> {
         if path.as_os_str() == "-" {
-            return Self::from_reader_with("<stdin>".to_owned(), Box::new(std::io::stdin()), opts);
+            return Self::from_reader_with(
+                "<stdin>".to_owned(),
+                Box::new(spool_stdin(opts)?),
+                opts,
+            );
         }
         let file = std::fs::File::open(path).map_err(|source| Error::File {
             action: "open CSV file",
@@ -253,4 +257,27 @@ fn read_headers(
         headers.push(text.trim_start_matches('\u{feff}').to_owned());
     }
     Ok(headers)
+}
+
+/// Standard input copied to an unnamed temporary file and checked as a named file
+/// is before its first row is read: input that is not UTF-8 is refused whole, so
+/// half of it never goes in.
+fn spool_stdin(opts: &CsvOptions) -> Result<std::fs::File> {
+    use std::io::Seek;
+    let stdin_path = Path::new("<stdin>");
+    let io_err = |action: &'static str| {
+        move |source| Error::File {
+            action,
+            path: stdin_path.to_owned(),
+            source,
+        }
+    };
+    let mut spool = tempfile::tempfile().map_err(io_err("make a temporary copy of"))?;
+    std::io::copy(&mut std::io::stdin().lock(), &mut spool).map_err(io_err("read"))?;
+    spool.rewind().map_err(io_err("read back"))?;
+    if opts.encoding == super::CsvEncoding::Utf8 {
+        super::encoding::check_utf8_in(&mut spool, stdin_path)?;
+        spool.rewind().map_err(io_err("read back"))?;
+    }
+    Ok(spool)
 }

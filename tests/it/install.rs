@@ -365,15 +365,26 @@ async fn the_deploy_readme_installs_a_nightly_setup_producers_can_feed() {
     host.step("key", "sk_test_nightly_install\n");
     let config = host.path("/etc/kohort-batch/config.toml");
     let live = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, live.replace(&sb.url(), "http://127.0.0.1:9")).unwrap();
+    // The API down: the breaker stops the run before the rows spend their attempts,
+    // so they stay pending (with two attempts each they could fail first).
+    let down = live
+        .replace(&sb.url(), "http://127.0.0.1:9")
+        .replace("max-attempts = 2\n", "max-attempts = 8\n");
+    std::fs::write(&config, down).unwrap();
     assert_eq!(host.nightly(), Some(3));
     let seen = host.step("last-night", "");
     let text = String::from_utf8_lossy(&seen.stdout);
     assert!(text.contains("the API looks unavailable"), "{text}");
     assert!(text.contains("\"exit_code\":3"), "{text}");
 
-    // A row that failed in an outage, put right by the rerun commands.
-    std::fs::write(&config, live.clone()).unwrap();
+    // A row that failed in an outage, put right by the rerun commands. (The breaker
+    // is set out of reach: this step is about rows that fail, not a run that stops.)
+    assert!(live.contains("breaker = 3\n"), "{live}");
+    std::fs::write(
+        &config,
+        live.replace("breaker = 3\n", "breaker = 1000000\n"),
+    )
+    .unwrap();
     sb.set_faults(SandboxConfig {
         error_503: 1.0,
         retry_after_secs: 0,
@@ -382,6 +393,7 @@ async fn the_deploy_readme_installs_a_nightly_setup_producers_can_feed() {
     assert_eq!(host.nightly(), Some(1));
     assert!(count(&db, "SELECT count(*) FROM jobs WHERE state = 'failed'") > 0);
     sb.set_faults(SandboxConfig::default());
+    std::fs::write(&config, live.clone()).unwrap();
     host.step("rerun", "");
     assert_eq!(
         count(&db, "SELECT count(*) FROM jobs WHERE state = 'failed'"),

@@ -225,3 +225,35 @@ async fn a_dry_run_says_what_would_happen_and_changes_nothing() {
         .unwrap();
     holder.try_lock().unwrap();
 }
+
+/// Standard input that is not UTF-8 is refused whole, like a file: 5,000 good rows
+/// (more than one import batch) before the bad byte, and none of them goes in.
+#[test]
+fn standard_input_that_is_not_utf8_is_refused_before_any_row_goes_in() {
+    use std::io::Write;
+    let s = Scene::offline("");
+    let mut text = csv_rows(5_000).into_bytes();
+    text.extend_from_slice(b"cus_x,ord_caf\xe9,it\n");
+    let mut child = s
+        .on_db(&["enqueue", "--csv", "-"])
+        .command()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&text).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = all_text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("<stdin>, line 5002: not valid UTF-8"),
+        "{said}"
+    );
+    let jobs = if s.db.exists() {
+        count(&s.db, "SELECT count(*) FROM jobs")
+    } else {
+        0
+    };
+    assert_eq!(jobs, 0);
+}

@@ -293,7 +293,8 @@ impl Report {
             r.checks,
             match r.lists {
                 0 => String::new(),
-                n => format!(" in {}", count(n.max(0) as u64, "list", "lists")),
+                1 => ", 1 of them a list of orders".to_owned(),
+                n => format!(", {n} of them lists of orders"),
             },
             count(
                 r.transient_failures.max(0) as u64,

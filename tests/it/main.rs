@@ -21,6 +21,7 @@ mod exactly_once;
 mod install;
 mod nightly;
 mod operate;
+mod pg;
 mod robustness;
 mod scene;
 mod spreadsheets;

@@ -16,7 +16,7 @@ use crate::text::human;
 /// Everything a sending command needs.
 #[derive(Debug, Clone)]
 pub struct SendConfig {
-    pub db: PathBuf,
+    pub db: crate::store::Db,
     pub api_base: String,
     pub key: ApiKey,
     pub timeout: Duration,
@@ -424,11 +424,15 @@ pub(crate) fn check_writable(flag: &str, path: &Path) -> Result<()> {
 }
 
 /// Resolves the options of a sending command.
-pub fn resolve_send(args: &SendArgs, db: PathBuf, env_key: Option<String>) -> Result<SendConfig> {
+pub fn resolve_send(
+    args: &SendArgs,
+    db: impl Into<crate::store::Db>,
+    env_key: Option<String>,
+) -> Result<SendConfig> {
     let settings = resolve_settings(args)?;
     let key = load_key(args.api_key_file.as_deref(), env_key, args.live)?;
     Ok(SendConfig {
-        db,
+        db: db.into(),
         api_base: settings.api_base,
         key,
         timeout: settings.timeout,

@@ -97,27 +97,30 @@ pub enum Error {
         message: String,
     },
 
-    /// The SQLite database refused or failed; `cause` says why, by its remedy.
-    #[error("database {path}: {message}{}", fix(*cause))]
+    /// The database (a SQLite file or a PostgreSQL server) refused or failed; `cause`
+    /// says why, by its remedy.
+    #[error("database {db}: {message}{}", fix(*cause))]
     Database {
-        path: PathBuf,
+        /// The database as `--db` names it (a URL without its password).
+        db: String,
         cause: crate::store::DbCause,
         message: String,
-        /// SQLite's own error, when it said one.
+        /// The driver's own error, when it said one.
         #[source]
-        source: Option<std::sync::Arc<rusqlite::Error>>,
+        source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
     },
 
     /// Another process is running a batch on this database.
     #[error(
-        "database {path} is in use by another kohort-batch run ({holder}); wait for it to \
-         finish, or stop it first. The lock ({lock}) is held by the kernel and released when \
-         that process ends, however it ends: never delete it by hand"
+        "database {db} is in use by another kohort-batch run ({holder}); wait for it to \
+         finish, or stop it first. {release}"
     )]
     Locked {
-        path: PathBuf,
-        lock: PathBuf,
+        /// The database as `--db` names it.
+        db: String,
         holder: String,
+        /// What holds the lock and when it is released.
+        release: String,
     },
 
     /// A bug or an unexpected state. Please report it.
@@ -150,7 +153,12 @@ impl Error {
             Error::Locked { .. } => Exit::Locked,
             Error::Database { cause, .. } => match cause {
                 DbCause::NotOurs | DbCause::Version => Exit::Usage,
-                DbCause::Busy | DbCause::ReadOnly | DbCause::Full | DbCause::Io => Exit::IoError,
+                DbCause::Busy
+                | DbCause::ReadOnly
+                | DbCause::Full
+                | DbCause::Io
+                | DbCause::Connection
+                | DbCause::Denied => Exit::IoError,
                 DbCause::Bug => Exit::Internal,
             },
             Error::Internal { .. } => Exit::Internal,
@@ -237,9 +245,9 @@ mod tests {
     fn errors_map_to_exit_codes() {
         assert_eq!(Error::usage("x").exit(), Exit::Usage);
         let locked = Error::Locked {
-            path: "a.db".into(),
-            lock: "a.db.lock".into(),
+            db: "a.db".into(),
             holder: "run 3, pid 1 on h, started now".into(),
+            release: "The lock is released when that run ends.".into(),
         };
         assert_eq!(locked.exit(), Exit::Locked);
         assert!(locked.to_string().contains("pid 1"));
@@ -260,7 +268,7 @@ mod tests {
         );
         let full = crate::store::Failure::from(sqlite)
             .context("cannot record outcomes")
-            .into_error(std::path::Path::new("k.db"));
+            .into_error("k.db");
         let text = render(&full);
         assert!(std::error::Error::source(&full).is_some());
         assert_eq!(

@@ -288,7 +288,7 @@ pub struct Group {
 
 /// The cells of one input row, already picked out by column.
 #[derive(Debug, Default, Clone)]
-pub(crate) struct RowFields {
+pub struct RowFields {
     pub customer_id: Option<String>,
     pub order_id: Option<String>,
     pub payment_intent_id: Option<String>,

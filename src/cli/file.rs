@@ -270,7 +270,7 @@ mod tests {
         let cfg = "concurrency = 9\nrate = 2.5\nprecheck = \"ambiguous\"\nlive = true\ndb = \"/tmp/x.db\"\ntimeout = \"10s\"\n";
         let cli = with_file(cfg, &["run", "--rate", "7"]).unwrap();
         assert!(
-            matches!(&cli.command, crate::cli::Command::Run(r) if r.db.db == Path::new("/tmp/x.db"))
+            matches!(&cli.command, crate::cli::Command::Run(r) if r.db.db.file() == Some(Path::new("/tmp/x.db")))
         );
         assert_eq!(cli.sources["rate"], "command line");
         assert!(cli.sources["concurrency"].starts_with("config file "));

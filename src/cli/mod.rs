@@ -97,9 +97,16 @@ pub struct CsvArgs {
 /// The database option of the commands that use one.
 #[derive(Debug, Args, Clone, serde::Serialize)]
 pub struct DbArg {
-    /// The SQLite database holding jobs, attempts, groups and runs.
-    #[arg(long, env = "KOHORT_BATCH_DB", default_value = "kohort-batch.db")]
-    pub db: PathBuf,
+    /// Where jobs, attempts, groups and runs are kept: a SQLite file, or a
+    /// postgres://USER@HOST/DATABASE URL (put a URL with a password in
+    /// KOHORT_BATCH_DB or a config file, not on the command line).
+    #[arg(
+        long,
+        env = "KOHORT_BATCH_DB",
+        default_value = "kohort-batch.db",
+        value_name = "PATH|URL"
+    )]
+    pub db: crate::store::Db,
 }
 
 #[derive(Debug, Args)]

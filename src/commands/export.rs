@@ -9,7 +9,7 @@ use super::inspect::io_error;
 use crate::cli::{ExportFormat, ExportWhat};
 use crate::error::{Error, Exit, Result};
 use crate::source::canonical_header;
-use crate::store::{JobExport, JobState, Store};
+use crate::store::{Access, Db, JobExport, JobState, Store};
 
 /// Jobs read from the database per query.
 const PAGE: usize = 2000;
@@ -156,13 +156,13 @@ fn open_output(output: Option<&Path>) -> Result<Box<dyn Write>> {
 
 /// `export groups|failures`.
 pub(crate) async fn export(
-    db: &Path,
+    db: &Db,
     what: ExportWhat,
     format: ExportFormat,
     output: Option<&Path>,
     missing_share_id: bool,
 ) -> Result<Exit> {
-    let store = Store::open_existing(db)?;
+    let store = Store::connect_plain(db, Access::Read).await?;
     match what {
         ExportWhat::Groups => export_groups(&store, format, output, missing_share_id).await?,
         ExportWhat::Failures => export_failures(&store, format, output).await?,

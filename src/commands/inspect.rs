@@ -13,7 +13,7 @@ use crate::error::{Error, Exit, Result};
 use crate::job::Payload;
 use crate::report::Report;
 use crate::source::{CsvOptions, CsvSource};
-use crate::store::Store;
+use crate::store::{Access, Db, Store};
 
 use super::out;
 use crate::text::{count, escape};
@@ -147,20 +147,15 @@ fn digest(text: &str) -> u64 {
 }
 
 /// `report`: one run (`--run ID`, `--last`), or the list of recent runs.
-pub(crate) async fn report(
-    db: &Path,
-    run: Option<i64>,
-    last: bool,
-    format: Format,
-) -> Result<Exit> {
-    let store = Store::open_existing(db)?;
+pub(crate) async fn report(db: &Db, run: Option<i64>, last: bool, format: Format) -> Result<Exit> {
+    let store = Store::connect_plain(db, Access::Read).await?;
     let id = match (run, last) {
         (Some(id), _) => Some(id),
         (None, true) => Some(
             store
                 .last_run_id()
                 .await?
-                .ok_or_else(|| Error::usage(format!("{} has no runs yet", db.display())))?,
+                .ok_or_else(|| Error::usage(format!("{db} has no runs yet")))?,
         ),
         (None, false) => None,
     };
@@ -204,8 +199,7 @@ pub(crate) async fn report(
         Some(report) => report,
         None => Report::from_facts(store.run_facts(id).await?.ok_or_else(|| {
             Error::usage(format!(
-                "there is no run {id} in {}; `kohort-batch report` lists the runs",
-                db.display()
+                "there is no run {id} in {db}; `kohort-batch report` lists the runs"
             ))
         })?),
     };

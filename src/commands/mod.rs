@@ -168,7 +168,7 @@ fn man() -> Result<Exit> {
 /// (a bad value is the same error, exit 2), as JSON: each resolved value, where it
 /// came from, and the key only as where it comes from.
 fn show_config(
-    db: &Path,
+    db: &crate::store::Db,
     file: Option<&Path>,
     args: &crate::cli::RunArgs,
     env_key: Option<&str>,
@@ -227,23 +227,32 @@ fn show_config(
 
 /// `init`: creates the database (or brings its schema up to date) with its tables,
 /// so producers can write the inbox before the first run; prints how they do.
-async fn init(db: &Path) -> Result<Exit> {
-    let existed = db.exists();
-    let store = crate::store::Store::open(db)?;
+async fn init(db: &crate::store::Db) -> Result<Exit> {
+    use crate::store::{Access, Db, Store};
+    let existed = db.file().is_none_or(Path::exists);
+    let store = Store::connect_plain(db, Access::Write).await?;
     store.close().await;
-    let what = if existed {
-        "is up to date"
-    } else {
-        "was created"
+    let what = if existed { "is ready" } else { "was created" };
+    let insert = "INSERT INTO inbox (customer_id, order_id, metadata) \
+                  VALUES ('cus_123', 'ord_2026_0042', '{\\\"campaign\\\":\\\"spring\\\"}')";
+    let how = match db {
+        Db::File(path) => {
+            // Quoted for a shell, so the printed command can be pasted as it is.
+            let quoted = format!("'{}'", path.display().to_string().replace('\'', "'\\''"));
+            format!(
+                "  sqlite3 {quoted} \"PRAGMA busy_timeout = 60000; {insert}\"\n\n\
+                 The next `kohort-batch run --db {quoted}` sends them.\n"
+            )
+        }
+        Db::Postgres(_) => format!(
+            "  psql \"$PRODUCER_URL\" -c \"{insert}\"\n\n\
+             (as a role with INSERT on inbox only: deploy/README.md, PostgreSQL). The next \
+             `kohort-batch run` with this --db sends them.\n"
+        ),
     };
-    // Quoted for a shell, so the printed command can be pasted as it is.
-    let quoted = format!("'{}'", db.display().to_string().replace('\'', "'\\''"));
     out::say(&format!(
-        "{} {what}. Producers insert into its inbox with plain SQL, for example:\n\n\
-         \x20 sqlite3 {quoted} \"PRAGMA busy_timeout = 60000; INSERT INTO inbox (customer_id, order_id, metadata) \
-         VALUES ('cus_123', 'ord_2026_0042', '{{\\\"campaign\\\":\\\"spring\\\"}}')\"\n\n\
-         The next `kohort-batch run --db {quoted}` sends them.\n",
-        crate::text::escape(&db.display().to_string()),
+        "{} {what}. Producers insert into its inbox with plain SQL, for example:\n\n{how}",
+        crate::text::escape(&db.to_string()),
     ))?;
     Ok(Exit::Success)
 }

@@ -19,7 +19,7 @@ use crate::error::{Error, Exit, Result};
 use crate::report::Report;
 use crate::source::{CsvEncoding, CsvOptions, CsvSource, ImportRow};
 use crate::store::{
-    Access, FailureClass, ImportCounts, JobState, RetryFilter, RunFacts, StateCounts, Store,
+    Access, Db, FailureClass, ImportCounts, JobState, RetryFilter, RunFacts, StateCounts, Store,
 };
 
 /// Rows per import transaction.
@@ -59,7 +59,7 @@ async fn session(
             return Err(e);
         }
     };
-    tracing::info!(run = run_id, command, db = %cfg.db.display(), "run started");
+    tracing::info!(run = run_id, command, db = %cfg.db, "run started");
     let mut requeued = None;
     let outcome = async {
         requeued = requeue(cfg, &store, run_id, retry.as_ref()).await?;
@@ -104,7 +104,13 @@ async fn begin(
 ) -> Result<(ApiClient, Store, i64)> {
     check_inputs(csv, &cfg.csv)?;
     let api = ApiClient::new(&cfg.api_base, &cfg.key, cfg.timeout, cfg.ca_cert.as_deref())?;
-    let store = Store::open_with(&cfg.db, Access::Write, cfg.busy_timeout)?;
+    let store = Store::connect(
+        &cfg.db,
+        Access::Write,
+        cfg.busy_timeout,
+        cfg.ca_cert.as_deref(),
+    )
+    .await?;
     let options = RunOptions {
         api_base: &cfg.api_base,
         timeout_secs: cfg.timeout.as_secs_f64(),
@@ -246,14 +252,14 @@ struct Outputs<'a> {
 }
 
 /// `enqueue`: import CSV rows as pending jobs; nothing is sent, no lock is taken.
-pub async fn enqueue(db: &Path, csv: &[PathBuf]) -> Result<Exit> {
+pub async fn enqueue(db: &Db, csv: &[PathBuf]) -> Result<Exit> {
     enqueue_with(db, csv, &CsvOptions::default()).await
 }
 
 /// `enqueue` of CSV files read as `opts` say.
-pub async fn enqueue_with(db: &Path, csv: &[PathBuf], opts: &CsvOptions) -> Result<Exit> {
+pub async fn enqueue_with(db: &Db, csv: &[PathBuf], opts: &CsvOptions) -> Result<Exit> {
     check_inputs(csv, opts)?;
-    let store = Store::open(db)?;
+    let store = Store::connect_plain(db, Access::Write).await?;
     let options = serde_json::json!({ "csv": csv }).to_string();
     let run_id = store.begin_run("enqueue", options, false).await?;
     let mut outcome = Ok(None);

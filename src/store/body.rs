@@ -49,25 +49,46 @@ pub(super) fn bind_body(
 
 /// Reads the six body columns starting at column `at`; `None` for an invalid row.
 pub(super) fn read_body(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<Payload>> {
-    let Some(customer_id) = r.get::<_, Option<String>>(at)? else {
+    let texts = body_texts(r, at)?;
+    payload_of(texts).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(at + 5, rusqlite::types::Type::Text, e.into())
+    })
+}
+
+/// The six body columns starting at column `at`, as text.
+fn body_texts<'r>(r: &'r rusqlite::Row<'_>, at: usize) -> rusqlite::Result<[Option<&'r str>; 6]> {
+    let text =
+        |i: usize| -> rusqlite::Result<Option<&str>> { Ok(r.get_ref(at + i)?.as_str_or_null()?) };
+    Ok([text(0)?, text(1)?, text(2)?, text(3)?, text(4)?, text(5)?])
+}
+
+/// A body from its six columns' text, in [`BODY_COLUMNS`] order (`None`: an invalid
+/// row, which has none). Both backends read bodies through this.
+pub(super) fn payload_of(texts: [Option<&str>; 6]) -> Result<Option<Payload>, String> {
+    let [
+        customer_id,
+        order_id,
+        payment_intent_id,
+        expires_at,
+        mid_expire_at,
+        metadata,
+    ] = texts;
+    let Some(customer_id) = customer_id else {
         return Ok(None);
     };
-    let metadata = match r.get::<_, Option<String>>(at + 5)? {
+    let metadata = match metadata {
         None => None,
-        Some(text) => Some(serde_json::from_str(&text).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(
-                at + 5,
-                rusqlite::types::Type::Text,
-                Box::new(e),
-            )
-        })?),
+        Some(text) => Some(
+            serde_json::from_str(text)
+                .map_err(|e| format!("the stored metadata is not a JSON object: {e}"))?,
+        ),
     };
     Ok(Some(Payload {
-        customer_id,
-        order_id: r.get(at + 1)?,
-        payment_intent_id: r.get(at + 2)?,
-        expires_at: r.get(at + 3)?,
-        mid_expire_at: r.get(at + 4)?,
+        customer_id: customer_id.to_owned(),
+        order_id: order_id.map(str::to_owned),
+        payment_intent_id: payment_intent_id.map(str::to_owned),
+        expires_at: expires_at.map(str::to_owned),
+        mid_expire_at: mid_expire_at.map(str::to_owned),
         metadata,
     }))
 }
@@ -76,37 +97,44 @@ pub(super) fn read_body(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Op
 /// straight from the columns (no [`Payload`] in between): the same text
 /// [`Payload::to_json`] gives. `None` for an invalid row.
 pub(super) fn send_body(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<SendBody>> {
-    let text =
-        |i: usize| -> rusqlite::Result<Option<&str>> { Ok(r.get_ref(at + i)?.as_str_or_null()?) };
-    let Some(customer_id) = text(0)? else {
+    let texts = body_texts(r, at)?;
+    send_body_of(texts).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(at + 5, rusqlite::types::Type::Text, e.into())
+    })
+}
+
+/// The JSON to send, from the six body columns' text (see [`send_body`]). Both
+/// backends build request bodies through this.
+pub(super) fn send_body_of(texts: [Option<&str>; 6]) -> Result<Option<SendBody>, String> {
+    let [
+        customer_id,
+        order_id,
+        payment_intent,
+        expires_at,
+        mid_expire_at,
+        metadata,
+    ] = texts;
+    let Some(customer_id) = customer_id else {
         return Ok(None);
     };
-    let order_id = text(1)?;
-    let payment_intent = text(2)?;
-    if let Some(metadata) = text(5)? {
+    if let Some(metadata) = metadata {
         // Written by kohort-batch from a parsed object; checked all the same, as it is
         // sent as it is.
-        let valid = serde_json::from_str::<serde::de::IgnoredAny>(metadata)
+        serde_json::from_str::<serde::de::IgnoredAny>(metadata)
             .map_err(|e| e.to_string())
             .and_then(|_| match metadata.trim_start().starts_with('{') {
                 true => Ok(()),
                 false => Err("not a JSON object".to_owned()),
-            });
-        if let Err(e) = valid {
-            return Err(rusqlite::Error::FromSqlConversionFailure(
-                at + 5,
-                rusqlite::types::Type::Text,
-                format!("the stored metadata is not a JSON object: {e}").into(),
-            ));
-        }
+            })
+            .map_err(|e| format!("the stored metadata is not a JSON object: {e}"))?;
     }
     let json = BodyText {
         customer_id,
         order_id,
         payment_intent_id: payment_intent,
-        expires_at: text(3)?,
-        mid_expire_at: text(4)?,
-        metadata: text(5)?,
+        expires_at,
+        mid_expire_at,
+        metadata,
     }
     .to_json();
     Ok(Some(SendBody::new(

@@ -20,6 +20,11 @@ pub enum DbCause {
     NotOurs,
     /// Written by a newer kohort-batch, or by an older one a read-only command may not upgrade.
     Version,
+    /// The PostgreSQL server could not be reached, refused the login, or closed the
+    /// connection (restarted, say).
+    Connection,
+    /// The PostgreSQL role lacks a privilege the command needs.
+    Denied,
     /// Anything else: a bug.
     Bug,
 }
@@ -42,6 +47,15 @@ impl DbCause {
                 "the file system refused a read or write (a full disk, a file size limit, \
                  a failing disk, or a damaged file): check free space and the disk"
             }
+            DbCause::Connection => {
+                "the PostgreSQL server could not be reached, refused the login, or closed the \
+                 connection (a restart?): check that it runs and the URL in --db; rows not \
+                 sent stay pending, and the next run checks any in flight first"
+            }
+            DbCause::Denied => {
+                "the PostgreSQL role lacks a privilege this command needs: grant it as \
+                 deploy/README.md (PostgreSQL) shows"
+            }
             DbCause::NotOurs | DbCause::Version => "",
             DbCause::Bug => "this is a bug in kohort-batch: please report it",
         }
@@ -53,9 +67,9 @@ impl DbCause {
 pub struct Failure {
     pub cause: DbCause,
     pub message: String,
-    /// SQLite's own error, when it said one (shared: one failed transaction is told
-    /// to every caller in it).
-    pub source: Option<std::sync::Arc<rusqlite::Error>>,
+    /// The driver's own error, when it said one (shared: one failed transaction is
+    /// told to every caller in it).
+    pub source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 impl Failure {
@@ -67,10 +81,10 @@ impl Failure {
         }
     }
 
-    /// The top-level error for this failure of the database at `path`.
-    pub fn into_error(self, path: &std::path::Path) -> crate::error::Error {
+    /// The top-level error for this failure of the database `db` (as `--db` names it).
+    pub fn into_error(self, db: &str) -> crate::error::Error {
         crate::error::Error::Database {
-            path: path.to_owned(),
+            db: db.to_owned(),
             cause: self.cause,
             message: self.message,
             source: self.source,

@@ -1,5 +1,5 @@
-//! The [`Store`] handle: opening a database, and every call the rest of the program
-//! makes to it, each sent to the writer thread.
+//! The SQLite backend: opening a database file, and every call of [`Backend`], each
+//! sent to the writer thread.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use super::outbox::{Outbox, Record};
 use super::reads::{self, JobExport, RunFacts, RunListEntry};
 use super::writer::{FnCommand, Message, Writer};
 use super::{Access, Attempt, ImportCounts, Job, JobState, RetryFilter, StateCounts, Transition};
-use super::{import, jobs, lock, queue, runs, schema};
+use super::{Backend, import, jobs, lock, queue, runs, schema};
 use crate::error::{Error, Result};
 use crate::source::ImportRow;
 
@@ -21,9 +21,9 @@ use crate::source::ImportRow;
 /// what the README tells producers to use.
 pub const DEFAULT_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// A cheap, cloneable handle to the database writer.
-#[derive(Clone, Debug)]
-pub struct Store {
+/// A handle to the SQLite database writer.
+#[derive(Debug)]
+pub(crate) struct Sqlite {
     tx: mpsc::Sender<Message>,
     path: PathBuf,
     outbox: Arc<Outbox>,
@@ -31,27 +31,16 @@ pub struct Store {
     lock: Arc<std::sync::Mutex<Option<lock::RunLock>>>,
 }
 
-impl Store {
-    /// Opens an existing database to read it (`report`, `export`): never creates,
-    /// migrates or marks it.
-    pub fn open_existing(path: &Path) -> Result<Store> {
-        Store::open_with(path, Access::Read, DEFAULT_BUSY_TIMEOUT)
-    }
-
-    /// Opens (creating if needed) the database at `path` to write it, with the
-    /// default busy timeout.
-    pub fn open(path: &Path) -> Result<Store> {
-        Store::open_with(path, Access::Write, DEFAULT_BUSY_TIMEOUT)
-    }
-
+impl Sqlite {
     /// Opens the database at `path` and starts its writer thread. A file that is
     /// not a kohort-batch database is refused before anything is written to it.
     pub fn open_with(
         path: &Path,
         access: Access,
         busy_timeout: std::time::Duration,
-    ) -> Result<Store> {
-        let db_err = |f: Failure| f.into_error(path);
+    ) -> Result<Sqlite> {
+        let shown = path.display().to_string();
+        let db_err = |f: Failure| f.into_error(&shown);
         // SQLite would read `file:…` as a URI (and its `?nolock=1`, `?mode=`), opening
         // another file than the one the run lock is taken beside.
         if path.to_str().is_some_and(|p| p.starts_with("file:")) {
@@ -100,7 +89,7 @@ impl Store {
         let outbox = Arc::new(Outbox::default());
         Writer::spawn(conn, rx, path, checkpointer, outbox.clone())
             .map_err(|e| Error::internal_from("cannot start the database thread", e))?;
-        Ok(Store {
+        Ok(Sqlite {
             tx,
             path: path.to_owned(),
             outbox,
@@ -112,7 +101,11 @@ impl Store {
     /// run), reading it only: `src` is checked as `report` checks it and never
     /// changed.
     pub fn snapshot(src: &Path, dest: &Path) -> Result<()> {
-        let err = |f: Failure| f.context("cannot copy it for the dry run").into_error(src);
+        let shown = src.display().to_string();
+        let err = |f: Failure| {
+            f.context("cannot copy it for the dry run")
+                .into_error(&shown)
+        };
         if !src.is_file() {
             return Err(Error::Usage(format!(
                 "there is no database at {}: pass the --db of your runs",
@@ -131,7 +124,7 @@ impl Store {
         )
         .map_err(|e| err(e.into()))?;
         schema::prepare(&mut conn, Access::Read, DEFAULT_BUSY_TIMEOUT)
-            .map_err(|f| f.into_error(src))?;
+            .map_err(|f| f.into_error(&shown))?;
         conn.execute(
             "VACUUM INTO :dest",
             rusqlite::named_params! {":dest": dest.display().to_string()},
@@ -140,14 +133,9 @@ impl Store {
         Ok(())
     }
 
-    /// What sending the pending jobs would take.
-    pub(crate) async fn send_plan(&self, precheck_always: bool) -> Result<reads::SendPlan> {
-        self.call(move |c| reads::send_plan(c, precheck_always))
-            .await
-    }
-
     /// The database file.
-    pub fn path(&self) -> &Path {
+    #[cfg(test)]
+    pub(super) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -174,14 +162,30 @@ impl Store {
 
     /// The top-level error for a failure of this database.
     fn error(&self, failure: Failure) -> Error {
-        failure.into_error(&self.path)
+        failure.into_error(&self.path.display().to_string())
+    }
+
+    fn outbox_ok(&self) -> Result<()> {
+        match self.outbox.failure() {
+            None => Ok(()),
+            Some(failure) => Err(self.error(failure)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for Sqlite {
+    /// What sending the pending jobs would take.
+    async fn send_plan(&self, precheck_always: bool) -> Result<reads::SendPlan> {
+        self.call(move |c| reads::send_plan(c, precheck_always))
+            .await
     }
 
     /// Starts a run. An `exclusive` run (one that sends) first takes the run lock
     /// (see `lock.rs`), or fails with [`Error::Locked`] naming its holder, and turns
     /// jobs left `in_flight` by a crash into pending jobs that are checked before any
     /// re-send. Returns the run id.
-    pub async fn begin_run(&self, command: &str, options: String, exclusive: bool) -> Result<i64> {
+    async fn begin_run(&self, command: &str, options: String, exclusive: bool) -> Result<i64> {
         let held = if exclusive {
             Some(lock::RunLock::acquire(&self.path)?)
         } else {
@@ -200,7 +204,7 @@ impl Store {
 
     /// Records the end of a run (with the time its requests were held by pauses) and
     /// releases the lock. Returns the finish time as stored.
-    pub async fn finish_run(
+    async fn finish_run(
         &self,
         run_id: i64,
         exit_code: u8,
@@ -218,7 +222,7 @@ impl Store {
     /// Imports a batch of rows in one transaction. The rows come back, to be freed by
     /// the thread that made them (freeing is cheaper there, and the database thread is
     /// the busiest one of an import).
-    pub async fn import(
+    async fn import(
         &self,
         run_id: i64,
         source: String,
@@ -233,29 +237,29 @@ impl Store {
     }
 
     /// Groups in the whole database recorded without a share id.
-    pub async fn groups_without_share_id(&self) -> Result<i64> {
+    async fn groups_without_share_id(&self) -> Result<i64> {
         self.call(reads::groups_without_share_id).await
     }
 
     /// Adds to the run's import counts (rows the reader skipped, say).
-    pub async fn add_import_counts(&self, run_id: i64, counts: ImportCounts) -> Result<()> {
+    async fn add_import_counts(&self, run_id: i64, counts: ImportCounts) -> Result<()> {
         self.call(move |c| runs::add_import_counts(c, run_id, counts))
             .await
     }
 
     /// Puts `unknown` jobs back to pending (a person decided to re-send them). Returns how many.
-    pub(crate) async fn requeue_unknown(&self, run_id: i64) -> Result<usize> {
+    async fn requeue_unknown(&self, run_id: i64) -> Result<usize> {
         self.call(move |c| queue::requeue_unknown(c, run_id)).await
     }
 
     /// The id of the last inbox row present now, if any (see `Store::inbox_page`).
-    pub(crate) async fn inbox_last(&self) -> Result<Option<i64>> {
+    async fn inbox_last(&self) -> Result<Option<i64>> {
         self.call(queue::inbox_last).await
     }
 
     /// Up to `limit` inbox rows after `after` and up to `last`, in id order, as the
     /// cells producers wrote.
-    pub(crate) async fn inbox_page(
+    async fn inbox_page(
         &self,
         after: i64,
         last: i64,
@@ -267,7 +271,7 @@ impl Store {
 
     /// Imports inbox rows (validated, as CSV rows are) and deletes the inbox rows up
     /// to `through`, in one transaction.
-    pub(crate) async fn import_inbox(
+    async fn import_inbox(
         &self,
         run_id: i64,
         rows: Vec<ImportRow>,
@@ -284,14 +288,14 @@ impl Store {
     }
 
     /// Puts failed jobs that match `filter` back to pending. Returns how many.
-    pub async fn requeue_failed(&self, run_id: i64, filter: RetryFilter) -> Result<usize> {
+    async fn requeue_failed(&self, run_id: i64, filter: RetryFilter) -> Result<usize> {
         self.call(move |c| queue::requeue_failed(c, run_id, &filter))
             .await
     }
 
     /// Up to `limit` jobs in the given states with an id above `after_id`, with their
     /// groups (exports page through the table so memory stays flat).
-    pub async fn jobs_page(
+    async fn jobs_page(
         &self,
         states: &'static [JobState],
         after_id: i64,
@@ -303,7 +307,7 @@ impl Store {
 
     /// Up to `limit` conflicting rows (not imported: their key was taken by other
     /// data) with an id above `after_id`, as jobs in state `conflict`.
-    pub async fn conflicts_page(&self, after_id: i64, limit: usize) -> Result<Vec<JobExport>> {
+    async fn conflicts_page(&self, after_id: i64, limit: usize) -> Result<Vec<JobExport>> {
         self.call(move |c| reads::conflicts_page(c, after_id, limit))
             .await
     }
@@ -311,12 +315,7 @@ impl Store {
     /// Claims up to `limit` pending jobs with an id above `after_id` for the run, and
     /// returns them in id order. Only the run that claimed a job may mark it in flight
     /// or record its outcome; a newer run takes over the claims of older ones.
-    pub async fn claim_pending(
-        &self,
-        run_id: i64,
-        after_id: i64,
-        limit: usize,
-    ) -> Result<Vec<Job>> {
+    async fn claim_pending(&self, run_id: i64, after_id: i64, limit: usize) -> Result<Vec<Job>> {
         self.call(move |c| jobs::claim_pending(c, run_id, after_id, limit))
             .await
     }
@@ -324,7 +323,7 @@ impl Store {
     /// Records one HTTP exchange (if any) and the job's new state in one transaction.
     /// False when the job's state was left alone because another run claimed it since
     /// (the attempt is recorded all the same): the caller must leave the job be.
-    pub async fn record(
+    async fn record(
         &self,
         run_id: i64,
         job_id: i64,
@@ -341,45 +340,45 @@ impl Store {
     }
 
     /// Everything the report needs about one run (`None`: no such run).
-    pub async fn run_facts(&self, run_id: i64) -> Result<Option<RunFacts>> {
+    async fn run_facts(&self, run_id: i64) -> Result<Option<RunFacts>> {
         self.call(move |c| reads::run_facts(c, run_id)).await
     }
 
     /// When the newest run that exited 0 finished (unix seconds).
-    pub async fn last_success(&self) -> Result<Option<f64>> {
+    async fn last_success(&self) -> Result<Option<f64>> {
         self.call(reads::last_success).await
     }
 
     /// The id of the newest run, if any.
-    pub async fn last_run_id(&self) -> Result<Option<i64>> {
+    async fn last_run_id(&self) -> Result<Option<i64>> {
         self.call(reads::last_run_id).await
     }
 
     /// Keeps the report of a finished run as it was printed, so `report --run` shows
     /// exactly that later, whatever later runs do to its jobs.
-    pub async fn save_report(&self, run_id: i64, json: String) -> Result<()> {
+    async fn save_report(&self, run_id: i64, json: String) -> Result<()> {
         self.call(move |c| runs::save_report(c, run_id, &json))
             .await
     }
 
     /// The report kept when the run finished (`None` for a run that did not finish,
     /// or that an older version ran).
-    pub async fn saved_report(&self, run_id: i64) -> Result<Option<String>> {
+    async fn saved_report(&self, run_id: i64) -> Result<Option<String>> {
         self.call(move |c| reads::saved_report(c, run_id)).await
     }
 
     /// Recent runs, newest first.
-    pub async fn list_runs(&self, limit: usize) -> Result<Vec<RunListEntry>> {
+    async fn list_runs(&self, limit: usize) -> Result<Vec<RunListEntry>> {
         self.call(move |c| reads::list_runs(c, limit)).await
     }
 
     /// Job counts by state over the whole database.
-    pub async fn state_counts(&self) -> Result<StateCounts> {
+    async fn state_counts(&self) -> Result<StateCounts> {
         self.call(reads::state_counts).await
     }
 
     /// Every job with its group (for exports and tests), in id order.
-    pub async fn jobs(&self) -> Result<Vec<JobExport>> {
+    async fn jobs(&self) -> Result<Vec<JobExport>> {
         self.call(reads::jobs).await
     }
 
@@ -389,7 +388,7 @@ impl Store {
     /// create), as a crash just before an awaited record would, and the next run
     /// takes it up again (checking it first if it was in flight). A failure to write it makes every
     /// later call fail, [`flush`](Self::flush) included.
-    pub fn record_last(
+    fn record_last(
         &self,
         run_id: i64,
         job_id: i64,
@@ -413,22 +412,15 @@ impl Store {
         Ok(())
     }
 
-    fn outbox_ok(&self) -> Result<()> {
-        match self.outbox.failure() {
-            None => Ok(()),
-            Some(failure) => Err(self.error(failure)),
-        }
-    }
-
     /// Waits until everything queued so far (the outbox too) is committed.
-    pub async fn flush(&self) -> Result<()> {
+    async fn flush(&self) -> Result<()> {
         self.call(|_| Ok(())).await?;
         self.outbox_ok()
     }
 
     /// Starts copying the WAL into the database file in the background, so that little
     /// is left for [`close`](Self::close) (call it once the writing is done).
-    pub fn checkpoint_soon(&self) {
+    fn checkpoint_soon(&self) {
         // A full queue means the writer is busy writing anyway; the final checkpoint
         // then does it all.
         let _ = self.tx.try_send(Message::Checkpoint);
@@ -437,7 +429,7 @@ impl Store {
     /// Ends the session: everything queued is committed, the WAL is copied into the
     /// database file and emptied, and the writer thread stops (every handle then
     /// fails). Returns when that is done, so the process can exit.
-    pub async fn close(&self) {
+    async fn close(&self) {
         let (done_tx, done_rx) = oneshot::channel();
         if self.tx.send(Message::Close(done_tx)).await.is_ok() {
             let _ = done_rx.await;

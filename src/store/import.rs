@@ -478,43 +478,79 @@ fn import_valid(
                 counts.queued += 1;
             }
         }
-        Some((id, state, Some(old), _)) if old == *new.payload => {
-            counts.duplicates += 1;
-            if state == "failed" || state == "unknown" {
-                // Not sent again (retry-failed does that), but not done either: this
-                // run's report lists it and its exit code says so.
-                c.prepare_cached("UPDATE jobs SET last_run_id = :run_id WHERE id = :id")?
-                    .execute(named_params! {":run_id": new.run_id, ":id": id})?;
+        Some((id, state, old, creates)) => {
+            match taken(key, new.payload, &state, old.as_ref(), creates) {
+                Taken::Duplicate { touch } => {
+                    counts.duplicates += 1;
+                    if touch {
+                        c.prepare_cached("UPDATE jobs SET last_run_id = :run_id WHERE id = :id")?
+                            .execute(named_params! {":run_id": new.run_id, ":id": id})?;
+                    }
+                }
+                Taken::Fix { needs_check } => {
+                    replace(id, needs_check)?;
+                    counts.fixed += 1;
+                }
+                Taken::Conflict { reason, raw } => {
+                    counts.conflicts += 1;
+                    c.prepare_cached(
+                    "INSERT INTO import_issues (run_id, source, line, key, kind, reason, raw) \
+                     VALUES (:run_id, (SELECT name FROM sources WHERE id = :source_id), :line, :key, \
+                     'conflict', :reason, :raw)",
+                )?
+                .execute(named_params! {
+                    ":run_id": new.run_id,
+                    ":source_id": new.source_id,
+                    ":line": new.line,
+                    ":key": key,
+                    ":reason": reason,
+                    ":raw": raw,
+                })?;
+                }
             }
-        }
-        Some((id, state, _, creates)) if state == "failed" => {
-            // A fixed version of a failed row. If a create was ever sent, a group may
-            // exist after all: check before sending again.
-            replace(id, creates > 0)?;
-            counts.fixed += 1;
-        }
-        Some((_, state, _, _)) => {
-            counts.conflicts += 1;
-            let reason = format!(
-                "key {key} was already imported with different data (that job is {state}); \
-                 this row was not sent. Remove the row, or give it its own orderId"
-            );
-            // The row itself is kept, for `export failures`: nothing a person wrote is lost.
-            let raw = serde_json::to_string(&new.payload.input_cells()).unwrap_or_default();
-            c.prepare_cached(
-                "INSERT INTO import_issues (run_id, source, line, key, kind, reason, raw) \
-                 VALUES (:run_id, (SELECT name FROM sources WHERE id = :source_id), :line, :key, \
-                 'conflict', :reason, :raw)",
-            )?
-            .execute(named_params! {
-                ":run_id": new.run_id,
-                ":source_id": new.source_id,
-                ":line": new.line,
-                ":key": key,
-                ":reason": reason,
-                ":raw": raw,
-            })?;
         }
     }
     Ok(())
+}
+
+/// What a valid row becomes when its key is taken by job of state `state`, body
+/// `old` and `creates` creates sent (the rule of both backends; README, "Importing
+/// rows").
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Taken {
+    /// The same data: not sent again. `touch`: the job is failed or unknown, so this
+    /// run's report lists it (not sent again, but not done either).
+    Duplicate { touch: bool },
+    /// A fixed version of a failed row takes its place. If a create was ever sent, a
+    /// group may exist after all: `needs_check`.
+    Fix { needs_check: bool },
+    /// Other data under a key in use: not imported, kept for `export failures`.
+    Conflict { reason: String, raw: String },
+}
+
+pub(super) fn taken(
+    key: &str,
+    new: &Payload,
+    state: &str,
+    old: Option<&Payload>,
+    creates: i64,
+) -> Taken {
+    if old == Some(new) {
+        return Taken::Duplicate {
+            touch: state == "failed" || state == "unknown",
+        };
+    }
+    if state == "failed" {
+        return Taken::Fix {
+            needs_check: creates > 0,
+        };
+    }
+    Taken::Conflict {
+        reason: format!(
+            "key {key} was already imported with different data (that job is {state}); \
+             this row was not sent. Remove the row, or give it its own orderId"
+        ),
+        // The row itself is kept, for `export failures`: nothing a person wrote is lost.
+        raw: serde_json::to_string(&new.input_cells()).unwrap_or_default(),
+    }
 }

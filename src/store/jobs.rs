@@ -83,7 +83,7 @@ macro_rules! set_state_sql {
 /// change, an attempt), by name; a group's insert binds its columns in order. Numbers, not `:names`: SQLite finds a name
 /// by comparing it with every parameter of the statement, which cost 5% of a run's
 /// instructions (`benches/instructions.sh`). The store's tests run every statement.
-mod param {
+pub(super) mod param {
     // Every state change ([`update_sql`]).
     pub const BUMP: usize = 1;
     pub const STATUS: usize = 2;
@@ -102,7 +102,7 @@ mod param {
 }
 
 /// `INSERT INTO attempts`, its parameters numbered as [`AttemptParam`] names them.
-const INSERT_ATTEMPT: &str = "INSERT INTO attempts (job_id, run_id, kind, started_at, \
+pub(super) const INSERT_ATTEMPT: &str = "INSERT INTO attempts (job_id, run_id, kind, started_at, \
      started_ms, latency_ms, status, class, error, batch) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
@@ -203,7 +203,7 @@ impl StateChange {
 
 /// The statement that writes `transition` (its own parameters are bound by
 /// [`bind_transition`]).
-fn update_sql(transition: &Transition) -> &'static str {
+pub(super) fn update_sql(transition: &Transition) -> &'static str {
     match transition {
         Transition::Keep => set_state_sql!("", working!()),
         Transition::InFlight {
@@ -273,7 +273,7 @@ fn bind_transition(
 }
 
 /// Logs a change refused because another run claimed the job since.
-fn warn_not_recorded(run_id: i64, job_id: i64, transition: &Transition) {
+pub(super) fn warn_not_recorded(run_id: i64, job_id: i64, transition: &Transition) {
     let group = match transition {
         Transition::Succeeded { group, .. } => Some(group.id.as_str()),
         _ => None,

@@ -56,13 +56,17 @@ impl RunLock {
                 let _ = file.read_to_string(&mut text);
                 let holder = text.trim();
                 Err(Error::Locked {
-                    path: db.to_owned(),
-                    lock: path,
+                    db: db.display().to_string(),
                     holder: if holder.is_empty() {
                         "a run that is just starting".to_owned()
                     } else {
                         holder.to_owned()
                     },
+                    release: format!(
+                        "The lock ({}) is held by the kernel and released when that process \
+                         ends, however it ends: never delete it by hand",
+                        path.display()
+                    ),
                 })
             }
             Err(TryLockError::Error(source)) => Err(Error::File {
@@ -75,9 +79,7 @@ impl RunLock {
 
     /// Writes who holds the lock into the file (information for a second run).
     pub(super) fn describe(&mut self, run_id: i64, started_at: &str) {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "an unknown host".to_owned());
+        let host = host_name();
         let text = format!(
             "run {run_id}, pid {} on {host}, started {started_at}\n",
             std::process::id()
@@ -91,6 +93,13 @@ impl RunLock {
             tracing::debug!(error = %e, "cannot describe the run lock's holder");
         }
     }
+}
+
+/// This machine's name, for the messages that name a lock's holder.
+pub(super) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "an unknown host".to_owned())
 }
 
 #[cfg(test)]

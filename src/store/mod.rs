@@ -33,6 +33,7 @@
 //! | `failure.rs` | database failures sorted by remedy |
 //! | `types.rs` | the values that cross the store boundary |
 
+mod backend;
 mod body;
 mod checkpoint;
 mod clock;
@@ -42,21 +43,26 @@ mod import;
 mod jobs;
 mod lock;
 mod outbox;
+mod pg;
 mod queue;
 mod reads;
 mod runs;
 mod schema;
+mod target;
 mod types;
 mod writer;
 
+pub use backend::{Backend, Store};
 pub use failure::DbCause;
 #[cfg(test)]
 pub(crate) use failure::Failure;
-pub use handle::{DEFAULT_BUSY_TIMEOUT, Store};
+pub use handle::DEFAULT_BUSY_TIMEOUT;
 pub use lock::lock_path;
 pub use queue::RetryFilter;
+pub use reads::SendPlan;
 pub use reads::{FailureReason, JobExport, RunFacts, RunListEntry};
 pub use schema::Access;
+pub use target::{Db, PgUrl};
 pub use types::{
     Attempt, FailureClass, GroupRec, ImportCounts, Job, JobState, Obtained, RequestKind,
     StateCounts, Transition,

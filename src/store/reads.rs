@@ -163,81 +163,128 @@ pub(super) fn run_facts(c: &Connection, run_id: i64) -> rusqlite::Result<Option<
 /// one pass over `jobs` and without sorting it (a million-row import is reported in
 /// a fraction of the time a `GROUP BY` takes). Only counts above zero are listed.
 fn job_counts(c: &Connection, run_id: i64) -> rusqlite::Result<(StateCounts, Vec<(String, i64)>)> {
-    let obtained = Obtained::ALL.map(Obtained::as_str);
-    let mut by_state = StateCounts::default();
-    let mut by_obtained = [0i64; Obtained::ALL.len()];
+    let mut tally = JobTally::default();
     // One pass, tallied here: a GROUP BY sorts the whole table, and a count(*) FILTER
     // per name evaluates nine aggregates on every row.
     let mut stmt = c.prepare("SELECT state, obtained FROM jobs WHERE last_run_id = :run_id")?;
     let mut rows = stmt.query(named_params! {":run_id": run_id})?;
     while let Some(r) = rows.next()? {
-        let Some(state) = JobState::parse(r.get_ref(0)?.as_str()?) else {
-            continue;
+        tally.add(r.get_ref(0)?.as_str()?, r.get_ref(1)?.as_str_or_null()?, 1);
+    }
+    Ok(tally.finish())
+}
+
+/// Jobs by state, and succeeded jobs by how they got their group (both backends
+/// count a run's jobs with this).
+#[derive(Debug, Default)]
+pub(super) struct JobTally {
+    by_state: StateCounts,
+    by_obtained: [i64; Obtained::ALL.len()],
+}
+
+impl JobTally {
+    /// Counts `n` jobs in `state`, obtained as `obtained`.
+    pub(super) fn add(&mut self, state: &str, obtained: Option<&str>, n: i64) {
+        let Some(state) = JobState::parse(state) else {
+            return;
         };
-        by_state.add(state, 1);
+        self.by_state.add(state, n);
         if state == JobState::Succeeded
-            && let Some(o) = r.get_ref(1)?.as_str_or_null()?
-            && let Some(j) = obtained.iter().position(|name| *name == o)
+            && let Some(o) = obtained
+            && let Some(j) = Obtained::ALL.iter().position(|name| name.as_str() == o)
         {
-            by_obtained[j] += 1;
+            self.by_obtained[j] += n;
         }
     }
-    let obtained = obtained
-        .iter()
-        .zip(by_obtained)
-        .filter(|(_, n)| *n > 0)
-        .map(|(name, n)| ((*name).to_owned(), n))
-        .collect();
-    Ok((by_state, obtained))
+
+    /// The counts by state, and by how groups were obtained (only those above zero).
+    pub(super) fn finish(self) -> (StateCounts, Vec<(String, i64)>) {
+        let obtained = Obtained::ALL
+            .iter()
+            .zip(self.by_obtained)
+            .filter(|(_, n)| *n > 0)
+            .map(|(o, n)| (o.as_str().to_owned(), n))
+            .collect();
+        (self.by_state, obtained)
+    }
 }
 
 /// The run's attempts by kind and by class, their latencies and the send window, in
 /// one pass over them (four queries, two of them sorting, cost four times as much on
 /// a run of a million rows).
 fn attempt_facts(c: &Connection, run_id: i64, facts: &mut RunFacts) -> rusqlite::Result<()> {
-    let mut by_kind: std::collections::BTreeMap<String, i64> = Default::default();
-    // A handful of distinct names: a few comparisons find one, cheaper than hashing.
-    let mut by_class: std::collections::BTreeMap<String, i64> = Default::default();
-    let mut window: Option<(i64, i64)> = None;
+    let mut tally = AttemptTally::default();
     let mut stmt = c.prepare(
         "SELECT kind, class, latency_ms, started_ms, batch FROM attempts WHERE run_id = :run_id",
     )?;
     let mut rows = stmt.query(named_params! {":run_id": run_id})?;
-    // A list request is recorded with every job it checked: counted once.
-    let mut lists_seen = std::collections::HashSet::new();
     while let Some(r) = rows.next()? {
-        if let Some(batch) = r.get::<_, Option<i64>>(4)?
-            && !lists_seen.insert(batch)
-        {
-            continue;
-        }
-        let kind = r.get_ref(0)?.as_str()?;
-        match by_kind.get_mut(kind) {
-            Some(n) => *n += 1,
-            None => {
-                by_kind.insert(kind.to_owned(), 1);
-            }
-        }
-        let class = r.get_ref(1)?.as_str()?;
-        match by_class.get_mut(class) {
-            Some(n) => *n += 1,
-            None => {
-                by_class.insert(class.to_owned(), 1);
-            }
-        }
-        let latency: f64 = r.get(2)?;
-        let start: i64 = r.get(3)?;
-        let end = start + latency as i64;
-        window = Some(window.map_or((start, end), |(a, b)| (a.min(start), b.max(end))));
-        facts.latencies_ms.push(latency);
+        tally.add(
+            r.get_ref(0)?.as_str()?,
+            r.get_ref(1)?.as_str()?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+        );
     }
-    facts.attempts_by_kind = by_kind.into_iter().collect();
-    let mut classes: Vec<(String, i64)> = by_class.into_iter().collect();
-    // Most frequent first, then by name: what `ORDER BY count(*) DESC, class` gave.
-    classes.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    facts.attempts_by_class = classes;
-    facts.send_window_ms = window;
+    tally.finish(facts);
     Ok(())
+}
+
+/// A run's attempts by kind and class, their latencies and send window (both
+/// backends tally a run's attempts with this).
+#[derive(Debug, Default)]
+pub(super) struct AttemptTally {
+    // A handful of distinct names: a few comparisons find one, cheaper than hashing.
+    by_kind: std::collections::BTreeMap<String, i64>,
+    by_class: std::collections::BTreeMap<String, i64>,
+    window: Option<(i64, i64)>,
+    latencies_ms: Vec<f64>,
+    /// A list request is recorded with every job it checked: counted once.
+    lists_seen: std::collections::HashSet<i64>,
+}
+
+impl AttemptTally {
+    /// Counts one recorded attempt.
+    pub(super) fn add(
+        &mut self,
+        kind: &str,
+        class: &str,
+        latency: f64,
+        start: i64,
+        batch: Option<i64>,
+    ) {
+        if let Some(batch) = batch
+            && !self.lists_seen.insert(batch)
+        {
+            return;
+        }
+        for (map, name) in [(&mut self.by_kind, kind), (&mut self.by_class, class)] {
+            match map.get_mut(name) {
+                Some(n) => *n += 1,
+                None => {
+                    map.insert(name.to_owned(), 1);
+                }
+            }
+        }
+        let end = start + latency as i64;
+        self.window = Some(
+            self.window
+                .map_or((start, end), |(a, b)| (a.min(start), b.max(end))),
+        );
+        self.latencies_ms.push(latency);
+    }
+
+    /// Puts the tallies into `facts`.
+    pub(super) fn finish(self, facts: &mut RunFacts) {
+        facts.attempts_by_kind = self.by_kind.into_iter().collect();
+        let mut classes: Vec<(String, i64)> = self.by_class.into_iter().collect();
+        // Most frequent first, then by name: what `ORDER BY count(*) DESC, class` gave.
+        classes.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        facts.attempts_by_class = classes;
+        facts.send_window_ms = self.window;
+        facts.latencies_ms = self.latencies_ms;
+    }
 }
 
 /// Rows of (state, key, source, line, reason) for one run (`sql` names it `:run_id`).
@@ -349,7 +396,7 @@ pub(super) fn list_runs(c: &Connection, limit: usize) -> rusqlite::Result<Vec<Ru
 }
 
 /// (jobs, succeeded) of a saved report's JSON.
-fn saved_counts(json: &str) -> Option<(i64, i64)> {
+pub(super) fn saved_counts(json: &str) -> Option<(i64, i64)> {
     #[derive(serde::Deserialize)]
     struct Jobs {
         jobs: std::collections::BTreeMap<String, i64>,

@@ -6,6 +6,8 @@ use rusqlite::Connection;
 use super::*;
 use crate::job::Payload;
 use crate::source::ImportRow;
+/// The SQLite backend itself: these tests reach into its connection.
+use handle::Sqlite as Store;
 
 fn rows(from: u64, n: u64) -> Vec<ImportRow> {
     (from..from + n)
@@ -33,7 +35,7 @@ fn rows(from: u64, n: u64) -> Vec<ImportRow> {
 fn fresh() -> (tempfile::TempDir, PathBuf, Store) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("k.db");
-    let store = Store::open(&path).unwrap();
+    let store = Store::open_with(&path, Access::Write, DEFAULT_BUSY_TIMEOUT).unwrap();
     (dir, path, store)
 }
 

@@ -126,7 +126,7 @@ async fn two_engines_without_the_lock_never_duplicate() {
     )
     .await;
     assert_eq!(
-        kohort_batch::commands::enqueue(&s.db, std::slice::from_ref(&s.csv))
+        kohort_batch::commands::enqueue(&s.db.clone().into(), std::slice::from_ref(&s.csv))
             .await
             .unwrap(),
         kohort_batch::Exit::Success

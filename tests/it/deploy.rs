@@ -14,7 +14,7 @@ fn repo(path: &str) -> PathBuf {
 /// The `--db` of a parsed `run` command line.
 fn db_of(parsed: &cli::Cli) -> PathBuf {
     match &parsed.command {
-        Command::Run(r) => r.db.db.clone(),
+        Command::Run(r) => r.db.db.file().unwrap().to_owned(),
         other => panic!("not a run: {other:?}"),
     }
 }

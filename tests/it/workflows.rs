@@ -102,7 +102,7 @@ async fn invalid_inbox_rows_are_recorded_with_their_inbox_id() {
 async fn enqueue_fills_the_queue_without_sending() {
     let s = Scene::new(SandboxConfig::default(), &csv_rows(15)).await;
     assert_eq!(
-        commands::enqueue(&s.db, std::slice::from_ref(&s.csv))
+        commands::enqueue(&s.db.clone().into(), std::slice::from_ref(&s.csv))
             .await
             .unwrap(),
         Exit::Success

@@ -1,0 +1,194 @@
+//! The run lock on PostgreSQL: a session-level advisory lock on a connection of its
+//! own, keyed by the schema (two schemas of one database are two databases to
+//! kohort-batch). The server releases it when that connection closes, however the
+//! process ends. The `lock` row only names the holder, for a second run's message.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::tls::Connector;
+use crate::error::{Error, Result};
+use crate::store::clock::{now_ms, now_text};
+use crate::store::failure::Failure;
+
+/// The advisory lock's first key: "KBAT", kohort-batch's mark. The second is the
+/// hash of the schema's name.
+const LOCK_KEY: &str = "1262633300, hashtext(current_schema())";
+
+/// The held lock: its connection, and whether we let it go.
+#[derive(Debug)]
+pub(super) struct RunLock {
+    client: tokio_postgres::Client,
+    backend: i64,
+    released: Arc<AtomicBool>,
+}
+
+impl RunLock {
+    /// Takes the lock without waiting, on a new connection; `Error::Locked` naming
+    /// its holder if another session has it. `lost` is set should the connection
+    /// close before [`release`](Self::release).
+    pub(super) async fn acquire(
+        connector: &Connector,
+        shown: &str,
+        lost: Arc<AtomicBool>,
+    ) -> Result<RunLock> {
+        let released = Arc::new(AtomicBool::new(false));
+        let ours = released.clone();
+        let db_err = |f: Failure| f.into_error(shown);
+        let client = connector
+            .connect(move || {
+                if !ours.load(Ordering::SeqCst) {
+                    tracing::error!(
+                        "the connection holding the run lock closed (the PostgreSQL server \
+                         restarted or dropped it): this run writes nothing more"
+                    );
+                    lost.store(true, Ordering::SeqCst);
+                }
+            })
+            .await
+            .map_err(db_err)?;
+        let row = client
+            .query_one(
+                &format!("SELECT pg_try_advisory_lock({LOCK_KEY}), pg_backend_pid()"),
+                &[],
+            )
+            .await
+            .map_err(|e| db_err(e.into()))?;
+        let (got, backend): (bool, i32) = (row.get(0), row.get(1));
+        if !got {
+            let holder = holder(&client).await.map_err(db_err)?;
+            released.store(true, Ordering::SeqCst);
+            return Err(Error::Locked {
+                db: shown.to_owned(),
+                holder,
+                release: "The lock is a PostgreSQL advisory lock held by the server for that \
+                          run's connection, released when the connection closes, however the \
+                          run ends: nothing to clean up by hand"
+                    .to_owned(),
+            });
+        }
+        Ok(RunLock {
+            client,
+            backend: i64::from(backend),
+            released,
+        })
+    }
+
+    /// The server process of the lock's connection.
+    pub(super) fn backend_pid(&self) -> i64 {
+        self.backend
+    }
+
+    /// Lets the lock go (closing its connection would too).
+    pub(super) async fn release(self) {
+        self.released.store(true, Ordering::SeqCst);
+        let _ = self
+            .client
+            .execute(&format!("SELECT pg_advisory_unlock({LOCK_KEY})"), &[])
+            .await;
+    }
+}
+
+/// Who holds the lock: the run its row names, and the server's view of the session.
+async fn holder(client: &tokio_postgres::Client) -> Result<String, Failure> {
+    let named = client
+        .query_opt(
+            "SELECT run_id, pid, host, started_at FROM lock WHERE id = 1",
+            &[],
+        )
+        .await?
+        .map(|r| {
+            format!(
+                "run {}, pid {} on {}, started {}",
+                r.get::<_, i64>(0),
+                r.get::<_, i64>(1),
+                r.get::<_, String>(2),
+                r.get::<_, String>(3)
+            )
+        });
+    let session = client
+        .query_opt(
+            "SELECT l.pid, coalesce(host(a.client_addr), 'a local socket'), \
+                 coalesce(a.backend_start::text, '?') FROM pg_locks l \
+                 LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                 AND (l.classid, l.objid) = (SELECT 1262633300::oid, \
+                 hashtext(current_schema())::oid) LIMIT 1",
+            &[],
+        )
+        .await?
+        .map(|r| {
+            format!(
+                "PostgreSQL session {} from {} since {}",
+                r.get::<_, i32>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2)
+            )
+        });
+    Ok(match (named, session) {
+        (Some(n), Some(s)) => format!("{n}; {s}"),
+        (Some(n), None) => n,
+        (None, Some(s)) => format!("a run that is just starting; {s}"),
+        (None, None) => "a run that is just starting".to_owned(),
+    })
+}
+
+/// Records a run; for an `exclusive` run (holding the lock) also the lock row, and
+/// turns jobs a crash left in flight into pending jobs checked before any re-send
+/// (as SQLite's `runs::begin_run`). Returns the run id.
+pub(super) async fn begin_run(
+    tx: &deadpool_postgres::Transaction<'_>,
+    command: &str,
+    options: &str,
+    exclusive: bool,
+    backend: i64,
+) -> Result<i64, Failure> {
+    let started = now_text();
+    let pid = i64::from(std::process::id());
+    let run_id: i64 = tx
+        .query_one(
+            "INSERT INTO runs (command, started_at, pid, options) VALUES ($1, $2, $3, $4) \
+             RETURNING id",
+            &[&command, &started, &pid, &options],
+        )
+        .await?
+        .get(0);
+    if !exclusive {
+        return Ok(run_id);
+    }
+    tx.execute("DELETE FROM lock", &[]).await?;
+    tx.execute(
+        "INSERT INTO lock (id, pid, run_id, started_at, host, backend) \
+         VALUES (1, $1, $2, $3, $4, $5)",
+        &[
+            &pid,
+            &run_id,
+            &started,
+            &crate::store::lock::host_name(),
+            &backend,
+        ],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE runs SET stopped = 'the process ended before the run finished (killed, or \
+         the machine stopped); the next run checked its jobs in flight' \
+         WHERE finished_at IS NULL AND stopped IS NULL AND id < $1 \
+         AND (command = 'run' OR command = 'retry-failed')",
+        &[&run_id],
+    )
+    .await?;
+    let interrupted = tx
+        .execute(
+            "UPDATE jobs SET state = 'pending', needs_check = 1, \
+             error = 'interrupted while in flight', updated_ms = $1 WHERE state = 'in_flight'",
+            &[&now_ms()],
+        )
+        .await?;
+    if interrupted > 0 {
+        tracing::warn!(
+            jobs = interrupted,
+            "found jobs interrupted mid-request by an earlier run; they are checked before any re-send"
+        );
+    }
+    Ok(run_id)
+}

@@ -1,0 +1,168 @@
+//! How connections are made: the URL read into the driver's settings, and TLS as
+//! its `sslmode` asks, with the system's roots, the URL's `sslrootcert` and
+//! `--ca-cert`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use deadpool_postgres::{Manager, ManagerConfig};
+use tokio_postgres::config::SslMode;
+
+use crate::error::{Error, Result};
+use crate::store::PgUrl;
+use crate::store::failure::Failure;
+
+/// The driver's settings and TLS, to make the pool's connections and the lock's.
+#[derive(Clone)]
+pub(super) struct Connector {
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The settings hold the password: never shown.
+        f.debug_struct("Connector")
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    /// Reads `url`. `sslmode` is libpq's: `disable`, `allow`/`prefer` (the default:
+    /// TLS when the server offers it), `require`, `verify-ca`, `verify-full`. Whenever
+    /// TLS is used the server's certificate and name are verified (stricter than
+    /// libpq's `require`, which trusts any certificate).
+    pub(super) fn new(
+        url: &PgUrl,
+        busy_timeout: std::time::Duration,
+        ca_cert: Option<&Path>,
+    ) -> Result<Connector> {
+        let mut plain = url.secret().clone();
+        let mut mode = SslMode::Prefer;
+        let mut roots: Vec<PathBuf> = ca_cert.into_iter().map(Path::to_owned).collect();
+        let mut kept: Vec<(String, String)> = Vec::new();
+        for (key, value) in url.secret().query_pairs() {
+            match key.as_ref() {
+                "sslmode" => {
+                    mode = match value.as_ref() {
+                        "disable" => SslMode::Disable,
+                        "allow" | "prefer" => SslMode::Prefer,
+                        "require" | "verify-ca" | "verify-full" => SslMode::Require,
+                        other => {
+                            return Err(Error::Usage(format!(
+                                "--db: sslmode={other} is not one of disable, allow, prefer, \
+                                 require, verify-ca, verify-full"
+                            )));
+                        }
+                    }
+                }
+                "sslrootcert" => roots.push(PathBuf::from(value.as_ref())),
+                _ => kept.push((key.into_owned(), value.into_owned())),
+            }
+        }
+        plain.set_query(None);
+        if !kept.is_empty() {
+            plain.query_pairs_mut().extend_pairs(kept);
+        }
+        let mut config: tokio_postgres::Config = plain.as_str().parse().map_err(|e| {
+            Error::Usage(format!(
+                "--db {}: {e}; see the PostgreSQL section of deploy/README.md",
+                url.shown()
+            ))
+        })?;
+        config.ssl_mode(mode);
+        if config.get_application_name().is_none() {
+            config.application_name("kohort-batch");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(std::time::Duration::from_secs(10));
+        }
+        config.keepalives_idle(std::time::Duration::from_secs(30));
+        // Waits for another session's row or table lock end after --busy-timeout, as
+        // SQLite's busy timeout does.
+        let lock_timeout = format!("-c lock_timeout={}", busy_timeout.as_millis().max(1));
+        let options = match config.get_options() {
+            Some(given) => format!("{given} {lock_timeout}"),
+            None => lock_timeout,
+        };
+        config.options(&options);
+        let tls = match mode {
+            SslMode::Disable => None,
+            _ => Some(tls_config(&roots)?),
+        };
+        Ok(Connector { config, tls })
+    }
+
+    /// The pool's manager.
+    pub(super) fn manager(&self, config: ManagerConfig) -> Manager {
+        match &self.tls {
+            Some(tls) => Manager::from_config(self.config.clone(), tls.clone(), config),
+            None => Manager::from_config(self.config.clone(), tokio_postgres::NoTls, config),
+        }
+    }
+
+    /// A connection of its own; `ended` runs when it closes (for the lock).
+    pub(super) async fn connect(
+        &self,
+        ended: impl FnOnce() + Send + 'static,
+    ) -> Result<tokio_postgres::Client, Failure> {
+        match &self.tls {
+            Some(tls) => {
+                let (client, connection) = self.config.connect(tls.clone()).await?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                    ended();
+                });
+                Ok(client)
+            }
+            None => {
+                let (client, connection) = self.config.connect(tokio_postgres::NoTls).await?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                    ended();
+                });
+                Ok(client)
+            }
+        }
+    }
+}
+
+/// TLS with the system's roots and the given PEM files.
+fn tls_config(extra: &[PathBuf]) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // A system root rustls cannot read is left out, as the system's tools do.
+        let _ = roots.add(cert);
+    }
+    for path in extra {
+        let unreadable = |what: String| {
+            Error::Usage(format!(
+                "the CA certificate {} for PostgreSQL {what}: give a PEM file",
+                path.display()
+            ))
+        };
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| unreadable(format!("cannot be read ({e})")))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| unreadable(format!("is not PEM ({e})")))?;
+        if certs.is_empty() {
+            return Err(unreadable("holds no certificate".to_owned()));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| unreadable(format!("is refused ({e})")))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| Error::internal_from("cannot set up TLS for PostgreSQL", e))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}

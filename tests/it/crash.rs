@@ -11,8 +11,16 @@ use crate::util::*;
 
 /// The real binary's `run` on the scene, with JSON logs and `extra`, in the background.
 fn spawn_run(s: &Scene, extra: &[&str]) -> Child {
-    s.bin_run()
-        .args(["--rate", "0", "--log-format", "json"])
+    spawn_run_on(s, None, extra)
+}
+
+/// [`spawn_run`] on another database than the scene's (a PostgreSQL URL).
+pub fn spawn_run_on(s: &Scene, db: Option<&str>, extra: &[&str]) -> Child {
+    let cmd = match db {
+        Some(db) => s.bin_run().set("--db", db),
+        None => s.bin_run(),
+    };
+    cmd.args(["--rate", "0", "--log-format", "json"])
         .args(extra)
         .command()
         .stdout(Stdio::piped())
@@ -29,7 +37,7 @@ fn signal(child: &Child, sig: &str) {
     assert!(ok.success());
 }
 
-async fn wait(child: Child) -> std::process::Output {
+pub async fn wait(child: Child) -> std::process::Output {
     tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
         .await
         .unwrap()
@@ -127,7 +135,21 @@ async fn sigkill_campaign_never_duplicates_and_never_loses_a_row() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let s = Scene::new(
+    let s = campaign_scene(rows).await;
+    let code = campaign(&s, None, kills).await;
+    let succeeded = count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'");
+    let recovered = count(
+        &s.db,
+        "SELECT count(*) FROM jobs WHERE obtained = 'recovered'",
+    );
+    campaign_verdict(&s, rows, kills, code, succeeded, recovered);
+    assert_eq!(column(&s.db, "PRAGMA integrity_check"), ["ok"]);
+}
+
+/// The campaign's scene: `rows` orders, an API with latency, 503s, 429s, lost
+/// responses and resets.
+pub async fn campaign_scene(rows: usize) -> Scene {
+    Scene::new(
         SandboxConfig {
             latency: (Duration::from_millis(1), Duration::from_millis(8)),
             error_503: 0.02,
@@ -140,7 +162,12 @@ async fn sigkill_campaign_never_duplicates_and_never_loses_a_row() {
         },
         &csv_rows(rows),
     )
-    .await;
+    .await
+}
+
+/// SIGKILLs the release binary's `run` (on `db`, else the scene's) `kills` times at
+/// random moments, then runs it to completion; returns the final exit code.
+pub async fn campaign(s: &Scene, db: Option<&str>, kills: usize) -> i32 {
     let opts = [
         "--concurrency",
         "8",
@@ -155,15 +182,15 @@ async fn sigkill_campaign_never_duplicates_and_never_loses_a_row() {
     ];
     let mut rng = fastrand::Rng::with_seed(7);
     for _ in 0..kills {
-        let mut child = spawn_run(&s, &opts);
+        let mut child = spawn_run_on(s, db, &opts);
         tokio::time::sleep(Duration::from_millis(rng.u64(100..600))).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
     }
     let mut finals = 0;
-    let code = loop {
+    loop {
         finals += 1;
-        let out = wait(spawn_run(&s, &opts)).await;
+        let out = wait(spawn_run_on(s, db, &opts)).await;
         match out.status.code() {
             Some(0) => break 0,
             other if finals >= 3 => panic!(
@@ -172,18 +199,25 @@ async fn sigkill_campaign_never_duplicates_and_never_loses_a_row() {
             ),
             _ => continue,
         }
-    };
+    }
+}
+
+/// The campaign's proof, from the sandbox's own count: every order has exactly one
+/// group, and the record says every job succeeded.
+pub fn campaign_verdict(
+    s: &Scene,
+    rows: usize,
+    kills: usize,
+    code: i32,
+    succeeded: i64,
+    recovered: i64,
+) {
     let stats = s.sb.stats(true);
     let per = stats.groups_per_key.clone().unwrap();
     let lost = orders(rows)
         .iter()
         .filter(|o| per.get(*o).copied().unwrap_or(0) == 0)
         .count();
-    let succeeded = count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'");
-    let recovered = count(
-        &s.db,
-        "SELECT count(*) FROM jobs WHERE obtained = 'recovered'",
-    );
     println!(
         "crash campaign: kills={kills} rows={rows} duplicates={} lost={lost} recovered={recovered} \
          groups={} final_exit={code}",
@@ -193,5 +227,4 @@ async fn sigkill_campaign_never_duplicates_and_never_loses_a_row() {
     assert_eq!(lost, 0);
     assert_eq!(succeeded as usize, rows);
     assert_eq!(stats.groups_total as usize, rows);
-    assert_eq!(column(&s.db, "PRAGMA integrity_check"), ["ok"]);
 }

@@ -22,6 +22,7 @@ mod install;
 mod nightly;
 mod operate;
 mod pg;
+mod postgres;
 mod robustness;
 mod scene;
 mod spreadsheets;

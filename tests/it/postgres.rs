@@ -367,3 +367,71 @@ async fn a_password_in_the_url_never_shows_in_output_logs_or_the_record() {
     let stored = pg.psql("SELECT string_agg(options || coalesce(report, ''), ' ') FROM runs");
     assert!(!stored.contains("s3cr3t") && !stored.is_empty(), "{stored}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_as_sslmode_asks_verified_against_sslrootcert_or_ca_cert() {
+    let Some(pg) = cluster("tls_as_sslmode_asks…") else {
+        return;
+    };
+    let ca = rcgen::CertifiedIssuer::self_signed(
+        {
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, "kohort-batch test database root");
+            p
+        },
+        rcgen::KeyPair::generate().unwrap(),
+    )
+    .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    // The server reads its certificate as its own user (postgres, when tests run as
+    // root), and refuses a key others can read.
+    let certs = tempfile::tempdir().unwrap();
+    let crt = write(certs.path(), "server.crt", &leaf.pem());
+    let key_file = write(certs.path(), "server.key", &key.serialize_pem());
+    let root = write(certs.path(), "root.pem", &ca.pem());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(certs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    if let Some((uid, gid)) = pg.server_user() {
+        for f in [&crt, &key_file] {
+            std::os::unix::fs::chown(f, Some(uid), Some(gid)).unwrap();
+        }
+    }
+    pg.psql(&format!(
+        "ALTER SYSTEM SET ssl = on;\nALTER SYSTEM SET ssl_cert_file = '{}';\n\
+         ALTER SYSTEM SET ssl_key_file = '{}';",
+        crt.display(),
+        key_file.display()
+    ));
+    pg.restart_fast();
+    let s = Scene::new(SandboxConfig::default(), &csv_rows(3)).await;
+    let base = pg.url();
+    // TLS required, the server's CA unknown: refused before anything is written.
+    let refused = on(s.on_db(&["init"]), &format!("{base}?sslmode=require"))
+        .output()
+        .await;
+    let text = all_text(&refused);
+    assert_eq!(refused.status.code(), Some(74), "{text}");
+    assert!(
+        text.contains("certificate") && text.contains("sslrootcert"),
+        "{text}"
+    );
+    // The CA in the URL: verified.
+    let with_root = format!("{base}?sslmode=verify-full&sslrootcert={}", root.display());
+    let init = on(s.on_db(&["init"]), &with_root).output().await;
+    assert_eq!(init.status.code(), Some(0), "{}", all_text(&init));
+    // The CA as --ca-cert, for a run.
+    let run = on(s.bin_run(), &format!("{base}?sslmode=require"))
+        .flag("--ca-cert", &root)
+        .args(["--rate", "0"])
+        .output()
+        .await;
+    assert_eq!(run.status.code(), Some(0), "{}", all_text(&run));
+    assert_one_group_each(&s.sb, orders(3));
+}

@@ -8,10 +8,7 @@ use crate::store::failure::{DbCause, Failure};
 impl From<tokio_postgres::Error> for Failure {
     fn from(e: tokio_postgres::Error) -> Failure {
         let (cause, message) = match e.as_db_error() {
-            None => (
-                DbCause::Connection,
-                format!("the connection to the PostgreSQL server failed: {e}"),
-            ),
+            None => (DbCause::Connection, connection_failed(&e)),
             Some(db) => (cause_of(db.code()), {
                 let mut text = db.message().to_owned();
                 if let Some(detail) = db.detail() {
@@ -25,6 +22,27 @@ impl From<tokio_postgres::Error> for Failure {
             ..Failure::new(cause, message)
         }
     }
+}
+
+/// What a failed connection says, with where its causes lead (TLS's are told
+/// only deep in the chain).
+fn connection_failed(e: &tokio_postgres::Error) -> String {
+    let mut text = format!("the connection to the PostgreSQL server failed: {e}");
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let said = c.to_string();
+        if !text.contains(&said) {
+            text.push_str(&format!(": {said}"));
+        }
+        cause = c.source();
+    }
+    if text.contains("certificate") {
+        text.push_str(
+            ". The server's TLS certificate is not trusted: give its CA with \
+             sslrootcert=/path/ca.pem in the URL (or --ca-cert)",
+        );
+    }
+    text
 }
 
 /// The cause of an error the server sent, by its SQLSTATE.

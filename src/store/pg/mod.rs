@@ -175,33 +175,9 @@ async fn prepare(client: &mut deadpool_postgres::Client, access: Access) -> Resu
         .query_one("SELECT current_schema()", &[])
         .await?
         .get(0);
-    let Some(schema) = schema else {
-        if access == Access::Read {
-            return Err(Failure::new(
-                DbCause::NotOurs,
-                "the schema of the search path does not exist: no run has used this \
-                 database yet (is --db the URL your runs use?)",
-            ));
-        }
-        let wanted: String = client.query_one("SHOW search_path", &[]).await?.get(0);
-        let first = wanted.split(',').next().unwrap_or("").trim().to_owned();
-        if first.is_empty() || first.contains('$') {
-            return Err(Failure::new(
-                DbCause::NotOurs,
-                format!(
-                    "no schema of the search path ({wanted}) exists: create one, or name it \
-                     with ?options=-csearch_path%3DNAME"
-                ),
-            ));
-        }
-        let name = first.trim_matches('"');
-        client
-            .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {}",
-                quote_ident(name)
-            ))
-            .await?;
-        return Box::pin(prepare(client, access)).await;
+    let schema = match schema {
+        Some(schema) => schema,
+        None => create_schema(client, access).await?,
     };
     let tx = client.transaction().await?;
     if access == Access::Write {
@@ -218,37 +194,83 @@ async fn prepare(client: &mut deadpool_postgres::Client, access: Access) -> Resu
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let ours = tables.iter().any(|t| t == "kohort_batch_schema");
-    if !ours {
-        let taken: Vec<&str> = tables
-            .iter()
-            .map(String::as_str)
-            .filter(|t| OUR_TABLES.contains(t))
-            .collect();
-        if !taken.is_empty() {
-            return Err(Failure::new(
-                DbCause::NotOurs,
-                format!(
-                    "schema {schema} holds tables of another application ({}); nothing in it \
-                     was changed. Give kohort-batch a schema of its own with \
-                     ?options=-csearch_path%3Dkohort_batch",
-                    taken.join(", ")
-                ),
-            ));
-        }
-        if access == Access::Read {
-            return Err(Failure::new(
-                DbCause::NotOurs,
-                format!(
-                    "schema {schema} holds no kohort-batch tables: no run has used it yet \
-                     (is --db the URL your runs use?)"
-                ),
-            ));
-        }
+    if tables.iter().any(|t| t == "kohort_batch_schema") {
+        check_version(&tx).await?;
+    } else {
+        refuse_foreign(&schema, &tables, access)?;
         tx.batch_execute(include_str!("schema.sql")).await?;
-        tx.commit().await?;
-        return Ok(());
     }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Makes the schema the search path names first, which does not exist yet (only
+/// to write: reading makes nothing). Returns its name.
+async fn create_schema(
+    client: &deadpool_postgres::Client,
+    access: Access,
+) -> Result<String, Failure> {
+    if access == Access::Read {
+        return Err(Failure::new(
+            DbCause::NotOurs,
+            "the schema of the search path does not exist: no run has used this \
+             database yet (is --db the URL your runs use?)",
+        ));
+    }
+    let wanted: String = client.query_one("SHOW search_path", &[]).await?.get(0);
+    let first = wanted.split(',').next().unwrap_or("").trim().to_owned();
+    if first.is_empty() || first.contains('$') {
+        return Err(Failure::new(
+            DbCause::NotOurs,
+            format!(
+                "no schema of the search path ({wanted}) exists: create one, or name it \
+                 with ?options=-csearch_path%3DNAME"
+            ),
+        ));
+    }
+    let name = first.trim_matches('"').to_owned();
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            quote_ident(&name)
+        ))
+        .await?;
+    Ok(name)
+}
+
+/// A schema without our mark: refused if it holds a table named as one of ours
+/// (another application's), or if the command only reads.
+fn refuse_foreign(schema: &str, tables: &[String], access: Access) -> Result<(), Failure> {
+    let taken: Vec<&str> = tables
+        .iter()
+        .map(String::as_str)
+        .filter(|t| OUR_TABLES.contains(t))
+        .collect();
+    if !taken.is_empty() {
+        return Err(Failure::new(
+            DbCause::NotOurs,
+            format!(
+                "schema {schema} holds tables of another application ({}); nothing in it \
+                 was changed. Give kohort-batch a schema of its own with \
+                 ?options=-csearch_path%3Dkohort_batch",
+                taken.join(", ")
+            ),
+        ));
+    }
+    if access == Access::Read {
+        return Err(Failure::new(
+            DbCause::NotOurs,
+            format!(
+                "schema {schema} holds no kohort-batch tables: no run has used it yet \
+                 (is --db the URL your runs use?)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a schema written by a newer kohort-batch.
+async fn check_version(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), Failure> {
     let version: i64 = tx
         .query_one("SELECT max(version) FROM kohort_batch_schema", &[])
         .await?
@@ -263,7 +285,6 @@ async fn prepare(client: &mut deadpool_postgres::Client, access: Access) -> Resu
             ),
         ));
     }
-    tx.commit().await?;
     Ok(())
 }
 

@@ -294,36 +294,7 @@ pub(super) async fn run_facts(c: &Client, run_id: i64) -> Result<Option<RunFacts
         paused_ms: r.get(7),
         ..RunFacts::default()
     };
-    let mut jobs = JobTally::default();
-    for r in c
-        .query(
-            "SELECT state, obtained, count(*) FROM jobs WHERE last_run_id = $1 GROUP BY 1, 2",
-            &[&run_id],
-        )
-        .await?
-    {
-        jobs.add(r.get(0), r.get(1), r.get(2));
-    }
-    (facts.states, facts.obtained) = jobs.finish();
-    facts.no_share_id = c
-        .query_one(
-            "SELECT count(*) FROM groups g JOIN jobs j ON j.id = g.job_id \
-             WHERE (g.share_id IS NULL OR g.share_id = '') AND j.last_run_id = $1",
-            &[&run_id],
-        )
-        .await?
-        .get(0);
-    let mut attempts = AttemptTally::default();
-    for r in c
-        .query(
-            "SELECT kind, class, latency_ms, started_ms, batch FROM attempts WHERE run_id = $1",
-            &[&run_id],
-        )
-        .await?
-    {
-        attempts.add(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-    }
-    attempts.finish(&mut facts);
+    tally(c, run_id, &mut facts).await?;
     let reason = |r: &Row| FailureReason {
         state: r.get(0),
         key: r.get(1),
@@ -353,6 +324,41 @@ pub(super) async fn run_facts(c: &Client, run_id: i64) -> Result<Option<RunFacts
         .map(reason)
         .collect();
     Ok(Some(facts))
+}
+
+/// The run's jobs and attempts, counted by the tallies SQLite's reads use.
+async fn tally(c: &Client, run_id: i64, facts: &mut RunFacts) -> Result<(), Failure> {
+    let mut jobs = JobTally::default();
+    for r in c
+        .query(
+            "SELECT state, obtained, count(*) FROM jobs WHERE last_run_id = $1 GROUP BY 1, 2",
+            &[&run_id],
+        )
+        .await?
+    {
+        jobs.add(r.get(0), r.get(1), r.get(2));
+    }
+    (facts.states, facts.obtained) = jobs.finish();
+    facts.no_share_id = c
+        .query_one(
+            "SELECT count(*) FROM groups g JOIN jobs j ON j.id = g.job_id \
+             WHERE (g.share_id IS NULL OR g.share_id = '') AND j.last_run_id = $1",
+            &[&run_id],
+        )
+        .await?
+        .get(0);
+    let mut attempts = AttemptTally::default();
+    for r in c
+        .query(
+            "SELECT kind, class, latency_ms, started_ms, batch FROM attempts WHERE run_id = $1",
+            &[&run_id],
+        )
+        .await?
+    {
+        attempts.add(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+    }
+    attempts.finish(facts);
+    Ok(())
 }
 
 /// See SQLite's `reads::list_runs`: a finished run's counts are its saved report's.

@@ -81,11 +81,17 @@ impl RunLock {
 
     /// Lets the lock go (closing its connection would too).
     pub(super) async fn release(self) {
-        self.released.store(true, Ordering::SeqCst);
         let _ = self
             .client
             .execute(&format!("SELECT pg_advisory_unlock({LOCK_KEY})"), &[])
             .await;
+    }
+}
+
+impl Drop for RunLock {
+    /// Letting go of the lock (released, or dropped with its store) is not losing it.
+    fn drop(&mut self) {
+        self.released.store(true, Ordering::SeqCst);
     }
 }
 
@@ -120,7 +126,7 @@ async fn holder(client: &tokio_postgres::Client) -> Result<String, Failure> {
         .map(|r| {
             format!(
                 "PostgreSQL session {} from {} since {}",
-                r.get::<_, i32>(0),
+                r.get::<_, Option<i32>>(0).unwrap_or_default(),
                 r.get::<_, String>(1),
                 r.get::<_, String>(2)
             )

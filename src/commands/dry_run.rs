@@ -66,7 +66,7 @@ async fn plan_on_copy<'a>(
     let dir = tempfile::tempdir()
         .map_err(|e| Error::internal_from("cannot make a temporary directory", e))?;
     let copy = dir.path().join("dry-run.db");
-    Store::snapshot(&cfg.db, &copy).await?;
+    Store::snapshot(&cfg.db, &copy, cfg.ca_cert.as_deref()).await?;
     let store = Store::open(&copy)?;
     let run_id = store.begin_run(command, "{}".into(), true).await?;
     let requeued = match retry {

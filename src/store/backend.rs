@@ -239,7 +239,7 @@ impl Store {
 
     /// Copies the database `--db` names into a new SQLite file `dest`, for a dry run,
     /// reading it only. False when there is nothing to copy (no such file yet).
-    pub async fn snapshot(db: &Db, dest: &Path) -> Result<bool> {
+    pub async fn snapshot(db: &Db, dest: &Path, ca_cert: Option<&Path>) -> Result<bool> {
         match db {
             Db::File(path) if !path.exists() => Ok(false),
             Db::File(path) => super::handle::Sqlite::snapshot(path, dest).map(|()| true),
@@ -248,7 +248,7 @@ impl Store {
                     url,
                     Access::Read,
                     super::DEFAULT_BUSY_TIMEOUT,
-                    None,
+                    ca_cert,
                 )
                 .await?;
                 let copied = pg.snapshot(dest).await;

@@ -322,17 +322,22 @@ fn insert_group(
         let kept: String = c
             .prepare_cached("SELECT id FROM groups WHERE job_id = :job_id")?
             .query_row(named_params! {":job_id": job_id}, |r| r.get(0))?;
-        if kept != group.id {
-            tracing::error!(
-                job = job_id,
-                kept = %kept,
-                second = %group.id,
-                "a second group was recorded for one job; the first is kept. Check both in \
-                 the KohortPay dashboard"
-            );
-        }
+        warn_second_group(job_id, &kept, &group.id);
     }
     Ok(())
+}
+
+/// Logs a second group for one job (the first, `kept`, stays recorded).
+pub(super) fn warn_second_group(job_id: i64, kept: &str, second: &str) {
+    if kept != second {
+        tracing::error!(
+            job = job_id,
+            kept,
+            second,
+            "a second group was recorded for one job; the first is kept. Check both in \
+             the KohortPay dashboard"
+        );
+    }
 }
 
 #[cfg(test)]

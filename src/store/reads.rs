@@ -446,6 +446,42 @@ pub struct JobExport {
     pub creates: i64,
 }
 
+impl JobExport {
+    /// A row not imported because its key was taken by other data (the import
+    /// issue's id, the row's key, source, line, reason and cells as JSON).
+    pub(super) fn conflict(
+        id: i64,
+        key: Option<String>,
+        source: String,
+        line: Option<i64>,
+        reason: String,
+        raw: String,
+    ) -> JobExport {
+        JobExport {
+            id,
+            key,
+            row_key: None,
+            state: "conflict".to_owned(),
+            obtained: None,
+            customer_id: None,
+            order_id: None,
+            payment_intent_id: None,
+            group_id: None,
+            share_id: None,
+            group_status: None,
+            expires_at: None,
+            created_at: None,
+            error: Some(reason),
+            source,
+            line,
+            raw,
+            payload: None,
+            attempts: 0,
+            creates: 0,
+        }
+    }
+}
+
 const JOB_COLUMNS: &str = "SELECT j.id, j.key, j.row_key, j.state, j.obtained, j.customer_id, \
      j.order_id, j.payment_intent_id, j.group_id, g.share_id, g.status, g.expires_at, \
      g.created_at, j.error, s.name, j.line, j.raw, j.attempts, j.creates, j.customer_id, \
@@ -523,28 +559,14 @@ pub(super) fn conflicts_page(
     let rows = stmt.query_map(
         named_params! {":after_id": after_id, ":limit": limit as i64},
         |r| {
-            Ok(JobExport {
-                id: r.get(0)?,
-                key: r.get(1)?,
-                row_key: None,
-                state: "conflict".to_owned(),
-                obtained: None,
-                customer_id: None,
-                order_id: None,
-                payment_intent_id: None,
-                group_id: None,
-                share_id: None,
-                group_status: None,
-                expires_at: None,
-                created_at: None,
-                error: r.get(4)?,
-                source: r.get(2)?,
-                line: r.get(3)?,
-                raw: r.get(5)?,
-                payload: None,
-                attempts: 0,
-                creates: 0,
-            })
+            Ok(JobExport::conflict(
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
         },
     )?;
     rows.collect()

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 
 use crate::job::Payload;
 use crate::source::ImportRow;
@@ -303,6 +303,29 @@ async fn import_valid(
     Ok(())
 }
 
+/// A row's body in [`BODY_COLUMNS`] order, its source and line, then `more`: the
+/// parameters of [`insert`] and [`replace`].
+fn row_params<'a>(
+    row: &'a ImportRow,
+    p: &'a Payload,
+    batch: &'a Batch,
+    line: &'a i64,
+    more: &[&'a (dyn ToSql + Sync)],
+) -> Vec<&'a (dyn ToSql + Sync)> {
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+        &p.customer_id,
+        &p.order_id,
+        &p.payment_intent_id,
+        &p.expires_at,
+        &p.mid_expire_at,
+        &row.metadata_json,
+        &batch.source_id,
+        line,
+    ];
+    params.extend_from_slice(more);
+    params
+}
+
 /// Inserts a new pending job; false if its key was taken meanwhile.
 async fn insert(tx: &Tx<'_>, batch: &Batch, row: &ImportRow, p: &Payload) -> Result<bool, Failure> {
     let n = tx
@@ -312,18 +335,13 @@ async fn insert(tx: &Tx<'_>, batch: &Batch, row: &ImportRow, p: &Payload) -> Res
              last_run_id, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, '', $7, $8, 'pending', \
              $9, $9, $10) ON CONFLICT (key) DO NOTHING"
             ),
-            &[
-                &p.customer_id,
-                &p.order_id,
-                &p.payment_intent_id,
-                &p.expires_at,
-                &p.mid_expire_at,
-                &row.metadata_json.as_deref(),
-                &batch.source_id,
+            &row_params(
+                row,
+                p,
+                batch,
                 &(row.line as i64),
-                &batch.run_id,
-                &batch.now,
-            ],
+                &[&batch.run_id, &batch.now],
+            ),
         )
         .await?;
     Ok(n == 1)
@@ -344,20 +362,13 @@ async fn replace(
          source_id = $7, line = $8, state = 'pending', needs_check = $9, \
          next_attempt_at = NULL, error = NULL, error_class = NULL, last_status = NULL, \
          last_run_id = $10, updated_ms = $11 WHERE id = $12",
-        &[
-            &p.customer_id,
-            &p.order_id,
-            &p.payment_intent_id,
-            &p.expires_at,
-            &p.mid_expire_at,
-            &row.metadata_json.as_deref(),
-            &batch.source_id,
+        &row_params(
+            row,
+            p,
+            batch,
             &(row.line as i64),
-            &i64::from(needs_check),
-            &batch.run_id,
-            &batch.now,
-            &id,
-        ],
+            &[&i64::from(needs_check), &batch.run_id, &batch.now, &id],
+        ),
     )
     .await?;
     Ok(())

@@ -450,15 +450,7 @@ async fn insert_group(
             .query_one("SELECT id FROM groups WHERE job_id = $1", &[&job_id])
             .await?
             .get(0);
-        if kept != group.id {
-            tracing::error!(
-                job = job_id,
-                kept = %kept,
-                second = %group.id,
-                "a second group was recorded for one job; the first is kept. Check both in \
-                 the KohortPay dashboard"
-            );
-        }
+        super::jobs::warn_second_group(job_id, &kept, &group.id);
     }
     Ok(())
 }

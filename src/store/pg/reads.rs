@@ -189,28 +189,7 @@ pub(super) async fn conflicts_page(
         .await?;
     Ok(rows
         .iter()
-        .map(|r| JobExport {
-            id: r.get(0),
-            key: r.get(1),
-            row_key: None,
-            state: "conflict".to_owned(),
-            obtained: None,
-            customer_id: None,
-            order_id: None,
-            payment_intent_id: None,
-            group_id: None,
-            share_id: None,
-            group_status: None,
-            expires_at: None,
-            created_at: None,
-            error: r.get(4),
-            source: r.get(2),
-            line: r.get(3),
-            raw: r.get(5),
-            payload: None,
-            attempts: 0,
-            creates: 0,
-        })
+        .map(|r| JobExport::conflict(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
         .collect())
 }
 

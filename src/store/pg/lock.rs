@@ -114,8 +114,10 @@ async fn holder(client: &tokio_postgres::Client) -> Result<String, Failure> {
         });
     let session = client
         .query_opt(
-            "SELECT l.pid, coalesce(host(a.client_addr), 'a local socket'), \
-                 coalesce(a.backend_start::text, '?') FROM pg_locks l \
+            "SELECT l.pid, coalesce('from ' || host(a.client_addr), \
+                 CASE WHEN a.backend_start IS NULL THEN '(its details are hidden from this role)' \
+                 ELSE 'from a local socket' END), \
+                 coalesce(' since ' || a.backend_start::text, '') FROM pg_locks l \
                  LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
                  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
                  AND (l.classid, l.objid) = (SELECT 1262633300::oid, \
@@ -125,7 +127,7 @@ async fn holder(client: &tokio_postgres::Client) -> Result<String, Failure> {
         .await?
         .map(|r| {
             format!(
-                "PostgreSQL session {} from {} since {}",
+                "PostgreSQL session {} {}{}",
                 r.get::<_, Option<i32>>(0).unwrap_or_default(),
                 r.get::<_, String>(1),
                 r.get::<_, String>(2)

@@ -16,6 +16,8 @@
 //! | `lock.rs` | the advisory run lock and its holder |
 //! | `import.rs` | rows into jobs: `COPY` for new rows, the import rules for the rest |
 //! | `reads.rs` | what the report, the exports and the dry run read |
+//! | `snapshot.rs` | the dry run's copy into a temporary SQLite database |
+//! | `tls.rs` | the URL read into the driver's settings, and TLS |
 //! | `failure.rs` | PostgreSQL's errors sorted by remedy |
 
 mod failure;
@@ -184,10 +186,12 @@ async fn prepare(client: &mut deadpool_postgres::Client, access: Access) -> Resu
         tx.execute("SELECT pg_advisory_xact_lock(1262633300, 0)", &[])
             .await?;
     }
+    // From the catalog, which lists every table whatever this role may do with it
+    // (information_schema shows only tables the role has a privilege on).
     let tables: Vec<String> = tx
         .query(
-            "SELECT table_name::text FROM information_schema.tables \
-             WHERE table_schema = current_schema()",
+            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
             &[],
         )
         .await?
@@ -358,10 +362,23 @@ fn state_change_params(
     values.into_iter().map(|(_, v)| v).collect()
 }
 
+/// Whether a record's commit waits until it is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// On disk before the call returns: a mark in flight, before its request leaves.
+    Durable,
+    /// A job's last record in a run: the server writes it within a moment
+    /// (`synchronous_commit = off`). A server crash before then leaves the job as its
+    /// last durable record has it (in flight: checked by the next run), as SQLite's
+    /// outbox does; one flush less per job.
+    Soon,
+}
+
 /// Records one attempt and the job's state change in one transaction (see
 /// `jobs::record`, SQLite's).
 async fn record(
     pool: &Pool,
+    commit: Commit,
     run_id: i64,
     job_id: i64,
     attempt: Option<&Attempt>,
@@ -369,6 +386,10 @@ async fn record(
 ) -> Result<bool, Failure> {
     let mut client = pool.get().await.map_err(failure::from_pool)?;
     let tx = client.transaction().await?;
+    if commit == Commit::Soon {
+        tx.batch_execute("SET LOCAL synchronous_commit = off")
+            .await?;
+    }
     if let Some(a) = attempt {
         let stmt = tx.prepare_cached(&numbered(INSERT_ATTEMPT)).await?;
         tx.execute(
@@ -633,9 +654,16 @@ impl Backend for Postgres {
         transition: Transition,
     ) -> Result<bool> {
         self.healthy()?;
-        record(&self.pool, run_id, job_id, attempt.as_ref(), &transition)
-            .await
-            .map_err(|f| self.error(f))
+        record(
+            &self.pool,
+            Commit::Durable,
+            run_id,
+            job_id,
+            attempt.as_ref(),
+            &transition,
+        )
+        .await
+        .map_err(|f| self.error(f))
     }
 
     async fn run_facts(&self, run_id: i64) -> Result<Option<RunFacts>> {
@@ -720,7 +748,15 @@ impl Backend for Postgres {
         let pending = self.pending.clone();
         pending.count.send_modify(|n| *n += 1);
         tokio::spawn(async move {
-            let result = record(&pool, run_id, job_id, attempt.as_ref(), &transition).await;
+            let result = record(
+                &pool,
+                Commit::Soon,
+                run_id,
+                job_id,
+                attempt.as_ref(),
+                &transition,
+            )
+            .await;
             if let Err(f) = result {
                 let mut first = pending.failure.lock().unwrap_or_else(|e| e.into_inner());
                 first.get_or_insert(f);

@@ -1,5 +1,5 @@
 -- The kohort-batch schema on PostgreSQL, version 1. Created in the first schema of
--- the connection's search_path (`?options=-csearch_path%3Dkohort` names one), and
+-- the connection's search_path (`?options=-csearch_path%3Dkohort_batch` names one), and
 -- nowhere else. Columns and their meanings are SQLite's (src/store/schema.rs);
 -- timestamps kohort-batch writes are RFC 3339 text, the strings the reports print.
 

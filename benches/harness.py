@@ -10,6 +10,11 @@ table on stdout and bench-out/results.json.
     python3 benches/harness.py --quick    # smaller inputs, for a smoke test
     python3 benches/harness.py --only overhead rate
     python3 benches/harness.py --only overhead --bin /tmp/kb-old   # another build, for A/B
+    python3 benches/harness.py --only pg-latency pg-overhead pg-import   # PostgreSQL backend
+
+The pg-* targets start a throwaway PostgreSQL cluster of their own (initdb as the
+`postgres` user when run as root) in bench-out/, on the real disk, with fsync and
+synchronous_commit on, and stop it at the end, also on error.
 """
 
 import argparse
@@ -22,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -106,6 +112,127 @@ def kb_run(sandbox, csv, db, *flags):
            "--report-json", str(report), *flags]
     secs, mb, code = run_measured(cmd, env=env_with_key())
     return secs, mb, code, json.loads(report.read_text())
+
+
+def pg_bindir():
+    """KB_PG_BINDIR, else the highest /usr/lib/postgresql/*/bin, else PATH (as tests/it/pg.rs)."""
+    if os.environ.get("KB_PG_BINDIR"):
+        return Path(os.environ["KB_PG_BINDIR"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    if not initdb:
+        sys.exit("PostgreSQL is missing (no initdb): apt-get install postgresql, or set KB_PG_BINDIR")
+    return Path(initdb).parent
+
+
+class PgCluster:
+    """A throwaway PostgreSQL cluster for one target: initdb into a temporary directory
+    under bench-out/ (the real disk, not /dev/shm), default fsync=on and
+    synchronous_commit=on (durability is part of what is measured), its own loopback
+    port and socket directory; stopped and removed on exit, also on error. As root, the
+    server programs run as the `postgres` user (initdb refuses root); psql runs as us.
+    `--pg-option NAME=VALUE` adds server settings (for profiling, e.g.
+    log_min_duration_statement=0), `--pg-keep` keeps the directory and its server log."""
+
+    OPTIONS = []
+    KEEP = False
+
+    def __init__(self):
+        self.bindir = pg_bindir()
+        self.dir = Path(tempfile.mkdtemp(prefix="pg-", dir=OUT))
+        self.data, self.sock, self.log = self.dir / "data", self.dir / "s", self.dir / "log"
+        self.port = free_port()
+        self.started = False
+        try:
+            self.sock.mkdir()
+            if os.geteuid() == 0:
+                for p in (self.dir, self.sock):
+                    shutil.chown(p, "postgres", "postgres")
+            self._server("initdb", "-D", str(self.data), "-A", "trust", "-U", "kb", "-E", "UTF8",
+                         "--locale=C")
+            options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
+                       f"-c unix_socket_directories={self.sock} -c max_connections=100")
+            options += "".join(f" -c {o}" for o in self.OPTIONS)
+            self._server("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
+                         "-o", options, "start")
+            self.started = True
+            self.psql("postgres", "CREATE DATABASE kohort")
+            self.settings = {k: self.psql("postgres", f"SHOW {k}") for k in
+                             ("server_version", "fsync", "synchronous_commit", "full_page_writes",
+                              "wal_level", "shared_buffers", "max_wal_size")}
+            assert self.settings["fsync"] == "on" and self.settings["synchronous_commit"] == "on", \
+                self.settings
+        except BaseException:
+            self.close()
+            raise
+
+    def _server(self, prog, *args):
+        cmd = [str(self.bindir / prog), *args]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        out = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if out.returncode != 0:
+            tail = self.log.read_text()[-3000:] if self.log.exists() else ""
+            raise RuntimeError(f"{prog} failed ({out.returncode}): {out.stderr.strip()}\n{tail}")
+
+    def url(self, db="kohort"):
+        return f"postgres://kb@127.0.0.1:{self.port}/{db}?sslmode=disable"
+
+    def psql_cmd(self, db, *args):
+        return [str(self.bindir / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+                "-h", "127.0.0.1", "-p", str(self.port), "-U", "kb", "-d", db, *args]
+
+    def psql(self, db, sql):
+        out = subprocess.run(self.psql_cmd(db, "-c", sql), capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"psql failed on {sql!r}: {out.stderr.strip()}")
+        return out.stdout.strip()
+
+    def fresh_db(self, db="kohort"):
+        """Drops and re-creates a database (a fresh schema for kohort-batch), then
+        checkpoints, so no measurement pays for the one before it."""
+        self.psql("postgres", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        self.psql("postgres", f"CREATE DATABASE {db}")
+        self.psql("postgres", "CHECKPOINT")
+        return self.url(db)
+
+    def describe(self):
+        s = self.settings
+        return (f"PostgreSQL {s['server_version'].split()[0]}, fsync {s['fsync']}, synchronous_commit "
+                f"{s['synchronous_commit']}, shared_buffers {s['shared_buffers']}")
+
+    def close(self):
+        if self.started:
+            self.started = False
+            try:
+                self._server("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+            except RuntimeError as e:
+                print(f"warning: {e}", file=sys.stderr)
+        if self.KEEP:
+            print(f"PostgreSQL cluster kept in {self.dir} (server log: {self.log})", file=sys.stderr)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def kb_run_pg(sandbox, csv, cluster, name, *flags):
+    """`kohort-batch run` on a fresh PostgreSQL database; returns (seconds, peak MB, exit, report)."""
+    url = cluster.fresh_db()
+    report = OUT / f"{name}.json"
+    if report.exists():
+        report.unlink()
+    cmd = [str(BIN), "run", "--db", url, "--csv", str(csv), "--api-base", sandbox.url,
+           "--report-json", str(report), *flags]
+    secs, mb, code = run_measured(cmd, env=env_with_key())
+    return secs, mb, code, json.loads(report.read_text()) if report.exists() else None
 
 
 def wrk_rate(url, connections, seconds):
@@ -337,6 +464,104 @@ def bench_interrupted(args):
     return results
 
 
+def bench_pg_latency(args):
+    rows = 3_000 if args.quick else 10_000
+    conc, latency_ms = 32, 50
+    bound = conc * 1000 / latency_ms
+    csv = make_csv(OUT / f"rows-{rows}.csv", rows)
+    with PgCluster() as pg:
+        with Sandbox("--latency", f"{latency_ms}ms") as sb:
+            secs, mb, code, rep = kb_run_pg(sb, csv, pg, "pg-latency", "--rate", "0",
+                                            "--concurrency", str(conc), "--precheck", "ambiguous")
+            dup = sb.stats()["duplicate_keys"]
+        assert code == 0 and dup == 0, (code, dup)
+        cluster = pg.describe()
+    per_sec = rows / secs
+    return {
+        "name": "pg-latency",
+        "what": f"PostgreSQL `run`, sandbox latency {latency_ms} ms, concurrency {conc}, no rate limit, "
+                f"`--precheck ambiguous`, {rows:,} rows (bound C/L: {bound:,.0f} rows/s)",
+        "measured": f"{per_sec:,.0f} rows/s",
+        "ratio": per_sec / bound, "target": ">= 0.9", "ok": per_sec / bound >= 0.9,
+        "extra": {"wall_secs": secs, "peak_mb": mb, "cluster": cluster},
+    }
+
+
+def bench_pg_overhead(args):
+    """The `overhead` target's kb side, SQLite and PostgreSQL alternating (fresh sandbox
+    and database each), median of each."""
+    rows = 10_000 if args.quick else 50_000
+    conc = 64
+    rounds = 1 if args.quick else 3
+    csv = make_csv(OUT / f"rows-{rows}.csv", rows)
+    flags = ("--rate", "0", "--concurrency", str(conc), "--precheck", "ambiguous")
+    lite, pgr = [], []
+    with PgCluster() as pg:
+        for _ in range(rounds):
+            with Sandbox() as sb:
+                secs, mb, code, rep = kb_run(sb, csv, OUT / "pg-overhead-sqlite.db", *flags)
+                dup = sb.stats()["duplicate_keys"]
+            assert code == 0 and dup == 0, (code, dup)
+            lite.append(rows / secs)
+            with Sandbox() as sb:
+                secs, mb, code, rep = kb_run_pg(sb, csv, pg, "pg-overhead", *flags)
+                dup = sb.stats()["duplicate_keys"]
+            assert code == 0 and dup == 0, (code, dup)
+            pgr.append(rows / secs)
+        cluster = pg.describe()
+    lmid, pmid = sorted(lite)[rounds // 2], sorted(pgr)[rounds // 2]
+    return {
+        "name": "pg-overhead",
+        "what": f"`run` rows/s on PostgreSQL vs on SQLite, {rows:,} rows, concurrency {conc}, no latency, "
+                f"`--precheck ambiguous` (medians of {rounds} alternating)",
+        "measured": f"{pmid:,.0f} vs {lmid:,.0f} rows/s (PostgreSQL {', '.join(f'{r:,.0f}' for r in pgr)}; "
+                    f"SQLite {', '.join(f'{r:,.0f}' for r in lite)})",
+        "ratio": pmid / lmid, "target": "(informative)", "ok": True,
+        "extra": {"pg_rows_per_sec": pgr, "sqlite_rows_per_sec": lite, "cluster": cluster},
+    }
+
+
+def bench_pg_import(args):
+    """`enqueue` into a fresh PostgreSQL database vs psql `\\copy` of the same file into
+    a plain table of three text columns (made fresh each time), alternating; the median
+    of the per-pair ratios."""
+    rows = 200_000 if args.quick else 1_000_000
+    pairs = 1 if args.quick else 3
+    csv = make_csv(OUT / f"rows-{rows}.csv", rows)
+    ratios, kb, ref = [], [], []
+    with PgCluster() as pg:
+        pg.psql("postgres", "CREATE DATABASE plain")
+        for _ in range(pairs):
+            url = pg.fresh_db()
+            secs, mb, code = run_measured([str(BIN), "enqueue", "--db", url, "--csv", str(csv)],
+                                          env=env_with_key())
+            assert code == 0, code
+            n = int(pg.psql("kohort", "SELECT count(*) FROM jobs WHERE state = 'pending'"))
+            assert n == rows, n
+            pg.psql("plain", "DROP TABLE IF EXISTS plain_table")
+            pg.psql("plain", "CREATE TABLE plain_table (c1 text, c2 text, c3 text)")
+            pg.psql("postgres", "CHECKPOINT")
+            ref_secs, _, code = run_measured(pg.psql_cmd(
+                "plain", "-c", f"\\copy plain_table FROM '{csv}' CSV HEADER"))
+            assert code == 0, code
+            n = int(pg.psql("plain", "SELECT count(*) FROM plain_table"))
+            assert n == rows, n
+            kb.append(secs)
+            ref.append(ref_secs)
+            ratios.append(secs / ref_secs)
+        cluster = pg.describe()
+    mid = sorted(range(pairs), key=lambda i: ratios[i])[pairs // 2]
+    ratio = ratios[mid]
+    return {
+        "name": "pg-import",
+        "what": f"`enqueue` of {rows:,} rows into a fresh PostgreSQL database vs psql `\\copy` of the "
+                f"same file into a plain table (median of {pairs} alternating pairs)",
+        "measured": f"{kb[mid]:.1f} s vs {ref[mid]:.1f} s (pairs: {', '.join(f'{r:.2f}' for r in ratios)})",
+        "ratio": ratio, "target": "<= 2.0", "ok": ratio <= 2.0,
+        "extra": {"ratios": ratios, "enqueue_secs": kb, "copy_secs": ref, "cluster": cluster},
+    }
+
+
 BENCHES = {
     "overhead": bench_overhead,
     "rate": bench_rate,
@@ -346,6 +571,9 @@ BENCHES = {
     "precheck": bench_precheck,
     "economy": bench_economy,
     "interrupted": bench_interrupted,
+    "pg-latency": bench_pg_latency,
+    "pg-overhead": bench_pg_overhead,
+    "pg-import": bench_pg_import,
 }
 
 
@@ -368,7 +596,13 @@ def main():
     ap.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these")
     ap.add_argument("--no-build", action="store_true", help="use the existing release binary")
     ap.add_argument("--bin", type=Path, help="measure this binary (it serves the sandbox too); implies --no-build")
+    ap.add_argument("--pg-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="an extra server setting for the pg-* clusters (profiling only)")
+    ap.add_argument("--pg-keep", action="store_true", help="keep the pg-* clusters' directories and logs")
     args = ap.parse_args()
+    PgCluster.OPTIONS, PgCluster.KEEP = args.pg_option, args.pg_keep
+    # SIGTERM unwinds like Ctrl-C does: the PostgreSQL clusters are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     global BIN
     if args.bin:
         BIN = args.bin.resolve()

@@ -158,7 +158,8 @@ impl Error {
                 | DbCause::Full
                 | DbCause::Io
                 | DbCause::Connection
-                | DbCause::Denied => Exit::IoError,
+                | DbCause::Denied
+                | DbCause::Tls => Exit::IoError,
                 DbCause::Bug => Exit::Internal,
             },
             Error::Internal { .. } => Exit::Internal,

@@ -103,8 +103,10 @@ pub struct DbArg {
     #[arg(
         long,
         env = "KOHORT_BATCH_DB",
+        hide_env_values = true,
         default_value = "kohort-batch.db",
-        value_name = "PATH|URL"
+        value_name = "PATH|URL",
+        value_parser = crate::store::DbParser
     )]
     pub db: crate::store::Db,
 }

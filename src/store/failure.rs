@@ -25,6 +25,8 @@ pub enum DbCause {
     Connection,
     /// The PostgreSQL role lacks a privilege the command needs.
     Denied,
+    /// The PostgreSQL server's TLS certificate could not be verified.
+    Tls,
     /// Anything else: a bug.
     Bug,
 }
@@ -51,6 +53,12 @@ impl DbCause {
                 "the PostgreSQL server could not be reached, refused the login, or closed the \
                  connection (a restart?): check that it runs and the URL in --db; rows not \
                  sent stay pending, and the next run checks any in flight first"
+            }
+            DbCause::Tls => {
+                "the PostgreSQL server's TLS certificate is not trusted: give the CA that \
+                 signed it with sslrootcert=/path/ca.pem in the URL (or --ca-cert). A \
+                 self-signed server certificate cannot be verified: sign it with a CA of \
+                 your own, or use sslmode=disable on a network you trust"
             }
             DbCause::Denied => {
                 "the PostgreSQL role lacks a privilege this command needs: grant it as \

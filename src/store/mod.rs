@@ -62,7 +62,7 @@ pub use queue::RetryFilter;
 pub use reads::SendPlan;
 pub use reads::{FailureReason, JobExport, RunFacts, RunListEntry};
 pub use schema::Access;
-pub use target::{Db, PgUrl};
+pub use target::{Db, DbParser, PgUrl};
 pub use types::{
     Attempt, FailureClass, GroupRec, ImportCounts, Job, JobState, Obtained, RequestKind,
     StateCounts, Transition,

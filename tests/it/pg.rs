@@ -111,7 +111,11 @@ impl Cluster {
     /// -q -A -t`, the SQL on standard input), returns stdout trimmed; panics with psql's
     /// stderr on failure.
     pub fn psql(&self, sql: &str) -> String {
-        self.run_psql("kohort", sql)
+        // kohort-batch's tables are in its own schema unless a URL names another.
+        self.run_psql(
+            "kohort",
+            &format!("SET search_path TO kohort_batch, public;\n{sql}"),
+        )
     }
 
     /// `pg_ctl restart -m fast` (waits until it accepts connections again).

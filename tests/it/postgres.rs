@@ -143,7 +143,8 @@ async fn producers_insert_from_another_connection_during_a_run_and_no_row_is_los
     // A producer on its own connection: one row every 10 ms until told to stop.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let producer = {
-        let (url, stop) = (url.clone(), stop.clone());
+        let url = format!("{url}?options=-csearch_path%3Dkohort_batch");
+        let stop = stop.clone();
         tokio::spawn(async move {
             let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
                 .await
@@ -294,28 +295,37 @@ async fn the_record_goes_in_its_own_schema_and_another_applications_tables_are_n
     let Some(pg) = cluster("the_record_goes_in_its_own_schema…") else {
         return;
     };
-    pg.psql("CREATE TABLE jobs (id int, note text); INSERT INTO jobs VALUES (7, 'the shop''s')");
+    pg.psql(
+        "CREATE TABLE public.jobs (id int, note text); \
+         INSERT INTO public.jobs VALUES (7, 'the shop''s')",
+    );
     let s = Scene::offline("customerId,orderId\ncus_1,ord_1\n");
-    // The default schema (public) holds the shop's `jobs`: refused, nothing changed.
-    let out = on(s.on_db(&["init"]), &pg.url()).output_blocking();
+    let public_tables = || {
+        pg.psql(
+            "SELECT string_agg(table_name::text, ',') FROM information_schema.tables \
+             WHERE table_schema = 'public'",
+        )
+    };
+    // Told to use `public`, which holds the shop's `jobs`: refused, nothing changed.
+    let public = format!("{}?options=-csearch_path%3Dpublic", pg.url());
+    let out = on(s.on_db(&["init"]), &public).output_blocking();
     let text = all_text(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(
         text.contains("holds tables of another application (jobs)") && text.contains("search_path"),
         "{text}"
     );
+    assert_eq!(public_tables(), "jobs");
+    // A URL naming no schema: the record goes in `kohort_batch`, made by init.
     assert_eq!(
-        pg.psql("SELECT string_agg(table_name::text, ',') FROM information_schema.tables WHERE table_schema = 'public'"),
-        "jobs"
-    );
-    // A schema of its own, named by the URL: made by init, used by every command.
-    let own = format!("{}?options=-csearch_path%3Dkohort_batch", pg.url());
-    assert_eq!(
-        on(s.on_db(&["init"]), &own).output_blocking().status.code(),
+        on(s.on_db(&["init"]), &pg.url())
+            .output_blocking()
+            .status
+            .code(),
         Some(0)
     );
     assert_eq!(
-        on(s.enqueue(), &own).output_blocking().status.code(),
+        on(s.enqueue(), &pg.url()).output_blocking().status.code(),
         Some(0)
     );
     assert_eq!(
@@ -323,6 +333,12 @@ async fn the_record_goes_in_its_own_schema_and_another_applications_tables_are_n
         1
     );
     assert_eq!(pg.psql("SELECT note FROM public.jobs"), "the shop's");
+    assert_eq!(public_tables(), "jobs");
+    // A schema named as PostgreSQL reads it: `Shop_A` unquoted is shop_a.
+    let named = format!("{}?options=-csearch_path%3DShop_A", pg.url());
+    let out = on(s.enqueue(), &named).output_blocking();
+    assert_eq!(out.status.code(), Some(0), "{}", all_text(&out));
+    assert_eq!(number(&pg.psql("SELECT count(*) FROM shop_a.jobs")), 1);
     // Reading a schema no run made is refused, and makes nothing.
     let other = format!("{}?options=-csearch_path%3Dnobody", pg.url());
     let out = on(s.report(&[]), &other).output_blocking();
@@ -330,6 +346,35 @@ async fn the_record_goes_in_its_own_schema_and_another_applications_tables_are_n
     assert_eq!(
         number(&pg.psql("SELECT count(*) FROM pg_namespace WHERE nspname = 'nobody'")),
         0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_url_naming_no_schema_never_quietly_starts_a_second_record() {
+    let Some(pg) = cluster("a_url_naming_no_schema…") else {
+        return;
+    };
+    let s = Scene::offline("customerId,orderId\ncus_1,ord_1\n");
+    let shop = format!("{}?options=-csearch_path%3Dshop", pg.url());
+    assert_eq!(
+        on(s.enqueue(), &shop).output_blocking().status.code(),
+        Some(0)
+    );
+    // The same database without the schema in the URL: refused, naming where the
+    // record is, and nothing made.
+    let out = on(s.enqueue(), &pg.url()).output_blocking();
+    let text = all_text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("holds a kohort-batch record in schema shop")
+            && text.contains("csearch_path%3Dshop"),
+        "{text}"
+    );
+    assert_eq!(
+        pg.psql(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'kohort_batch'"
+        ),
+        "0"
     );
 }
 

@@ -8,7 +8,14 @@ use crate::store::failure::{DbCause, Failure};
 impl From<tokio_postgres::Error> for Failure {
     fn from(e: tokio_postgres::Error) -> Failure {
         let (cause, message) = match e.as_db_error() {
-            None => (DbCause::Connection, connection_failed(&e)),
+            None => {
+                let text = connection_failed(&e);
+                let cause = match text.contains("certificate") {
+                    true => DbCause::Tls,
+                    false => DbCause::Connection,
+                };
+                (cause, text)
+            }
             Some(db) => (cause_of(db.code()), {
                 let mut text = db.message().to_owned();
                 if let Some(detail) = db.detail() {
@@ -35,12 +42,6 @@ fn connection_failed(e: &tokio_postgres::Error) -> String {
             text.push_str(&format!(": {said}"));
         }
         cause = c.source();
-    }
-    if text.contains("certificate") {
-        text.push_str(
-            ". The server's TLS certificate is not trusted: give its CA with \
-             sslrootcert=/path/ca.pem in the URL (or --ca-cert)",
-        );
     }
     text
 }

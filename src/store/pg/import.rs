@@ -250,7 +250,12 @@ async fn import_valid(
     let key = payload.key();
     let existing = tx
         .query_opt(
-            &format!("SELECT id, state, creates, {BODY_COLUMNS} FROM jobs WHERE key = $1"),
+            // Locked until this import commits: the rules decide on the job as it is, and
+            // no run changes it between the decision and the write (SQLite's import
+            // holds the database's write lock for the same).
+            &format!(
+                "SELECT id, state, creates, {BODY_COLUMNS} FROM jobs WHERE key = $1 FOR UPDATE"
+            ),
             &[&key],
         )
         .await?;
@@ -382,7 +387,7 @@ async fn latest_invalid(tx: &Tx<'_>, row_key: &str) -> Result<Option<i64>, Failu
     Ok(tx
         .query_opt(
             "SELECT id FROM jobs WHERE row_key IS NOT NULL AND row_key = $1 \
-             AND state = 'invalid' ORDER BY id DESC LIMIT 1",
+             AND state = 'invalid' ORDER BY id DESC LIMIT 1 FOR UPDATE",
             &[&row_key],
         )
         .await?

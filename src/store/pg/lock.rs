@@ -120,6 +120,7 @@ async fn holder(client: &tokio_postgres::Client) -> Result<String, Failure> {
                  coalesce(' since ' || a.backend_start::text, '') FROM pg_locks l \
                  LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
                  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                  AND (l.classid, l.objid) = (SELECT 1262633300::oid, \
                  hashtext(current_schema())::oid) LIMIT 1",
             &[],

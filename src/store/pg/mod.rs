@@ -103,7 +103,7 @@ impl Postgres {
             connector,
         };
         let mut client = store.client().await?;
-        prepare(&mut client, access)
+        prepare(&mut client, access, store.connector.schema_named)
             .await
             .map_err(|f| store.error(f))?;
         Ok(store)
@@ -111,8 +111,8 @@ impl Postgres {
 
     /// Copies what a dry run reads into a new SQLite database at `dest`.
     pub(crate) async fn snapshot(&self, dest: &Path) -> Result<()> {
-        let client = self.client().await?;
-        snapshot::copy_into(&client, dest)
+        let mut client = self.client().await?;
+        snapshot::copy_into(&mut client, dest)
             .await
             .map_err(|f| self.error(f.context("cannot copy it for the dry run")))
     }
@@ -171,8 +171,14 @@ impl Postgres {
 }
 
 /// Checks the schema of the connection's search path and, to write, makes its
-/// tables (one process at a time: a transaction-level advisory lock).
-async fn prepare(client: &mut deadpool_postgres::Client, access: Access) -> Result<(), Failure> {
+/// tables (one process at a time: a transaction-level advisory lock). Where the URL
+/// names no schema, a new record is refused if this database already holds one in
+/// another schema (the URL would otherwise quietly start an empty record).
+async fn prepare(
+    client: &mut deadpool_postgres::Client,
+    access: Access,
+    schema_named: bool,
+) -> Result<(), Failure> {
     let schema: Option<String> = client
         .query_one("SELECT current_schema()", &[])
         .await?
@@ -202,6 +208,9 @@ async fn prepare(client: &mut deadpool_postgres::Client, access: Access) -> Resu
         check_version(&tx).await?;
     } else {
         refuse_foreign(&schema, &tables, access)?;
+        if !schema_named {
+            refuse_elsewhere(&tx, &schema).await?;
+        }
         tx.batch_execute(include_str!("schema.sql")).await?;
     }
     tx.commit().await?;
@@ -214,32 +223,76 @@ async fn create_schema(
     client: &deadpool_postgres::Client,
     access: Access,
 ) -> Result<String, Failure> {
+    let wanted: String = client.query_one("SHOW search_path", &[]).await?.get(0);
     if access == Access::Read {
         return Err(Failure::new(
             DbCause::NotOurs,
-            "the schema of the search path does not exist: no run has used this \
-             database yet (is --db the URL your runs use?)",
-        ));
-    }
-    let wanted: String = client.query_one("SHOW search_path", &[]).await?.get(0);
-    let first = wanted.split(',').next().unwrap_or("").trim().to_owned();
-    if first.is_empty() || first.contains('$') {
-        return Err(Failure::new(
-            DbCause::NotOurs,
             format!(
-                "no schema of the search path ({wanted}) exists: create one, or name it \
-                 with ?options=-csearch_path%3DNAME"
+                "no schema of the search path ({wanted}) exists: no run has used this \
+                 database yet (is --db the URL your runs use?)"
             ),
         ));
     }
-    let name = first.trim_matches('"').to_owned();
+    // The first entry as PostgreSQL reads it (case folded unless quoted).
+    let first: Option<String> = client
+        .query_one(
+            "SELECT (parse_ident(trim(split_part($1, ',', 1))))[1]",
+            &[&wanted],
+        )
+        .await
+        .ok()
+        .and_then(|r| r.get(0));
+    let unusable = || {
+        Failure::new(
+            DbCause::NotOurs,
+            format!(
+                "no schema of the search path ({wanted}) exists, and its first entry is not \
+                 one kohort-batch can make: name one with ?options=-csearch_path%3DNAME"
+            ),
+        )
+    };
+    let name = first
+        .filter(|n| !n.is_empty() && !n.starts_with('$'))
+        .ok_or_else(unusable)?;
     client
         .batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS {}",
             quote_ident(&name)
         ))
         .await?;
-    Ok(name)
+    let now: Option<String> = client
+        .query_one("SELECT current_schema()", &[])
+        .await?
+        .get(0);
+    now.ok_or_else(unusable)
+}
+
+/// Refuses to start a record in `schema` when another schema of this database
+/// holds one.
+async fn refuse_elsewhere(
+    tx: &deadpool_postgres::Transaction<'_>,
+    schema: &str,
+) -> Result<(), Failure> {
+    let other: Option<String> = tx
+        .query_opt(
+            "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relname = 'kohort_batch_schema' AND n.nspname <> current_schema() LIMIT 1",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0));
+    match other {
+        None => Ok(()),
+        Some(other) => Err(Failure::new(
+            DbCause::NotOurs,
+            format!(
+                "this database holds a kohort-batch record in schema {other}, and this URL \
+                 would start a new one in schema {schema}; nothing was changed. Name the \
+                 schema of your runs with ?options=-csearch_path%3D{other} (or another on \
+                 purpose, for a second record)"
+            ),
+        )),
+    }
 }
 
 /// A schema without our mark: refused if it holds a table named as one of ours

@@ -31,9 +31,17 @@ const PAGE: i64 = 10_000;
 /// Copies the tables into the new SQLite database at `dest` (made with the
 /// current schema by the caller).
 pub(super) async fn copy_into(
-    client: &deadpool_postgres::Client,
+    client: &mut deadpool_postgres::Client,
     dest: &Path,
 ) -> Result<(), Failure> {
+    // One snapshot of all three tables, as a run going on or producers see them at
+    // one moment (rows moved from the inbox meanwhile are counted once).
+    let client = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
     let mut sqlite = rusqlite::Connection::open(dest)?;
     crate::store::schema::prepare(
         &mut sqlite,

@@ -16,6 +16,9 @@ use crate::store::failure::Failure;
 #[derive(Clone)]
 pub(super) struct Connector {
     config: tokio_postgres::Config,
+    /// Whether the URL names the schema (`options=-csearch_path=…`); if not, the
+    /// record goes in [`DEFAULT_SCHEMA`].
+    pub(super) schema_named: bool,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
 }
 
@@ -82,16 +85,26 @@ impl Connector {
         // Waits for another session's row or table lock end after --busy-timeout, as
         // SQLite's busy timeout does.
         let lock_timeout = format!("-c lock_timeout={}", busy_timeout.as_millis().max(1));
-        let options = match config.get_options() {
-            Some(given) => format!("{given} {lock_timeout}"),
-            None => lock_timeout,
-        };
-        config.options(&options);
+        let given = config.get_options().unwrap_or_default().to_owned();
+        let schema_named = given.contains("search_path");
+        let mut options = format!("{given} {lock_timeout}");
+        if !schema_named {
+            // Never the shop's `public`, where an application's own `jobs` or `runs`
+            // may be, or come later.
+            options.push_str(&format!(" -c search_path={DEFAULT_SCHEMA}"));
+        }
+        config.options(options.trim());
+        config.keepalives_interval(std::time::Duration::from_secs(10));
+        config.keepalives_retries(3);
         let tls = match mode {
             SslMode::Disable => None,
             _ => Some(tls_config(&roots)?),
         };
-        Ok(Connector { config, tls })
+        Ok(Connector {
+            config,
+            schema_named,
+            tls,
+        })
     }
 
     /// The pool's manager.
@@ -127,6 +140,9 @@ impl Connector {
         }
     }
 }
+
+/// The schema of the record when the URL names none.
+pub(super) const DEFAULT_SCHEMA: &str = "kohort_batch";
 
 /// TLS with the system's roots and the given PEM files.
 fn tls_config(extra: &[PathBuf]) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {

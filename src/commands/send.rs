@@ -22,9 +22,6 @@ use crate::store::{
     Access, Db, FailureClass, ImportCounts, JobState, RetryFilter, RunFacts, StateCounts, Store,
 };
 
-/// Rows per import transaction.
-const IMPORT_BATCH: usize = 4_000;
-
 /// `run`: import the CSVs and the inbox, send every pending job, report.
 pub async fn run(cfg: &SendConfig, csv: &[PathBuf], control: Arc<Control>) -> Result<Exit> {
     session(cfg, "run", csv, None, control).await
@@ -469,6 +466,7 @@ pub async fn import_csv(
     // on the thread that allocated (glibc arenas), and that thread has time to spare.
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Vec<ImportRow>>();
     let path_owned = path.to_owned();
+    let batch_rows = store.import_batch_rows();
     let reader = tokio::task::spawn_blocking(move || -> Result<u64> {
         let mut source = CsvSource::open_with(&path_owned, &opts)?;
         let name = source.name().to_owned();
@@ -481,14 +479,14 @@ pub async fn import_csv(
             );
         }
         let now = Timestamp::now();
-        let mut batch = Vec::with_capacity(IMPORT_BATCH);
+        let mut batch = Vec::with_capacity(batch_rows);
         while let Some(row) = source.next_row(now)? {
             if let Err(reason) = &row.outcome {
                 tracing::warn!(run = run_id, source = %name, line = row.line, key = row.key.as_deref().unwrap_or("-"), %reason, "invalid row");
             }
             batch.push(row);
-            if batch.len() == IMPORT_BATCH {
-                let full = std::mem::replace(&mut batch, Vec::with_capacity(IMPORT_BATCH));
+            if batch.len() == batch_rows {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_rows));
                 if tx.blocking_send((name.clone(), full)).is_err() {
                     return Ok(source.empty_lines());
                 }

@@ -53,6 +53,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         rows: Vec<ImportRow>,
     ) -> Result<(ImportCounts, Vec<ImportRow>)>;
 
+    /// Rows the importer hands over per [`import`](Self::import) call: each is one
+    /// transaction.
+    fn import_batch_rows(&self) -> usize {
+        4_000
+    }
+
     /// Groups in the whole database recorded without a share id.
     async fn groups_without_share_id(&self) -> Result<i64>;
 

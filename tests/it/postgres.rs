@@ -230,6 +230,10 @@ async fn a_second_run_exits_5_naming_the_holder_and_the_server_frees_the_lock_of
     );
     first.kill().unwrap(); // SIGKILL: the server ends its session, and the lock with it
     first.wait().unwrap();
+    until("the server to notice the session's end", || {
+        pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == "0"
+    })
+    .await;
     let third = on(s.bin_run_queue(), &url)
         .args(["--rate", "0", "--concurrency", "8"])
         .output()

@@ -611,7 +611,7 @@ impl Backend for Postgres {
     /// Larger than SQLite's: each batch is a round trip of statements around its
     /// `COPY`, and a commit waiting for the disk.
     fn import_batch_rows(&self) -> usize {
-        20_000
+        10_000
     }
 
     async fn groups_without_share_id(&self) -> Result<i64> {

@@ -136,7 +136,7 @@ async fn sigkill_campaign_never_duplicates_and_never_loses_a_row() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let s = campaign_scene(rows).await;
-    let code = campaign(&s, None, kills).await;
+    let code = campaign(&s, None, kills, || true).await;
     let succeeded = count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'");
     let recovered = count(
         &s.db,
@@ -165,9 +165,16 @@ pub async fn campaign_scene(rows: usize) -> Scene {
     .await
 }
 
-/// SIGKILLs the release binary's `run` (on `db`, else the scene's) `kills` times at
-/// random moments, then runs it to completion; returns the final exit code.
-pub async fn campaign(s: &Scene, db: Option<&str>, kills: usize) -> i32 {
+/// SIGKILLs the test build's `run` (on `db`, else the scene's) `kills` times at
+/// random moments, then runs it to completion; returns the final exit code. After
+/// each kill it waits for `lock_free` (PostgreSQL frees a killed run's lock when the
+/// server notices its session ended, a moment later; the kernel frees SQLite's at once).
+pub async fn campaign(
+    s: &Scene,
+    db: Option<&str>,
+    kills: usize,
+    lock_free: impl Fn() -> bool,
+) -> i32 {
     let opts = [
         "--concurrency",
         "8",
@@ -186,6 +193,7 @@ pub async fn campaign(s: &Scene, db: Option<&str>, kills: usize) -> i32 {
         tokio::time::sleep(Duration::from_millis(rng.u64(100..600))).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
+        until("the killed run's lock to be freed", &lock_free).await;
     }
     let mut finals = 0;
     loop {

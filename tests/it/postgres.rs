@@ -18,6 +18,21 @@ fn cluster(test: &str) -> Option<Cluster> {
     Cluster::start(test)
 }
 
+/// `pg.psql(q)` from an async test: the worker thread's other tasks (the in-process
+/// sandbox's) move to another thread while psql runs.
+fn sql(pg: &Cluster, q: &str) -> String {
+    tokio::task::block_in_place(|| pg.psql(q))
+}
+
+/// Whether no session holds an advisory lock (a killed run's is freed once the
+/// server notices its session ended).
+fn no_advisory_lock(pg: &Cluster) -> bool {
+    sql(
+        pg,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+    ) == "0"
+}
+
 /// A number psql printed.
 fn number(text: &str) -> i64 {
     text.trim()
@@ -106,7 +121,7 @@ async fn every_command_gives_the_same_outputs_and_exit_codes_on_postgres_as_on_s
     .await;
     let post = Scene::new(SandboxConfig::default(), &csv).await;
     let on_postgres = workflow(&post, &pg.url(), || {
-        pg.psql(insert);
+        sql(&pg, insert);
     })
     .await;
     assert!(
@@ -116,13 +131,16 @@ async fn every_command_gives_the_same_outputs_and_exit_codes_on_postgres_as_on_s
     assert_eq!(on_postgres, on_sqlite);
     // The record is in PostgreSQL, and only there.
     assert_eq!(
-        number(&pg.psql("SELECT count(*) FROM jobs WHERE state = 'succeeded'")),
+        number(&sql(
+            &pg,
+            "SELECT count(*) FROM jobs WHERE state = 'succeeded'"
+        )),
         count(
             &lite.db,
             "SELECT count(*) FROM jobs WHERE state = 'succeeded'"
         )
     );
-    assert_eq!(number(&pg.psql("SELECT count(*) FROM inbox")), 0);
+    assert_eq!(number(&sql(&pg, "SELECT count(*) FROM inbox")), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -136,7 +154,8 @@ async fn producers_insert_from_another_connection_during_a_run_and_no_row_is_los
         on(s.on_db(&["init"]), &url).output().await.status.code(),
         Some(0)
     );
-    pg.psql(
+    sql(
+        &pg,
         "INSERT INTO inbox (customer_id, order_id) \
          SELECT 'cus_' || i, 'ord_before_' || i FROM generate_series(1, 150) AS i",
     );
@@ -170,7 +189,7 @@ async fn producers_insert_from_another_connection_during_a_run_and_no_row_is_los
         .output()
         .await;
     assert_eq!(first.status.code(), Some(0), "{}", all_text(&first));
-    let during_first_run = number(&pg.psql("SELECT count(*) FROM inbox"));
+    let during_first_run = number(&sql(&pg, "SELECT count(*) FROM inbox"));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let made = producer.await.unwrap();
     assert!(
@@ -178,13 +197,15 @@ async fn producers_insert_from_another_connection_during_a_run_and_no_row_is_los
         "the producer wrote {during_first_run} rows while the run went on"
     );
     // The run moved the rows there at its start, and left every later one.
-    let moved = number(&pg.psql(
+    let moved = number(&sql(
+        &pg,
         "SELECT count(*) FROM jobs j JOIN sources s ON s.id = j.source_id WHERE s.name = 'inbox'",
     ));
-    let newest_moved = number(&pg.psql(
+    let newest_moved = number(&sql(
+        &pg,
         "SELECT max(line) FROM jobs j JOIN sources s ON s.id = j.source_id WHERE s.name = 'inbox'",
     ));
-    let oldest_left = number(&pg.psql("SELECT min(id) FROM inbox"));
+    let oldest_left = number(&sql(&pg, "SELECT min(id) FROM inbox"));
     assert!(moved >= 150, "{moved}");
     assert!(newest_moved < oldest_left, "{newest_moved} {oldest_left}");
     let second = on(s.bin_run_queue(), &url)
@@ -192,13 +213,16 @@ async fn producers_insert_from_another_connection_during_a_run_and_no_row_is_los
         .output()
         .await;
     assert_eq!(second.status.code(), Some(0), "{}", all_text(&second));
-    assert_eq!(number(&pg.psql("SELECT count(*) FROM inbox")), 0);
+    assert_eq!(number(&sql(&pg, "SELECT count(*) FROM inbox")), 0);
     let mut all: Vec<String> = (1..=150).map(|i| format!("ord_before_{i}")).collect();
     all.extend((1..=made).map(|i| format!("ord_during_{i}")));
     assert_one_group_each(&s.sb, all.iter().cloned());
     assert_eq!(s.sb.stats(false).groups_total, all.len() as u64);
     assert_eq!(
-        number(&pg.psql("SELECT count(*) FROM jobs WHERE state = 'succeeded'")),
+        number(&sql(
+            &pg,
+            "SELECT count(*) FROM jobs WHERE state = 'succeeded'"
+        )),
         all.len() as i64
     );
 }
@@ -209,14 +233,15 @@ async fn a_second_run_exits_5_naming_the_holder_and_the_server_frees_the_lock_of
         return;
     };
     let url = pg.url();
-    let s = Scene::new(slow(300), &csv_rows(40)).await;
+    // The first run cannot finish before it is killed: 60 rows, one at a time, 300 ms each.
+    let s = Scene::new(slow(300), &csv_rows(60)).await;
     assert_eq!(
         on(s.on_db(&["init"]), &url).output().await.status.code(),
         Some(0)
     );
-    let mut first = spawn_run_on(&s, Some(&url), &["--concurrency", "2"]);
+    let mut first = spawn_run_on(&s, Some(&url), &["--concurrency", "1"]);
     until("the first run to hold the lock", || {
-        pg.psql("SELECT count(*) FROM lock").trim() == "1"
+        sql(&pg, "SELECT count(*) FROM lock").trim() == "1"
     })
     .await;
     let second = on(s.bin_run_queue(), &url).output().await;
@@ -231,17 +256,17 @@ async fn a_second_run_exits_5_naming_the_holder_and_the_server_frees_the_lock_of
     first.kill().unwrap(); // SIGKILL: the server ends its session, and the lock with it
     first.wait().unwrap();
     until("the server to notice the session's end", || {
-        pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == "0"
+        no_advisory_lock(&pg)
     })
     .await;
     let third = on(s.bin_run_queue(), &url)
-        .args(["--rate", "0", "--concurrency", "8"])
+        .args(["--rate", "0", "--concurrency", "16"])
         .output()
         .await;
     assert_eq!(third.status.code(), Some(0), "{}", all_text(&third));
-    assert_one_group_each(&s.sb, orders(40));
+    assert_one_group_each(&s.sb, orders(60));
     assert!(
-        pg.psql("SELECT stopped FROM runs WHERE id = 1")
+        sql(&pg, "SELECT stopped FROM runs WHERE id = 1")
             .contains("the process ended before the run finished")
     );
 }
@@ -255,7 +280,7 @@ async fn a_server_restart_mid_run_stops_it_with_74_and_a_rerun_finishes_without_
     let s = Scene::new(slow(100), &csv_rows(200)).await;
     let child = spawn_run_on(&s, Some(&url), &["--concurrency", "4"]);
     until("some groups", || s.sb.stats(false).groups_total >= 20).await;
-    pg.restart_fast();
+    tokio::task::block_in_place(|| pg.restart_fast());
     let out = wait(child).await;
     let text = all_text(&out);
     assert_eq!(out.status.code(), Some(74), "{text}");
@@ -287,9 +312,15 @@ async fn sigkill_campaign_on_postgres_never_duplicates_and_never_loses_a_row() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(12);
     let s = campaign_scene(rows).await;
-    let code = campaign(&s, Some(&pg.url()), kills).await;
-    let succeeded = number(&pg.psql("SELECT count(*) FROM jobs WHERE state = 'succeeded'"));
-    let recovered = number(&pg.psql("SELECT count(*) FROM jobs WHERE obtained = 'recovered'"));
+    let code = campaign(&s, Some(&pg.url()), kills, || no_advisory_lock(&pg)).await;
+    let succeeded = number(&sql(
+        &pg,
+        "SELECT count(*) FROM jobs WHERE state = 'succeeded'",
+    ));
+    let recovered = number(&sql(
+        &pg,
+        "SELECT count(*) FROM jobs WHERE obtained = 'recovered'",
+    ));
     println!("on PostgreSQL:");
     campaign_verdict(&s, rows, kills, code, succeeded, recovered);
 }
@@ -299,13 +330,15 @@ async fn the_record_goes_in_its_own_schema_and_another_applications_tables_are_n
     let Some(pg) = cluster("the_record_goes_in_its_own_schema…") else {
         return;
     };
-    pg.psql(
+    sql(
+        &pg,
         "CREATE TABLE public.jobs (id int, note text); \
          INSERT INTO public.jobs VALUES (7, 'the shop''s')",
     );
     let s = Scene::offline("customerId,orderId\ncus_1,ord_1\n");
     let public_tables = || {
-        pg.psql(
+        sql(
+            &pg,
             "SELECT string_agg(table_name::text, ',') FROM information_schema.tables \
              WHERE table_schema = 'public'",
         )
@@ -333,22 +366,25 @@ async fn the_record_goes_in_its_own_schema_and_another_applications_tables_are_n
         Some(0)
     );
     assert_eq!(
-        number(&pg.psql("SELECT count(*) FROM kohort_batch.jobs")),
+        number(&sql(&pg, "SELECT count(*) FROM kohort_batch.jobs")),
         1
     );
-    assert_eq!(pg.psql("SELECT note FROM public.jobs"), "the shop's");
+    assert_eq!(sql(&pg, "SELECT note FROM public.jobs"), "the shop's");
     assert_eq!(public_tables(), "jobs");
     // A schema named as PostgreSQL reads it: `Shop_A` unquoted is shop_a.
     let named = format!("{}?options=-csearch_path%3DShop_A", pg.url());
     let out = on(s.enqueue(), &named).output_blocking();
     assert_eq!(out.status.code(), Some(0), "{}", all_text(&out));
-    assert_eq!(number(&pg.psql("SELECT count(*) FROM shop_a.jobs")), 1);
+    assert_eq!(number(&sql(&pg, "SELECT count(*) FROM shop_a.jobs")), 1);
     // Reading a schema no run made is refused, and makes nothing.
     let other = format!("{}?options=-csearch_path%3Dnobody", pg.url());
     let out = on(s.report(&[]), &other).output_blocking();
     assert_eq!(out.status.code(), Some(2), "{}", all_text(&out));
     assert_eq!(
-        number(&pg.psql("SELECT count(*) FROM pg_namespace WHERE nspname = 'nobody'")),
+        number(&sql(
+            &pg,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'nobody'"
+        )),
         0
     );
 }
@@ -375,7 +411,8 @@ async fn a_url_naming_no_schema_never_quietly_starts_a_second_record() {
         "{text}"
     );
     assert_eq!(
-        pg.psql(
+        sql(
+            &pg,
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'kohort_batch'"
         ),
         "0"
@@ -391,7 +428,7 @@ async fn a_password_in_the_url_never_shows_in_output_logs_or_the_record() {
     let url = pg
         .url()
         .replacen("postgres://kb@", "postgres://kb:s3cr3t-pw@", 1);
-    let s = Scene::new(SandboxConfig::default(), &csv_rows(5)).await;
+    let s = Scene::new(slow(200), &csv_rows(5)).await;
     let run = on(s.bin_run(), &url)
         .args(["-v", "--rate", "0"])
         .output()
@@ -399,21 +436,34 @@ async fn a_password_in_the_url_never_shows_in_output_logs_or_the_record() {
     let report = on(s.report(&["--last", "--format", "json"]), &url)
         .output()
         .await;
-    let locked = {
-        let holder = spawn_run_on(&s, Some(&url), &[]);
-        let second = on(s.bin_run_queue(), &url).output().await;
-        let mut holder = holder;
-        let _ = holder.kill();
-        let _ = holder.wait();
-        second
-    };
+    // A run holding the lock (40 more rows, one at a time), and a second one refused.
+    let more = s.write("more.csv", &csv_rows(45));
+    let mut holder = on(s.bin_run_queue(), &url)
+        .flag("--csv", &more)
+        .args(["--concurrency", "1"])
+        .command()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    until("the holder to take the lock", || {
+        sql(&pg, "SELECT count(*) FROM lock") == "1"
+    })
+    .await;
+    let locked = on(s.bin_run_queue(), &url).output().await;
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert_eq!(locked.status.code(), Some(5), "{}", all_text(&locked));
     for out in [&run, &report, &locked] {
         let text = all_text(out);
         assert!(!text.contains("s3cr3t"), "{text}");
     }
     assert_eq!(run.status.code(), Some(0), "{}", all_text(&run));
     assert!(all_text(&run).contains("kb:***@"), "{}", all_text(&run));
-    let stored = pg.psql("SELECT string_agg(options || coalesce(report, ''), ' ') FROM runs");
+    let stored = sql(
+        &pg,
+        "SELECT string_agg(options || coalesce(report, ''), ' ') FROM runs",
+    );
     assert!(!stored.contains("s3cr3t") && !stored.is_empty(), "{stored}");
 }
 
@@ -452,13 +502,16 @@ async fn tls_as_sslmode_asks_verified_against_sslrootcert_or_ca_cert() {
             std::os::unix::fs::chown(f, Some(uid), Some(gid)).unwrap();
         }
     }
-    pg.psql(&format!(
-        "ALTER SYSTEM SET ssl = on;\nALTER SYSTEM SET ssl_cert_file = '{}';\n\
+    sql(
+        &pg,
+        &format!(
+            "ALTER SYSTEM SET ssl = on;\nALTER SYSTEM SET ssl_cert_file = '{}';\n\
          ALTER SYSTEM SET ssl_key_file = '{}';",
-        crt.display(),
-        key_file.display()
-    ));
-    pg.restart_fast();
+            crt.display(),
+            key_file.display()
+        ),
+    );
+    tokio::task::block_in_place(|| pg.restart_fast());
     let s = Scene::new(SandboxConfig::default(), &csv_rows(3)).await;
     let base = pg.url();
     // TLS required, the server's CA unknown: refused before anything is written.

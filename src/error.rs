@@ -152,7 +152,7 @@ impl Error {
             Error::Usage(_) | Error::File { .. } | Error::Input { .. } => Exit::Usage,
             Error::Locked { .. } => Exit::Locked,
             Error::Database { cause, .. } => match cause {
-                DbCause::NotOurs | DbCause::Version => Exit::Usage,
+                DbCause::NotOurs | DbCause::Version | DbCause::Empty => Exit::Usage,
                 DbCause::Busy
                 | DbCause::ReadOnly
                 | DbCause::Full

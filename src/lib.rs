@@ -9,7 +9,7 @@
 //! | [`config`] | flags → resolved, typed settings; the key; URL rules | `cli`, `engine` types |
 //! | [`job`] | the request body, its key, the validation rules (pure) | — |
 //! | [`source`] | streaming CSV reader: columns by header, line numbers, encodings, quotes | `job` |
-//! | [`store`] | SQLite: schema, migrations, the single writer thread; **all SQL** (rooms listed in its docs) | `job`, `source` |
+//! | [`store`] | the record behind one seam ([`store::Backend`]): SQLite (schema, migrations, the single writer thread) or PostgreSQL (`store/pg/`); **all SQL** (rooms listed in its docs) | `job`, `source` |
 //! | [`api`] | the HTTP client (**only reqwest user**), wire parsing, classification | `job` |
 //! | [`engine`] | pacing, retries, the check desk, and the exactly-once protocol as a pure state machine (`engine/protocol.rs`) driven per job by `engine/worker.rs` | `store`, `api` handles |
 //! | [`report`] | the run summary, text and JSON, built from the store | `store` facts |

@@ -303,9 +303,9 @@ fn transport_kind(e: &reqwest::Error) -> Transport {
 }
 
 /// Whether the TLS handshake failed because the server's certificate is not trusted
-/// (rustls says so somewhere in the error's causes).
-fn untrusted_certificate(e: &reqwest::Error) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+/// (rustls says so somewhere in the error's causes): the API's, or PostgreSQL's.
+pub(crate) fn untrusted_certificate(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
     while let Some(c) = cause {
         if let Some(tls) = c.downcast_ref::<rustls::Error>() {
             return matches!(tls, rustls::Error::InvalidCertificate(_));

@@ -94,6 +94,29 @@ pub struct CsvArgs {
     pub encoding: String,
 }
 
+/// `--db` for clap: a value it refuses is never repeated in the message (a URL may
+/// hold a password; clap's own message quotes the value).
+#[derive(Clone, Debug)]
+pub(crate) struct DbParser;
+
+impl clap::builder::TypedValueParser for DbParser {
+    type Value = crate::store::Db;
+
+    fn parse_ref(
+        &self,
+        _cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<crate::store::Db, clap::Error> {
+        use clap::error::ErrorKind;
+        let text = value
+            .to_str()
+            .ok_or_else(|| clap::Error::raw(ErrorKind::InvalidUtf8, "--db is not valid UTF-8\n"))?;
+        crate::store::Db::parse(text)
+            .map_err(|e| clap::Error::raw(ErrorKind::ValueValidation, format!("--db: {e}\n")))
+    }
+}
+
 /// The database option of the commands that use one.
 #[derive(Debug, Args, Clone, serde::Serialize)]
 pub struct DbArg {
@@ -106,7 +129,7 @@ pub struct DbArg {
         hide_env_values = true,
         default_value = "kohort-batch.db",
         value_name = "PATH|URL",
-        value_parser = crate::store::DbParser
+        value_parser = DbParser
     )]
     pub db: crate::store::Db,
 }

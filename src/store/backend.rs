@@ -55,9 +55,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// Rows the importer hands over per [`import`](Self::import) call: each is one
     /// transaction.
-    fn import_batch_rows(&self) -> usize {
-        4_000
-    }
+    fn import_batch_rows(&self) -> usize;
 
     /// Groups in the whole database recorded without a share id.
     async fn groups_without_share_id(&self) -> Result<i64>;
@@ -82,8 +80,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         limit: usize,
     ) -> Result<Vec<(i64, RowFields)>>;
 
-    /// Imports inbox rows (validated, as CSV rows are) and deletes the inbox rows
-    /// `rows` came from (up to `through`), in one transaction.
+    /// Imports inbox rows (validated, as CSV rows are) and deletes them from the inbox,
+    /// in one transaction. SQLite deletes every row up to `through` (its writers are
+    /// serialized: none can commit below it later); PostgreSQL deletes exactly the
+    /// rows it imported, skipping any another session holds locked.
     async fn import_inbox(
         &self,
         run_id: i64,
@@ -186,7 +186,7 @@ impl std::ops::Deref for Store {
 }
 
 impl Store {
-    /// Opens the database `--db` names: a SQLite file (see [`Store::open_with`]) or a
+    /// Opens the database `--db` names: a SQLite file (see [`Store::open`]) or a
     /// PostgreSQL database (its schema made or brought forward for [`Access::Write`]).
     /// `ca_cert` adds a root certificate for PostgreSQL's TLS.
     pub async fn connect(
@@ -216,28 +216,15 @@ impl Store {
         Store::connect(db, access, super::DEFAULT_BUSY_TIMEOUT, None).await
     }
 
-    /// Opens (creating if needed) the SQLite database at `path` to write it.
+    /// Opens (creating if needed) the SQLite database at `path` to write it, with the
+    /// default busy timeout. A file that is not a kohort-batch database is refused
+    /// before anything is written to it.
     pub fn open(path: &Path) -> Result<Store> {
-        Store::open_with(path, Access::Write, super::DEFAULT_BUSY_TIMEOUT)
-    }
-
-    /// Opens an existing SQLite database to read it.
-    pub fn open_existing(path: &Path) -> Result<Store> {
-        Store::open_with(path, Access::Read, super::DEFAULT_BUSY_TIMEOUT)
-    }
-
-    /// Opens the SQLite database at `path`. A file that is not a kohort-batch database
-    /// is refused before anything is written to it.
-    pub fn open_with(
-        path: &Path,
-        access: Access,
-        busy_timeout: std::time::Duration,
-    ) -> Result<Store> {
         Ok(Store {
             backend: Arc::new(super::handle::Sqlite::open_with(
                 path,
-                access,
-                busy_timeout,
+                Access::Write,
+                super::DEFAULT_BUSY_TIMEOUT,
             )?),
             db: Db::File(path.to_owned()),
         })
@@ -250,13 +237,23 @@ impl Store {
             Db::File(path) if !path.exists() => Ok(false),
             Db::File(path) => super::handle::Sqlite::snapshot(path, dest).map(|()| true),
             Db::Postgres(url) => {
-                let pg = super::pg::Postgres::connect(
+                let pg = match super::pg::Postgres::connect(
                     url,
                     Access::Read,
                     super::DEFAULT_BUSY_TIMEOUT,
                     ca_cert,
                 )
-                .await?;
+                .await
+                {
+                    Ok(pg) => pg,
+                    // No run has used it yet: the plan starts from nothing, as for a
+                    // SQLite file that does not exist yet.
+                    Err(crate::error::Error::Database {
+                        cause: super::DbCause::Empty,
+                        ..
+                    }) => return Ok(false),
+                    Err(e) => return Err(e),
+                };
                 let copied = pg.snapshot(dest).await;
                 pg.close().await;
                 copied.map(|()| true)

@@ -20,6 +20,8 @@ pub enum DbCause {
     NotOurs,
     /// Written by a newer kohort-batch, or by an older one a read-only command may not upgrade.
     Version,
+    /// No run has used it yet: there is nothing to read.
+    Empty,
     /// The PostgreSQL server could not be reached, refused the login, or closed the
     /// connection (restarted, say).
     Connection,
@@ -64,7 +66,7 @@ impl DbCause {
                 "the PostgreSQL role lacks a privilege this command needs: grant it as \
                  deploy/README.md (PostgreSQL) shows"
             }
-            DbCause::NotOurs | DbCause::Version => "",
+            DbCause::NotOurs | DbCause::Version | DbCause::Empty => "",
             DbCause::Bug => "this is a bug in kohort-batch: please report it",
         }
     }

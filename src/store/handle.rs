@@ -175,6 +175,12 @@ impl Sqlite {
 
 #[async_trait::async_trait]
 impl Backend for Sqlite {
+    /// A commit per 4,000 rows: more gains nothing measurable, and the rows held in
+    /// memory grow with it.
+    fn import_batch_rows(&self) -> usize {
+        4_000
+    }
+
     /// What sending the pending jobs would take.
     async fn send_plan(&self, precheck_always: bool) -> Result<reads::SendPlan> {
         self.call(move |c| reads::send_plan(c, precheck_always))

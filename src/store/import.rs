@@ -528,6 +528,7 @@ pub(super) enum Taken {
     Conflict { reason: String, raw: String },
 }
 
+/// Decides what a valid row `new` becomes when its key is taken (see [`Taken`]).
 pub(super) fn taken(
     key: &str,
     new: &Payload,
@@ -552,5 +553,54 @@ pub(super) fn taken(
         ),
         // The row itself is kept, for `export failures`: nothing a person wrote is lost.
         raw: serde_json::to_string(&new.input_cells()).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(customer: &str) -> Payload {
+        serde_json::from_str(&format!(
+            r#"{{"customerId":"{customer}","orderId":"ord_1"}}"#
+        ))
+        .unwrap()
+    }
+
+    /// The rule both backends apply to a row whose key a job already has.
+    #[test]
+    fn a_taken_key_is_a_duplicate_a_fix_or_a_conflict() {
+        let (same, other) = (body("cus_1"), body("cus_2"));
+        let table = [
+            ("pending", Some(&same), 0, Taken::Duplicate { touch: false }),
+            (
+                "succeeded",
+                Some(&same),
+                1,
+                Taken::Duplicate { touch: false },
+            ),
+            ("failed", Some(&same), 1, Taken::Duplicate { touch: true }),
+            ("unknown", Some(&same), 1, Taken::Duplicate { touch: true }),
+            ("failed", Some(&other), 0, Taken::Fix { needs_check: false }),
+            ("failed", Some(&other), 2, Taken::Fix { needs_check: true }),
+        ];
+        for (state, old, creates, expected) in table {
+            assert_eq!(
+                taken("ord_1", &same, state, old, creates),
+                expected,
+                "{state} {creates}"
+            );
+        }
+        for state in ["pending", "in_flight", "succeeded", "unknown"] {
+            let Taken::Conflict { reason, raw } = taken("ord_1", &same, state, Some(&other), 1)
+            else {
+                panic!("{state}: not a conflict");
+            };
+            assert!(
+                reason.contains("key ord_1") && reason.contains(&format!("that job is {state}")),
+                "{reason}"
+            );
+            assert!(raw.contains("cus_1"), "{raw}");
+        }
     }
 }

@@ -1,6 +1,10 @@
-//! The SQLite store: the only place that holds SQL.
+//! The record: the only place that holds SQL. [`Store`] is a handle to one of two
+//! backends behind one trait, [`Backend`] (`backend.rs`): SQLite, a file, the
+//! embedded default; or PostgreSQL (`pg/`), for `--db postgres://…` ([`Db`],
+//! `target.rs`). The rest of this page is the SQLite backend; `pg/mod.rs` describes
+//! the other.
 //!
-//! One thread, the writer, owns the connection. Everything else talks to it through a
+//! One thread, the writer, owns the SQLite connection. Everything else talks to it through a
 //! [`Store`] handle over a bounded channel; the writer runs whatever has queued up
 //! in one transaction (group commit) and answers each caller only after that
 //! transaction is durable. So "`in_flight` is written before a request leaves"
@@ -17,7 +21,10 @@
 //!
 //! | file | owns |
 //! |---|---|
-//! | `handle.rs` | the [`Store`] handle: opening, and every call the program makes |
+//! | `backend.rs` | the [`Backend`] trait (every call the program makes) and the [`Store`] handle |
+//! | `target.rs` | what `--db` names: a file or a PostgreSQL URL (its password never shown) |
+//! | `handle.rs` | the SQLite backend: opening a file, and its [`Backend`] calls |
+//! | `pg/` | the PostgreSQL backend |
 //! | `writer.rs` | the writer thread: commands, group commit, the batch loop |
 //! | `outbox.rs` | last records written without waiting, and their failure latch |
 //! | `checkpoint.rs` | the checkpointer thread |
@@ -62,7 +69,7 @@ pub use queue::RetryFilter;
 pub use reads::SendPlan;
 pub use reads::{FailureReason, JobExport, RunFacts, RunListEntry};
 pub use schema::Access;
-pub use target::{Db, DbParser, PgUrl};
+pub use target::{Db, PgUrl};
 pub use types::{
     Attempt, FailureClass, GroupRec, ImportCounts, Job, JobState, Obtained, RequestKind,
     StateCounts, Transition,

@@ -92,29 +92,6 @@ impl Db {
     }
 }
 
-/// `--db` for clap: a value it refuses is never repeated in the message (a URL may
-/// hold a password; clap's own message quotes the value).
-#[derive(Clone, Debug)]
-pub struct DbParser;
-
-impl clap::builder::TypedValueParser for DbParser {
-    type Value = Db;
-
-    fn parse_ref(
-        &self,
-        _cmd: &clap::Command,
-        _arg: Option<&clap::Arg>,
-        value: &std::ffi::OsStr,
-    ) -> Result<Db, clap::Error> {
-        use clap::error::ErrorKind;
-        let text = value
-            .to_str()
-            .ok_or_else(|| clap::Error::raw(ErrorKind::InvalidUtf8, "--db is not valid UTF-8\n"))?;
-        Db::parse(text)
-            .map_err(|e| clap::Error::raw(ErrorKind::ValueValidation, format!("--db: {e}\n")))
-    }
-}
-
 impl std::str::FromStr for Db {
     type Err = String;
 

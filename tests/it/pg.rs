@@ -168,13 +168,13 @@ impl Cluster {
         }
     }
 
-    /// The loopback port it listens on.
     /// The uid and gid the server runs as, when that is not ours (tests run as root):
     /// files it must read, and only it, are given to that user.
     pub fn server_user(&self) -> Option<(u32, u32)> {
         self.pg.user
     }
 
+    /// The loopback port it listens on.
     pub fn port(&self) -> u16 {
         self.port
     }

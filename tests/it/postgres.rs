@@ -537,3 +537,31 @@ async fn tls_as_sslmode_asks_verified_against_sslrootcert_or_ca_cert() {
     assert_eq!(run.status.code(), Some(0), "{}", all_text(&run));
     assert_one_group_each(&s.sb, orders(3));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dry_run_plans_the_same_checks_on_postgres_as_on_sqlite() {
+    let Some(pg) = cluster("the_dry_run_plans_the_same_checks…") else {
+        return;
+    };
+    // Order ids a list may ask for (plain: letters, digits, `_ - .`) and ids asked
+    // alone: each backend decides in its own SQL, by the client's rule.
+    let ids = [
+        "ord_1", "A-b.c_9", "a b", "\"a,b\"", "a%b", "a:b", "a*b", "a[b", "ordé", "a'b",
+    ];
+    let mut csv = String::from("customerId,orderId\n");
+    for (i, id) in ids.iter().enumerate() {
+        csv.push_str(&format!("cus_{i},{id}\n"));
+    }
+    let s = Scene::new(SandboxConfig::default(), &csv).await;
+    let plan = |db: String| {
+        let cmd = on(s.bin_run(), &db).arg("--dry-run");
+        async move { String::from_utf8_lossy(&cmd.output().await.stdout).into_owned() }
+    };
+    let on_sqlite = plan(s.db.display().to_string()).await;
+    let on_postgres = plan(pg.url()).await;
+    assert!(
+        on_sqlite.contains("Would send 10 jobs (10 checked first"),
+        "{on_sqlite}"
+    );
+    assert_eq!(on_postgres, on_sqlite);
+}

@@ -9,12 +9,11 @@ impl From<tokio_postgres::Error> for Failure {
     fn from(e: tokio_postgres::Error) -> Failure {
         let (cause, message) = match e.as_db_error() {
             None => {
-                let text = connection_failed(&e);
-                let cause = match text.contains("certificate") {
+                let cause = match crate::api::untrusted_certificate(&e) {
                     true => DbCause::Tls,
                     false => DbCause::Connection,
                 };
-                (cause, text)
+                (cause, connection_failed(&e))
             }
             Some(db) => (cause_of(db.code()), {
                 let mut text = db.message().to_owned();

@@ -11,9 +11,14 @@ use crate::error::{Error, Result};
 use crate::store::clock::{now_ms, now_text};
 use crate::store::failure::Failure;
 
-/// The advisory lock's first key: "KBAT", kohort-batch's mark. The second is the
-/// hash of the schema's name.
-const LOCK_KEY: &str = "1262633300, hashtext(current_schema())";
+/// The advisory locks' first key: "KBAT", kohort-batch's mark. The run lock's second
+/// is the hash of the schema's name; the schema's creation takes `(KBAT, 0)`.
+pub(super) const KBAT: i32 = 0x4B42_4154;
+
+/// The run lock's two keys, as SQL.
+fn run_lock_keys() -> String {
+    format!("{KBAT}, hashtext(current_schema())")
+}
 
 /// The held lock: its connection, and whether we let it go.
 #[derive(Debug)]
@@ -47,17 +52,28 @@ impl RunLock {
             })
             .await
             .map_err(db_err)?;
-        let row = client
+        // From here on, any return drops the lock's value, which marks it let go (see
+        // `Drop`): a connection closed on the way out is not a lock lost.
+        let mut held = RunLock {
+            client,
+            backend: 0,
+            released,
+        };
+        let row = held
+            .client
             .query_one(
-                &format!("SELECT pg_try_advisory_lock({LOCK_KEY}), pg_backend_pid()"),
+                &format!(
+                    "SELECT pg_try_advisory_lock({}), pg_backend_pid()",
+                    run_lock_keys()
+                ),
                 &[],
             )
             .await
             .map_err(|e| db_err(e.into()))?;
-        let (got, backend): (bool, i32) = (row.get(0), row.get(1));
+        let got: bool = row.try_get(0).map_err(|e| db_err(e.into()))?;
+        held.backend = i64::from(row.try_get::<_, i32>(1).map_err(|e| db_err(e.into()))?);
         if !got {
-            let holder = holder(&client).await.map_err(db_err)?;
-            released.store(true, Ordering::SeqCst);
+            let holder = holder(&held.client).await.map_err(db_err)?;
             return Err(Error::Locked {
                 db: shown.to_owned(),
                 holder,
@@ -67,11 +83,7 @@ impl RunLock {
                     .to_owned(),
             });
         }
-        Ok(RunLock {
-            client,
-            backend: i64::from(backend),
-            released,
-        })
+        Ok(held)
     }
 
     /// The server process of the lock's connection.
@@ -83,7 +95,10 @@ impl RunLock {
     pub(super) async fn release(self) {
         let _ = self
             .client
-            .execute(&format!("SELECT pg_advisory_unlock({LOCK_KEY})"), &[])
+            .execute(
+                &format!("SELECT pg_advisory_unlock({})", run_lock_keys()),
+                &[],
+            )
             .await;
     }
 }
@@ -121,9 +136,9 @@ async fn holder(client: &tokio_postgres::Client) -> Result<String, Failure> {
                  LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
                  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                 AND (l.classid, l.objid) = (SELECT 1262633300::oid, \
-                 hashtext(current_schema())::oid) LIMIT 1",
-            &[],
+                 AND (l.classid, l.objid) = ($1::int::oid, hashtext(current_schema())::oid) \
+                 LIMIT 1",
+            &[&KBAT],
         )
         .await?
         .map(|r| {

@@ -189,7 +189,7 @@ async fn prepare(
     };
     let tx = client.transaction().await?;
     if access == Access::Write {
-        tx.execute("SELECT pg_advisory_xact_lock(1262633300, 0)", &[])
+        tx.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&lock::KBAT])
             .await?;
     }
     // From the catalog, which lists every table whatever this role may do with it
@@ -226,7 +226,7 @@ async fn create_schema(
     let wanted: String = client.query_one("SHOW search_path", &[]).await?.get(0);
     if access == Access::Read {
         return Err(Failure::new(
-            DbCause::NotOurs,
+            DbCause::Empty,
             format!(
                 "no schema of the search path ({wanted}) exists: no run has used this \
                  database yet (is --db the URL your runs use?)"
@@ -234,14 +234,23 @@ async fn create_schema(
         ));
     }
     // The first entry as PostgreSQL reads it (case folded unless quoted).
-    let first: Option<String> = client
+    let first: Option<String> = match client
         .query_one(
             "SELECT (parse_ident(trim(split_part($1, ',', 1))))[1]",
             &[&wanted],
         )
         .await
-        .ok()
-        .and_then(|r| r.get(0));
+    {
+        Ok(row) => row.try_get(0)?,
+        // Not a name PostgreSQL can read: said below, with what to do.
+        Err(e)
+            if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE)
+                || e.code() == Some(&tokio_postgres::error::SqlState::INVALID_NAME) =>
+        {
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
     let unusable = || {
         Failure::new(
             DbCause::NotOurs,
@@ -316,7 +325,7 @@ fn refuse_foreign(schema: &str, tables: &[String], access: Access) -> Result<(),
     }
     if access == Access::Read {
         return Err(Failure::new(
-            DbCause::NotOurs,
+            DbCause::Empty,
             format!(
                 "schema {schema} holds no kohort-batch tables: no run has used it yet \
                  (is --db the URL your runs use?)"

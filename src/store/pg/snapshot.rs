@@ -28,8 +28,8 @@ const TABLES: [(&str, &str); 3] = [
 /// Rows read per query.
 const PAGE: i64 = 10_000;
 
-/// Copies the tables into the new SQLite database at `dest` (made with the
-/// current schema by the caller).
+/// Copies the tables into a new SQLite database at `dest`, made here with the current
+/// schema.
 pub(super) async fn copy_into(
     client: &mut deadpool_postgres::Client,
     dest: &Path,
@@ -42,12 +42,15 @@ pub(super) async fn copy_into(
         .read_only(true)
         .start()
         .await?;
-    let mut sqlite = rusqlite::Connection::open(dest)?;
+    // A failure of the copy's own file says which file.
+    let local = |f: Failure| f.context(&format!("cannot write the copy {}", dest.display()));
+    let mut sqlite = rusqlite::Connection::open(dest).map_err(|e| local(e.into()))?;
     crate::store::schema::prepare(
         &mut sqlite,
         crate::store::Access::Write,
         crate::store::DEFAULT_BUSY_TIMEOUT,
-    )?;
+    )
+    .map_err(local)?;
     for (table, columns) in TABLES {
         let n = columns.split(", ").count();
         let marks: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
@@ -60,20 +63,31 @@ pub(super) async fn copy_into(
         loop {
             let rows = client.query(&select, &[&after, &PAGE]).await?;
             let Some(last) = rows.last() else { break };
-            after = last.get(0);
-            let tx = sqlite.transaction()?;
-            {
-                let mut stmt = tx.prepare_cached(&insert)?;
-                for row in &rows {
-                    let values = (0..n)
-                        .map(|i| value(row, i))
-                        .collect::<Result<Vec<Value>, Failure>>()?;
-                    stmt.execute(rusqlite::params_from_iter(values))?;
-                }
-            }
-            tx.commit()?;
+            after = last.try_get(0)?;
+            write_page(&mut sqlite, &insert, n, &rows).map_err(local)?;
         }
     }
+    Ok(())
+}
+
+/// Inserts one page of rows into the copy, in one transaction.
+fn write_page(
+    sqlite: &mut rusqlite::Connection,
+    insert: &str,
+    columns: usize,
+    rows: &[tokio_postgres::Row],
+) -> Result<(), Failure> {
+    let tx = sqlite.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(insert)?;
+        for row in rows {
+            let values = (0..columns)
+                .map(|i| value(row, i))
+                .collect::<Result<Vec<Value>, Failure>>()?;
+            stmt.execute(rusqlite::params_from_iter(values))?;
+        }
+    }
+    tx.commit()?;
     Ok(())
 }
 

@@ -14,7 +14,7 @@
 //! next transaction (a crash before then leaves the job `in_flight`, to be checked).
 //!
 //! A second thread, with its own connection, copies the WAL into the database file
-//! (checkpoints) so the writer never stops for it; [`Store::close`] ends a session
+//! (checkpoints) so the writer never stops for it; [`Backend::close`] ends a session
 //! with the WAL copied and emptied.
 //!
 //! # Rooms

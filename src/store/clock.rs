@@ -13,6 +13,13 @@ pub(super) fn ts_text(ts: jiff::Timestamp) -> String {
 }
 
 /// Now, unix milliseconds (`updated_ms`).
+/// A stored timestamp as unix seconds (`None`: none, or not one).
+pub(super) fn unix_seconds(stored: Option<&str>) -> Option<f64> {
+    stored
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+        .map(|t| t.as_millisecond() as f64 / 1000.0)
+}
+
 pub(super) fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
 }

@@ -74,12 +74,12 @@ pub(super) fn import_inbox(
 /// Puts `unknown` jobs back to pending (a person decided to re-send them). Returns how
 /// many.
 pub(super) fn requeue_unknown(c: &Connection, run_id: i64) -> rusqlite::Result<usize> {
-    c.execute(
-        "UPDATE jobs SET state = 'pending', last_run_id = :run_id, next_attempt_at = NULL \
-         WHERE state = 'unknown'",
-        named_params! {":run_id": run_id},
-    )
+    c.execute(REQUEUE_UNKNOWN, [run_id])
 }
+
+/// `unknown` jobs back to pending, for run `?1` (both backends).
+pub(super) const REQUEUE_UNKNOWN: &str = "UPDATE jobs SET state = 'pending', \
+     last_run_id = ?1, next_attempt_at = NULL WHERE state = 'unknown'";
 
 /// Which failed jobs `retry-failed` puts back.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]

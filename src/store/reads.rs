@@ -309,9 +309,7 @@ pub(super) fn last_success(c: &Connection) -> rusqlite::Result<Option<f64>> {
         [],
         |r| r.get(0),
     )?;
-    Ok(at
-        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-        .map(|t| t.as_millisecond() as f64 / 1000.0))
+    Ok(super::clock::unix_seconds(at.as_deref()))
 }
 
 pub(super) fn last_run_id(c: &Connection) -> rusqlite::Result<Option<i64>> {

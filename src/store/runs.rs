@@ -37,29 +37,34 @@ pub(super) fn begin_run(
         "INSERT INTO lock (id, pid, run_id, started_at) VALUES (1, :pid, :run_id, :started_at)",
         named_params! {":pid": pid, ":run_id": run_id, ":started_at": started},
     )?;
-    // Earlier sending runs that never finished ended with their process (the run
-    // lock is ours, so none of them is still going): their reports say so.
-    c.execute(
-        "UPDATE runs SET stopped = 'the process ended before the run finished (killed, or \
-         the machine stopped); the next run checked its jobs in flight' \
-         WHERE finished_at IS NULL AND stopped IS NULL AND id < :run_id \
-         AND (command = 'run' OR command = 'retry-failed')",
-        named_params! {":run_id": run_id},
-    )?;
-    // A job still in flight was interrupted mid-request: its outcome is unknown, so it
-    // must be checked (no earlier than the settle time set when it was sent).
-    let interrupted = c.execute(
-        "UPDATE jobs SET state = 'pending', needs_check = 1, error = 'interrupted while in flight', \
-         updated_ms = :now_ms WHERE state = 'in_flight'",
-        named_params! {":now_ms": now_ms()},
-    )?;
-    if interrupted > 0 {
+    c.execute(ENDED_EARLIER, [run_id])?;
+    warn_interrupted(c.execute(INTERRUPTED, [now_ms()])?);
+    Ok((run_id, started))
+}
+
+/// Earlier sending runs that never finished ended with their process (the run lock
+/// is ours, so none of them is still going): their reports say so. `?1`: this run.
+/// Both backends run it when a sending run starts.
+pub(super) const ENDED_EARLIER: &str = "UPDATE runs SET stopped = 'the process ended \
+     before the run finished (killed, or the machine stopped); the next run checked its \
+     jobs in flight' WHERE finished_at IS NULL AND stopped IS NULL AND id < ?1 \
+     AND (command = 'run' OR command = 'retry-failed')";
+
+/// A job still in flight was interrupted mid-request: its outcome is unknown, so it
+/// must be checked (no earlier than the settle time set when it was sent). `?1`: now,
+/// unix ms. Both backends run it when a sending run starts.
+pub(super) const INTERRUPTED: &str = "UPDATE jobs SET state = 'pending', needs_check = 1, \
+     error = 'interrupted while in flight', updated_ms = ?1 WHERE state = 'in_flight'";
+
+/// Logs the jobs [`INTERRUPTED`] put back, if any.
+pub(super) fn warn_interrupted(jobs: usize) {
+    if jobs > 0 {
         tracing::warn!(
-            jobs = interrupted,
-            "found jobs interrupted mid-request by an earlier run; they are checked before any re-send"
+            jobs,
+            "found jobs interrupted mid-request by an earlier run; they are checked before \
+             any re-send"
         );
     }
-    Ok((run_id, started))
 }
 
 /// Records the end of a run; returns its finish time as stored (the report printed
@@ -101,11 +106,7 @@ pub(super) fn add_import_counts(
         named_params! {":run_id": run_id},
         |r| r.get(0),
     )?;
-    let mut total: ImportCounts = current
-        .and_then(|s| serde_json::from_str::<ImportCounts>(&s).ok())
-        .unwrap_or_default();
-    total += add;
-    let text = serde_json::to_string(&total).unwrap_or_default();
+    let text = add.added_to(current.as_deref());
     c.execute(
         "UPDATE runs SET imported = :imported WHERE id = :run_id",
         named_params! {":imported": text, ":run_id": run_id},

@@ -255,6 +255,18 @@ pub struct ImportCounts {
     pub empty: u64,
 }
 
+impl ImportCounts {
+    /// These counts added to the totals `stored` (a run's `imported`, as JSON; none
+    /// or unreadable: zero), as the JSON to store.
+    pub(super) fn added_to(self, stored: Option<&str>) -> String {
+        let mut total: ImportCounts = stored
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default();
+        total += self;
+        serde_json::to_string(&total).unwrap_or_default()
+    }
+}
+
 impl std::ops::AddAssign for ImportCounts {
     fn add_assign(&mut self, o: Self) {
         self.rows += o.rows;

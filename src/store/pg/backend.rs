@@ -1,7 +1,7 @@
 //! Every call of [`Backend`] on PostgreSQL: each takes a pooled connection and the
 //! room that holds its SQL.
 
-use super::record::{Commit, record};
+use super::record::{Commit, numbered, record};
 use super::{Postgres, import, lock, reads};
 use crate::error::Result;
 use crate::job::RowFields;
@@ -111,11 +111,7 @@ impl Backend for Postgres {
     async fn requeue_unknown(&self, run_id: i64) -> Result<usize> {
         let client = self.client().await?;
         let n = client
-            .execute(
-                "UPDATE jobs SET state = 'pending', last_run_id = $1, next_attempt_at = NULL \
-                 WHERE state = 'unknown'",
-                &[&run_id],
-            )
+            .execute(&numbered(crate::store::queue::REQUEUE_UNKNOWN), &[&run_id])
             .await
             .map_err(|e| self.error(e.into()))?;
         Ok(n as usize)
@@ -221,9 +217,7 @@ impl Backend for Postgres {
             .await
             .map_err(|e| self.error(e.into()))?
             .get(0);
-        Ok(at
-            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-            .map(|t| t.as_millisecond() as f64 / 1000.0))
+        Ok(crate::store::clock::unix_seconds(at.as_deref()))
     }
 
     async fn last_run_id(&self) -> Result<Option<i64>> {

@@ -80,11 +80,7 @@ pub(super) async fn add_import_counts(
         )
         .await?
         .get(0);
-    let mut total: ImportCounts = current
-        .and_then(|s| serde_json::from_str::<ImportCounts>(&s).ok())
-        .unwrap_or_default();
-    total += add;
-    let text = serde_json::to_string(&total).unwrap_or_default();
+    let text = add.added_to(current.as_deref());
     tx.execute(
         "UPDATE runs SET imported = $1 WHERE id = $2",
         &[&text, &run_id],

@@ -6,10 +6,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::record::numbered;
 use super::tls::Connector;
 use crate::error::{Error, Result};
 use crate::store::clock::{now_ms, now_text};
 use crate::store::failure::Failure;
+use crate::store::runs;
 
 /// The advisory locks' first key: "KBAT", kohort-batch's mark. The run lock's second
 /// is the hash of the schema's name; the schema's creation takes `(KBAT, 0)`.
@@ -193,26 +195,11 @@ pub(super) async fn begin_run(
         ],
     )
     .await?;
-    tx.execute(
-        "UPDATE runs SET stopped = 'the process ended before the run finished (killed, or \
-         the machine stopped); the next run checked its jobs in flight' \
-         WHERE finished_at IS NULL AND stopped IS NULL AND id < $1 \
-         AND (command = 'run' OR command = 'retry-failed')",
-        &[&run_id],
-    )
-    .await?;
-    let interrupted = tx
-        .execute(
-            "UPDATE jobs SET state = 'pending', needs_check = 1, \
-             error = 'interrupted while in flight', updated_ms = $1 WHERE state = 'in_flight'",
-            &[&now_ms()],
-        )
+    tx.execute(&numbered(runs::ENDED_EARLIER), &[&run_id])
         .await?;
-    if interrupted > 0 {
-        tracing::warn!(
-            jobs = interrupted,
-            "found jobs interrupted mid-request by an earlier run; they are checked before any re-send"
-        );
-    }
+    let interrupted = tx
+        .execute(&numbered(runs::INTERRUPTED), &[&now_ms()])
+        .await?;
+    runs::warn_interrupted(usize::try_from(interrupted).unwrap_or(usize::MAX));
     Ok(run_id)
 }

@@ -12,7 +12,7 @@ use crate::store::{Attempt, Transition};
 
 /// SQLite's numbered parameters (`?1`) as PostgreSQL's (`$1`): the protocol's state
 /// changes are one SQL text for both backends (`jobs.rs`).
-fn numbered(sql: &str) -> String {
+pub(super) fn numbered(sql: &str) -> String {
     sql.replace('?', "$")
 }
 

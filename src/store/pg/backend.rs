@@ -123,7 +123,7 @@ impl Backend for Postgres {
             .query_one("SELECT max(id) FROM inbox", &[])
             .await
             .map_err(|e| self.error(e.into()))?;
-        Ok(row.get(0))
+        row.try_get(0).map_err(|e| self.error(e.into()))
     }
 
     async fn inbox_page(
@@ -216,7 +216,8 @@ impl Backend for Postgres {
             .query_one("SELECT max(finished_at) FROM runs WHERE exit_code = 0", &[])
             .await
             .map_err(|e| self.error(e.into()))?
-            .get(0);
+            .try_get(0)
+            .map_err(|e| self.error(e.into()))?;
         Ok(crate::store::clock::unix_seconds(at.as_deref()))
     }
 
@@ -226,7 +227,7 @@ impl Backend for Postgres {
             .query_one("SELECT max(id) FROM runs", &[])
             .await
             .map_err(|e| self.error(e.into()))?;
-        Ok(row.get(0))
+        row.try_get(0).map_err(|e| self.error(e.into()))
     }
 
     async fn save_report(&self, run_id: i64, json: String) -> Result<()> {
@@ -247,7 +248,8 @@ impl Backend for Postgres {
             .query_opt("SELECT report FROM runs WHERE id = $1", &[&run_id])
             .await
             .map_err(|e| self.error(e.into()))?;
-        Ok(row.and_then(|r| r.get(0)))
+        let report = row.map(|r| r.try_get::<_, Option<String>>(0)).transpose();
+        Ok(report.map_err(|e| self.error(e.into()))?.flatten())
     }
 
     async fn list_runs(&self, limit: usize) -> Result<Vec<RunListEntry>> {

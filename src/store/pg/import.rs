@@ -53,8 +53,8 @@ pub(super) async fn import_inbox(
         )
         .await?
         .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
     let moved = rows.iter().filter(|r| locked.contains(&(r.line as i64)));
     let counts = import_rows(&tx, run_id, "inbox", moved).await?;
     let locked: Vec<i64> = locked.into_iter().collect();
@@ -79,7 +79,7 @@ pub(super) async fn add_import_counts(
             &[&run_id],
         )
         .await?
-        .get(0);
+        .try_get(0)?;
     let text = add.added_to(current.as_deref());
     tx.execute(
         "UPDATE runs SET imported = $1 WHERE id = $2",
@@ -110,7 +110,7 @@ async fn import_rows<'r>(
     let source_id: i64 = tx
         .query_one("SELECT id FROM sources WHERE name = $1", &[&source])
         .await?
-        .get(0);
+        .try_get(0)?;
     let batch = Batch {
         run_id,
         source_id,
@@ -164,7 +164,7 @@ async fn fixes_any<'r>(
             &[],
         )
         .await?
-        .get(0);
+        .try_get(0)?;
     if !any {
         return Ok(false);
     }
@@ -177,7 +177,7 @@ async fn fixes_any<'r>(
             &[&keys],
         )
         .await?
-        .get(0))
+        .try_get(0)?)
 }
 
 /// Copies new pending jobs in with binary `COPY`; fails (unique violation) if a key
@@ -267,11 +267,12 @@ async fn import_valid(
         }
         return Ok(());
     };
-    let id: i64 = existing.get(0);
-    let state: String = existing.get(1);
-    let texts: [Option<&str>; 6] = std::array::from_fn(|i| existing.get(3 + i));
-    let old = crate::store::body::payload_of(texts).ok().flatten();
-    match taken(key, payload, &state, old.as_ref(), existing.get(2)) {
+    let id: i64 = existing.try_get(0)?;
+    let state: String = existing.try_get(1)?;
+    let old = crate::store::body::payload_of(super::reads::texts(&existing, 3)?)
+        .ok()
+        .flatten();
+    match taken(key, payload, &state, old.as_ref(), existing.try_get(2)?) {
         Taken::Duplicate { touch } => {
             counts.duplicates += 1;
             if touch {
@@ -387,7 +388,8 @@ async fn latest_invalid(tx: &Tx<'_>, row_key: &str) -> Result<Option<i64>, Failu
             &[&row_key],
         )
         .await?
-        .map(|r| r.get(0)))
+        .map(|r| r.try_get(0))
+        .transpose()?)
 }
 
 /// Records an invalid row, or updates the invalid job of an earlier import of it
@@ -409,7 +411,8 @@ async fn import_invalid(
                 &[&batch.source_id, &line, &raw],
             )
             .await?
-            .map(|r| r.get(0)),
+            .map(|r| r.try_get(0))
+            .transpose()?,
     };
     match earlier {
         Some(id) => {

@@ -120,15 +120,16 @@ async fn holder(client: &tokio_postgres::Client) -> Result<String, Failure> {
             &[],
         )
         .await?
-        .map(|r| {
-            format!(
+        .map(|r| -> Result<String, Failure> {
+            Ok(format!(
                 "run {}, pid {} on {}, started {}",
-                r.get::<_, i64>(0),
-                r.get::<_, i64>(1),
-                r.get::<_, String>(2),
-                r.get::<_, String>(3)
-            )
-        });
+                r.try_get::<_, i64>(0)?,
+                r.try_get::<_, i64>(1)?,
+                r.try_get::<_, String>(2)?,
+                r.try_get::<_, String>(3)?
+            ))
+        })
+        .transpose()?;
     let session = client
         .query_opt(
             "SELECT l.pid, coalesce('from ' || host(a.client_addr), \
@@ -143,14 +144,15 @@ async fn holder(client: &tokio_postgres::Client) -> Result<String, Failure> {
             &[&KBAT],
         )
         .await?
-        .map(|r| {
-            format!(
+        .map(|r| -> Result<String, Failure> {
+            Ok(format!(
                 "PostgreSQL session {} {}{}",
-                r.get::<_, Option<i32>>(0).unwrap_or_default(),
-                r.get::<_, String>(1),
-                r.get::<_, String>(2)
-            )
-        });
+                r.try_get::<_, Option<i32>>(0)?.unwrap_or_default(),
+                r.try_get::<_, String>(1)?,
+                r.try_get::<_, String>(2)?
+            ))
+        })
+        .transpose()?;
     Ok(match (named, session) {
         (Some(n), Some(s)) => format!("{n}; {s}"),
         (Some(n), None) => n,
@@ -178,7 +180,7 @@ pub(super) async fn begin_run(
             &[&command, &started, &pid, &options],
         )
         .await?
-        .get(0);
+        .try_get(0)?;
     if !exclusive {
         return Ok(run_id);
     }

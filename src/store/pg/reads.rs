@@ -21,8 +21,12 @@ fn bad(what: &str, e: impl std::fmt::Display) -> Failure {
 }
 
 /// The six body columns of `r` starting at column `at`.
-fn texts(r: &Row, at: usize) -> [Option<&str>; 6] {
-    std::array::from_fn(|i| r.get::<_, Option<&str>>(at + i))
+pub(super) fn texts(r: &Row, at: usize) -> Result<[Option<&str>; 6], Failure> {
+    let mut texts = [None; 6];
+    for (i, text) in texts.iter_mut().enumerate() {
+        *text = r.try_get(at + i)?;
+    }
+    Ok(texts)
 }
 
 /// See SQLite's `reads::send_plan`: the plain-id rule of `api::searchable` as a
@@ -41,9 +45,9 @@ pub(super) async fn send_plan(c: &Client, precheck_always: bool) -> Result<SendP
         )
         .await?;
     Ok(SendPlan {
-        jobs: r.get(0),
-        listed: r.get(1),
-        single: r.get(2),
+        jobs: r.try_get(0)?,
+        listed: r.try_get(1)?,
+        single: r.try_get(2)?,
     })
 }
 
@@ -53,7 +57,7 @@ pub(super) async fn groups_without_share_id(c: &Client) -> Result<i64, Failure> 
         &[],
     )
     .await?
-    .get(0))
+    .try_get(0)?)
 }
 
 /// Up to `limit` inbox rows after `after` and up to `last`, in id order. A plain
@@ -73,16 +77,15 @@ pub(super) async fn inbox_page(
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let stmt = c.prepare_cached(&sql).await?;
     let rows = c.query(&stmt, &[&after, &last, &limit]).await?;
-    Ok(rows
-        .iter()
+    rows.iter()
         .map(|r| {
             let mut row = RowFields::default();
             for (i, field) in fields.iter().enumerate() {
-                *row.slot(*field) = r.get(i + 1);
+                *row.slot(*field) = r.try_get(i + 1)?;
             }
-            (r.get(0), row)
+            Ok((r.try_get(0)?, row))
         })
-        .collect())
+        .collect()
 }
 
 /// See SQLite's `queue::requeue_failed`.
@@ -126,26 +129,26 @@ const JOB_COLUMNS: &str = "SELECT j.id, j.key, j.row_key, j.state, j.obtained, j
 
 fn job_export(r: &Row) -> Result<JobExport, Failure> {
     Ok(JobExport {
-        id: r.get(0),
-        key: r.get(1),
-        row_key: r.get(2),
-        state: r.get(3),
-        obtained: r.get(4),
-        customer_id: r.get(5),
-        order_id: r.get(6),
-        payment_intent_id: r.get(7),
-        group_id: r.get(8),
-        share_id: r.get(9),
-        group_status: r.get(10),
-        expires_at: r.get(11),
-        created_at: r.get(12),
-        error: r.get(13),
-        source: r.get(14),
-        line: r.get(15),
-        raw: r.get(16),
-        attempts: r.get(17),
-        creates: r.get(18),
-        payload: payload_of(texts(r, 19)).map_err(|e| bad("a stored request body", e))?,
+        id: r.try_get(0)?,
+        key: r.try_get(1)?,
+        row_key: r.try_get(2)?,
+        state: r.try_get(3)?,
+        obtained: r.try_get(4)?,
+        customer_id: r.try_get(5)?,
+        order_id: r.try_get(6)?,
+        payment_intent_id: r.try_get(7)?,
+        group_id: r.try_get(8)?,
+        share_id: r.try_get(9)?,
+        group_status: r.try_get(10)?,
+        expires_at: r.try_get(11)?,
+        created_at: r.try_get(12)?,
+        error: r.try_get(13)?,
+        source: r.try_get(14)?,
+        line: r.try_get(15)?,
+        raw: r.try_get(16)?,
+        attempts: r.try_get(17)?,
+        creates: r.try_get(18)?,
+        payload: payload_of(texts(r, 19)?).map_err(|e| bad("a stored request body", e))?,
     })
 }
 
@@ -187,10 +190,18 @@ pub(super) async fn conflicts_page(
             &[&after_id, &limit],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| JobExport::conflict(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
-        .collect())
+    rows.iter()
+        .map(|r| {
+            Ok(JobExport::conflict(
+                r.try_get(0)?,
+                r.try_get(1)?,
+                r.try_get(2)?,
+                r.try_get(3)?,
+                r.try_get(4)?,
+                r.try_get(5)?,
+            ))
+        })
+        .collect()
 }
 
 /// Claims up to `limit` pending jobs above `after_id` for `run_id` with one
@@ -223,24 +234,26 @@ pub(super) async fn claim_pending(
     let mut jobs = rows
         .iter()
         .map(|r| {
-            let body = send_body_of(texts(r, 7))
+            let body = send_body_of(texts(r, 7)?)
                 .map_err(|e| bad("a stored request body", e))?
                 .ok_or_else(|| bad("a pending job", "it has no request body"))?;
-            let name: String = r.get(13);
+            let name: String = r.try_get(13)?;
             let source = names
                 .entry(name)
                 .or_insert_with_key(|n| std::sync::Arc::from(n.as_str()))
                 .clone();
-            let count = |i: usize| u32::try_from(r.get::<_, i64>(i)).unwrap_or(u32::MAX);
+            let count = |i: usize| -> Result<u32, Failure> {
+                Ok(u32::try_from(r.try_get::<_, i64>(i)?).unwrap_or(u32::MAX))
+            };
             Ok(Job {
-                id: r.get(0),
-                key: r.get(1),
+                id: r.try_get(0)?,
+                key: r.try_get(1)?,
                 body,
-                attempts: count(2),
-                creates: count(3),
-                needs_check: r.get::<_, i64>(4) != 0,
-                next_attempt_at: r.get(5),
-                line: r.get(6),
+                attempts: count(2)?,
+                creates: count(3)?,
+                needs_check: r.try_get::<_, i64>(4)? != 0,
+                next_attempt_at: r.try_get(5)?,
+                line: r.try_get(6)?,
                 source,
             })
         })
@@ -261,25 +274,27 @@ pub(super) async fn run_facts(c: &Client, run_id: i64) -> Result<Option<RunFacts
     else {
         return Ok(None);
     };
-    let imported: Option<String> = r.get(6);
+    let imported: Option<String> = r.try_get(6)?;
     let mut facts = RunFacts {
-        run_id: r.get(0),
-        command: r.get(1),
-        started_at: r.get(2),
-        finished_at: r.get(3),
-        exit_code: r.get(4),
-        stopped: r.get(5),
+        run_id: r.try_get(0)?,
+        command: r.try_get(1)?,
+        started_at: r.try_get(2)?,
+        finished_at: r.try_get(3)?,
+        exit_code: r.try_get(4)?,
+        stopped: r.try_get(5)?,
         imported: imported.and_then(|s| serde_json::from_str(&s).ok()),
-        paused_ms: r.get(7),
+        paused_ms: r.try_get(7)?,
         ..RunFacts::default()
     };
     tally(c, run_id, &mut facts).await?;
-    let reason = |r: &Row| FailureReason {
-        state: r.get(0),
-        key: r.get(1),
-        source: r.get(2),
-        line: r.get(3),
-        reason: r.get(4),
+    let reason = |r: &Row| -> Result<FailureReason, Failure> {
+        Ok(FailureReason {
+            state: r.try_get(0)?,
+            key: r.try_get(1)?,
+            source: r.try_get(2)?,
+            line: r.try_get(3)?,
+            reason: r.try_get(4)?,
+        })
     };
     facts.failures = c
         .query(
@@ -291,7 +306,7 @@ pub(super) async fn run_facts(c: &Client, run_id: i64) -> Result<Option<RunFacts
         .await?
         .iter()
         .map(reason)
-        .collect();
+        .collect::<Result<_, _>>()?;
     facts.conflicts = c
         .query(
             "SELECT 'conflict', key, source, line, reason FROM import_issues \
@@ -301,7 +316,7 @@ pub(super) async fn run_facts(c: &Client, run_id: i64) -> Result<Option<RunFacts
         .await?
         .iter()
         .map(reason)
-        .collect();
+        .collect::<Result<_, _>>()?;
     Ok(Some(facts))
 }
 
@@ -315,7 +330,7 @@ async fn tally(c: &Client, run_id: i64, facts: &mut RunFacts) -> Result<(), Fail
         )
         .await?
     {
-        jobs.add(r.get(0), r.get(1), r.get(2));
+        jobs.add(r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
     }
     (facts.states, facts.obtained) = jobs.finish();
     facts.no_share_id = c
@@ -325,7 +340,7 @@ async fn tally(c: &Client, run_id: i64, facts: &mut RunFacts) -> Result<(), Fail
             &[&run_id],
         )
         .await?
-        .get(0);
+        .try_get(0)?;
     let mut attempts = AttemptTally::default();
     for r in c
         .query(
@@ -334,7 +349,13 @@ async fn tally(c: &Client, run_id: i64, facts: &mut RunFacts) -> Result<(), Fail
         )
         .await?
     {
-        attempts.add(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        attempts.add(
+            r.try_get(0)?,
+            r.try_get(1)?,
+            r.try_get(2)?,
+            r.try_get(3)?,
+            r.try_get(4)?,
+        );
     }
     attempts.finish(facts);
     Ok(())
@@ -353,25 +374,22 @@ pub(super) async fn list_runs(c: &Client, limit: usize) -> Result<Vec<RunListEnt
             &[&limit],
         )
         .await?;
-    Ok(rows
-        .iter()
+    rows.iter()
         .map(|r| {
-            let report: Option<String> = r.get(5);
-            let (jobs, succeeded) = report
-                .as_deref()
-                .and_then(saved_counts)
-                .unwrap_or((r.get(6), r.get(7)));
-            RunListEntry {
-                run_id: r.get(0),
-                command: r.get(1),
-                started_at: r.get(2),
-                finished_at: r.get(3),
-                exit_code: r.get(4),
+            let report: Option<String> = r.try_get(5)?;
+            let counted = (r.try_get(6)?, r.try_get(7)?);
+            let (jobs, succeeded) = report.as_deref().and_then(saved_counts).unwrap_or(counted);
+            Ok(RunListEntry {
+                run_id: r.try_get(0)?,
+                command: r.try_get(1)?,
+                started_at: r.try_get(2)?,
+                finished_at: r.try_get(3)?,
+                exit_code: r.try_get(4)?,
                 jobs,
                 succeeded,
-            }
+            })
         })
-        .collect())
+        .collect()
 }
 
 pub(super) async fn state_counts(c: &Client) -> Result<StateCounts, Failure> {
@@ -380,8 +398,8 @@ pub(super) async fn state_counts(c: &Client) -> Result<StateCounts, Failure> {
         .query("SELECT state, count(*) FROM jobs GROUP BY state", &[])
         .await?
     {
-        if let Some(state) = JobState::parse(r.get(0)) {
-            counts.add(state, r.get(1));
+        if let Some(state) = JobState::parse(r.try_get(0)?) {
+            counts.add(state, r.try_get(1)?);
         }
     }
     Ok(counts)

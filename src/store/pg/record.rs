@@ -170,7 +170,7 @@ async fn insert_group(
         let kept: String = tx
             .query_one("SELECT id FROM groups WHERE job_id = $1", &[&job_id])
             .await?
-            .get(0);
+            .try_get(0)?;
         crate::store::jobs::warn_second_group(job_id, &kept, &group.id);
     }
     Ok(())

@@ -21,7 +21,7 @@ pub(super) async fn prepare(
     let schema: Option<String> = client
         .query_one("SELECT current_schema()", &[])
         .await?
-        .get(0);
+        .try_get(0)?;
     let schema = match schema {
         Some(schema) => schema,
         None => create_schema(client, access).await?,
@@ -41,8 +41,8 @@ pub(super) async fn prepare(
         )
         .await?
         .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
     if tables.iter().any(|t| t == "kohort_batch_schema") {
         check_version(&tx).await?;
     } else {
@@ -62,7 +62,10 @@ async fn create_schema(
     client: &deadpool_postgres::Client,
     access: Access,
 ) -> Result<String, Failure> {
-    let wanted: String = client.query_one("SHOW search_path", &[]).await?.get(0);
+    let wanted: String = client
+        .query_one("SHOW search_path", &[])
+        .await?
+        .try_get(0)?;
     if access == Access::Read {
         return Err(Failure::new(
             DbCause::Empty,
@@ -111,7 +114,7 @@ async fn create_schema(
     let now: Option<String> = client
         .query_one("SELECT current_schema()", &[])
         .await?
-        .get(0);
+        .try_get(0)?;
     now.ok_or_else(unusable)
 }
 
@@ -128,7 +131,8 @@ async fn refuse_elsewhere(
             &[],
         )
         .await?
-        .map(|r| r.get(0));
+        .map(|r| r.try_get(0))
+        .transpose()?;
     match other {
         None => Ok(()),
         Some(other) => Err(Failure::new(
@@ -179,7 +183,7 @@ async fn check_version(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), Fa
     let version: i64 = tx
         .query_one("SELECT max(version) FROM kohort_batch_schema", &[])
         .await?
-        .get::<_, Option<i64>>(0)
+        .try_get::<_, Option<i64>>(0)?
         .unwrap_or(0);
     if version > VERSION {
         return Err(Failure::new(

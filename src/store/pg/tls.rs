@@ -41,33 +41,7 @@ impl Connector {
         busy_timeout: std::time::Duration,
         ca_cert: Option<&Path>,
     ) -> Result<Connector> {
-        let mut plain = url.secret().clone();
-        let mut mode = SslMode::Prefer;
-        let mut roots: Vec<PathBuf> = ca_cert.into_iter().map(Path::to_owned).collect();
-        let mut kept: Vec<(String, String)> = Vec::new();
-        for (key, value) in url.secret().query_pairs() {
-            match key.as_ref() {
-                "sslmode" => {
-                    mode = match value.as_ref() {
-                        "disable" => SslMode::Disable,
-                        "allow" | "prefer" => SslMode::Prefer,
-                        "require" | "verify-ca" | "verify-full" => SslMode::Require,
-                        other => {
-                            return Err(Error::Usage(format!(
-                                "--db: sslmode={other} is not one of disable, allow, prefer, \
-                                 require, verify-ca, verify-full"
-                            )));
-                        }
-                    }
-                }
-                "sslrootcert" => roots.push(PathBuf::from(value.as_ref())),
-                _ => kept.push((key.into_owned(), value.into_owned())),
-            }
-        }
-        plain.set_query(None);
-        if !kept.is_empty() {
-            plain.query_pairs_mut().extend_pairs(kept);
-        }
+        let (plain, mode, roots) = tls_params(url, ca_cert)?;
         let mut config: tokio_postgres::Config = plain.as_str().parse().map_err(|e| {
             Error::Usage(format!(
                 "--db {}: {e}; see the PostgreSQL section of deploy/README.md",
@@ -75,27 +49,7 @@ impl Connector {
             ))
         })?;
         config.ssl_mode(mode);
-        if config.get_application_name().is_none() {
-            config.application_name("kohort-batch");
-        }
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(std::time::Duration::from_secs(10));
-        }
-        config.keepalives_idle(std::time::Duration::from_secs(30));
-        // Waits for another session's row or table lock end after --busy-timeout, as
-        // SQLite's busy timeout does.
-        let lock_timeout = format!("-c lock_timeout={}", busy_timeout.as_millis().max(1));
-        let given = config.get_options().unwrap_or_default().to_owned();
-        let schema_named = given.contains("search_path");
-        let mut options = format!("{given} {lock_timeout}");
-        if !schema_named {
-            // Never the shop's `public`, where an application's own `jobs` or `runs`
-            // may be, or come later.
-            options.push_str(&format!(" -c search_path={DEFAULT_SCHEMA}"));
-        }
-        config.options(options.trim());
-        config.keepalives_interval(std::time::Duration::from_secs(10));
-        config.keepalives_retries(3);
+        let schema_named = session(&mut config, busy_timeout);
         let tls = match mode {
             SslMode::Disable => None,
             _ => Some(tls_config(&roots)?),
@@ -121,24 +75,93 @@ impl Connector {
         ended: impl FnOnce() + Send + 'static,
     ) -> Result<tokio_postgres::Client, Failure> {
         match &self.tls {
-            Some(tls) => {
-                let (client, connection) = self.config.connect(tls.clone()).await?;
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                    ended();
-                });
-                Ok(client)
-            }
-            None => {
-                let (client, connection) = self.config.connect(tokio_postgres::NoTls).await?;
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                    ended();
-                });
-                Ok(client)
-            }
+            Some(tls) => connect_with(&self.config, tls.clone(), ended).await,
+            None => connect_with(&self.config, tokio_postgres::NoTls, ended).await,
         }
     }
+}
+
+/// Connects with `tls`, and drives the connection in a task of its own until it
+/// closes, then runs `ended`.
+async fn connect_with<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+    ended: impl FnOnce() + Send + 'static,
+) -> Result<tokio_postgres::Client, Failure>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = config.connect(tls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+        ended();
+    });
+    Ok(client)
+}
+
+/// The URL without the TLS parameters this program reads itself (the driver knows
+/// neither `sslrootcert` nor libpq's `verify-*` modes), the mode, and the roots to
+/// trust besides the system's (`sslrootcert`, `--ca-cert`).
+fn tls_params(url: &PgUrl, ca_cert: Option<&Path>) -> Result<(url::Url, SslMode, Vec<PathBuf>)> {
+    let mut plain = url.secret().clone();
+    let mut mode = SslMode::Prefer;
+    let mut roots: Vec<PathBuf> = ca_cert.into_iter().map(Path::to_owned).collect();
+    let mut kept: Vec<(String, String)> = Vec::new();
+    for (key, value) in url.secret().query_pairs() {
+        match key.as_ref() {
+            "sslmode" => {
+                mode = match value.as_ref() {
+                    "disable" => SslMode::Disable,
+                    "allow" | "prefer" => SslMode::Prefer,
+                    "require" | "verify-ca" | "verify-full" => SslMode::Require,
+                    other => {
+                        return Err(Error::Usage(format!(
+                            "--db: sslmode={other} is not one of disable, allow, prefer, \
+                             require, verify-ca, verify-full"
+                        )));
+                    }
+                }
+            }
+            "sslrootcert" => roots.push(PathBuf::from(value.as_ref())),
+            _ => kept.push((key.into_owned(), value.into_owned())),
+        }
+    }
+    plain.set_query(None);
+    if !kept.is_empty() {
+        plain.query_pairs_mut().extend_pairs(kept);
+    }
+    Ok((plain, mode, roots))
+}
+
+/// The session's settings: its name, timeouts, keepalives, `lock_timeout` from
+/// `--busy-timeout` (a wait for another session's lock ends then, as SQLite's busy
+/// timeout does), and the schema. Returns whether the URL named the schema.
+fn session(config: &mut tokio_postgres::Config, busy_timeout: std::time::Duration) -> bool {
+    if config.get_application_name().is_none() {
+        config.application_name("kohort-batch");
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    // A server gone silent (a network that drops packets) is noticed in about a
+    // minute, not hours.
+    config.keepalives_idle(std::time::Duration::from_secs(30));
+    config.keepalives_interval(std::time::Duration::from_secs(10));
+    config.keepalives_retries(3);
+    let given = config.get_options().unwrap_or_default().to_owned();
+    let schema_named = given.contains("search_path");
+    let mut options = format!(
+        "{given} -c lock_timeout={}",
+        busy_timeout.as_millis().max(1)
+    );
+    if !schema_named {
+        // Never the shop's `public`, where an application's own `jobs` or `runs`
+        // may be, or come later.
+        options.push_str(&format!(" -c search_path={DEFAULT_SCHEMA}"));
+    }
+    config.options(options.trim());
+    schema_named
 }
 
 /// The schema of the record when the URL names none.

@@ -368,13 +368,7 @@ pub fn prepare(
         ));
     }
     if current > VERSION {
-        return Err(Failure::new(
-            DbCause::Version,
-            format!(
-                "written by a newer kohort-batch (schema {current}; this one knows up to \
-                 {VERSION}): use that version or a newer one; nothing was changed"
-            ),
-        ));
+        return Err(newer(current, VERSION));
     }
     // Savepoint journals in memory, not in temp files; a 16 MiB page cache (settings
     // of this connection, not of the file).
@@ -411,6 +405,18 @@ pub fn prepare(
     }
     conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(())
+}
+
+/// A schema written by a newer kohort-batch (`found`; this build knows up to
+/// `known`): refused, in either backend.
+pub(super) fn newer(found: i64, known: i64) -> Failure {
+    Failure::new(
+        DbCause::Version,
+        format!(
+            "written by a newer kohort-batch (schema {found}; this one knows up to \
+             {known}): use that version or a newer one; nothing was changed"
+        ),
+    )
 }
 
 /// Applies the migrations that take the schema from `from` to `to`, in one transaction.

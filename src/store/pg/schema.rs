@@ -186,13 +186,7 @@ async fn check_version(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), Fa
         .try_get::<_, Option<i64>>(0)?
         .unwrap_or(0);
     if version > VERSION {
-        return Err(Failure::new(
-            DbCause::Version,
-            format!(
-                "written by a newer kohort-batch (schema {version}; this one knows up to \
-                 {VERSION}): use that version or a newer one; nothing was changed"
-            ),
-        ));
+        return Err(crate::store::schema::newer(version, VERSION));
     }
     Ok(())
 }

@@ -565,3 +565,30 @@ async fn the_dry_run_plans_the_same_checks_on_postgres_as_on_sqlite() {
     );
     assert_eq!(on_postgres, on_sqlite);
 }
+
+/// Needs no server: clap's help and its refusal of a value are where a password
+/// given in `KOHORT_BATCH_DB` or `--db` could otherwise show.
+#[test]
+fn the_help_and_a_refused_url_never_show_a_password() {
+    let secret = "postgres://kb:s3cr3t-pw@db.internal/shop";
+    let help = Cmd::new(&["run", "--help"])
+        .env("KOHORT_BATCH_DB", secret)
+        .output_blocking();
+    assert_eq!(help.status.code(), Some(0));
+    for bad in [
+        "postgres://kb:s3cr3t-pw@/shop",
+        "postgres://kb:s3cr3t-pw@[::1/shop",
+        "postgres://kb:s3cr3t-pw@h:99999/shop",
+    ] {
+        let on_line = Cmd::new(&["report", "--db", bad]).output_blocking();
+        let in_env = Cmd::new(&["report"])
+            .env("KOHORT_BATCH_DB", bad)
+            .output_blocking();
+        for out in [&on_line, &in_env] {
+            let text = all_text(out);
+            assert_eq!(out.status.code(), Some(2), "{text}");
+            assert!(text.contains("--db") && !text.contains("s3cr3t"), "{text}");
+        }
+    }
+    assert!(!all_text(&help).contains("s3cr3t"), "{}", all_text(&help));
+}

@@ -127,14 +127,7 @@ async fn second_signal_abandons_in_flight_requests_and_the_next_run_resolves_the
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_campaign_never_duplicates_and_never_loses_a_row() {
-    let rows: usize = std::env::var("KB_CAMPAIGN_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
-    let kills: usize = std::env::var("KB_CAMPAIGN_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let (rows, kills) = campaign_size(2000, 20);
     let s = campaign_scene(rows).await;
     let code = campaign(&s, None, kills, || true).await;
     let succeeded = count(&s.db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'");
@@ -144,6 +137,21 @@ async fn sigkill_campaign_never_duplicates_and_never_loses_a_row() {
     );
     campaign_verdict(&s, rows, kills, code, succeeded, recovered);
     assert_eq!(column(&s.db, "PRAGMA integrity_check"), ["ok"]);
+}
+
+/// Rows and kills of a campaign: `KB_CAMPAIGN_ROWS` and `KB_CAMPAIGN_KILLS` (the
+/// script's), else the test's own.
+pub fn campaign_size(rows: usize, kills: usize) -> (usize, usize) {
+    let var = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    (
+        var("KB_CAMPAIGN_ROWS", rows),
+        var("KB_CAMPAIGN_KILLS", kills),
+    )
 }
 
 /// The campaign's scene: `rows` orders, an API with latency, 503s, 429s, lost

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kohort_batch::sandbox::SandboxConfig;
 
-use crate::crash::{campaign, campaign_scene, campaign_verdict, spawn_run_on, wait};
+use crate::crash::{campaign, campaign_scene, campaign_size, campaign_verdict, spawn_run_on, wait};
 use crate::pg::Cluster;
 use crate::util::*;
 
@@ -303,14 +303,7 @@ async fn sigkill_campaign_on_postgres_never_duplicates_and_never_loses_a_row() {
     let Some(pg) = cluster("sigkill_campaign_on_postgres…") else {
         return;
     };
-    let rows: usize = std::env::var("KB_CAMPAIGN_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
-    let kills: usize = std::env::var("KB_CAMPAIGN_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(12);
+    let (rows, kills) = campaign_size(1000, 12);
     let s = campaign_scene(rows).await;
     let code = campaign(&s, Some(&pg.url()), kills, || no_advisory_lock(&pg)).await;
     let succeeded = number(&sql(

@@ -15,13 +15,15 @@ impl From<tokio_postgres::Error> for Failure {
                 };
                 (cause, connection_failed(&e))
             }
-            Some(db) => (cause_of(db.code()), {
+            // The server's own words, whole: the driver's error adds only "db error".
+            Some(db) => {
                 let mut text = db.message().to_owned();
                 if let Some(detail) = db.detail() {
                     text.push_str(&format!(" ({detail})"));
                 }
-                text
-            }),
+                text.push_str(&format!(" [SQLSTATE {}]", db.code().code()));
+                return Failure::new(cause_of(db.code()), text);
+            }
         };
         Failure {
             source: Some(std::sync::Arc::new(e)),

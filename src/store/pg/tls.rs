@@ -124,7 +124,17 @@ fn tls_params(url: &PgUrl, ca_cert: Option<&Path>) -> Result<(url::Url, SslMode,
                 }
             }
             "sslrootcert" => roots.push(PathBuf::from(value.as_ref())),
-            _ => kept.push((key.into_owned(), value.into_owned())),
+            known if DRIVER_PARAMS.contains(&known) => {
+                kept.push((key.into_owned(), value.into_owned()));
+            }
+            other => {
+                return Err(Error::Usage(format!(
+                    "--db: the URL's parameter {other} is not one kohort-batch reads (it reads \
+                     sslmode, sslrootcert, {}); libpq's password and client-certificate \
+                     files are not supported",
+                    DRIVER_PARAMS.join(", ")
+                )));
+            }
         }
     }
     plain.set_query(None);
@@ -133,6 +143,25 @@ fn tls_params(url: &PgUrl, ca_cert: Option<&Path>) -> Result<(url::Url, SslMode,
     }
     Ok((plain, mode, roots))
 }
+
+/// The URL parameters the driver reads (besides `sslmode` and `sslrootcert`, read
+/// here); any other is refused by name before the driver says only "invalid".
+const DRIVER_PARAMS: [&str; 14] = [
+    "user",
+    "password",
+    "dbname",
+    "options",
+    "application_name",
+    "host",
+    "hostaddr",
+    "port",
+    "connect_timeout",
+    "tcp_user_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "target_session_attrs",
+    "channel_binding",
+];
 
 /// The session's settings: its name, timeouts, keepalives, `lock_timeout` from
 /// `--busy-timeout` (a wait for another session's lock ends then, as SQLite's busy

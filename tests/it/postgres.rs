@@ -96,6 +96,25 @@ async fn workflow(s: &Scene, db: &str, insert_inbox: impl Fn()) -> Vec<String> {
     }
     let retry = on(s.bin_retry_failed(), db).output().await;
     note(&mut seen, "retry-failed", &retry);
+    // The failures fixed in "a spreadsheet" and fed back: fixes replace the invalid rows.
+    let fixed = String::from_utf8_lossy(&failures.stdout)
+        .replace("\n,ord_2026_90001,", "\ncus_fixed_1,ord_2026_90001,")
+        .replace("next tuesday", "");
+    let fix = s.write("fix.csv", &fixed);
+    let rerun = on(s.bin_run_queue(), db)
+        .flag("--csv", &fix)
+        .args(["--rate", "0"])
+        .output()
+        .await;
+    note(&mut seen, "run of the fixed failures", &rerun);
+    let report = on(s.report(&["--last", "--format", "json"]), db)
+        .output()
+        .await;
+    let json: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    seen.push(format!(
+        "after the fixes: {} {}",
+        json["imported"], json["jobs"]
+    ));
     let listed = on(s.report(&[]), db).output().await;
     note(&mut seen, "report (list)", &listed);
     seen
@@ -126,6 +145,12 @@ async fn every_command_gives_the_same_outputs_and_exit_codes_on_postgres_as_on_s
     .await;
     assert!(
         on_sqlite.iter().any(|l| l.starts_with("run: exit Some(1)")),
+        "{on_sqlite:#?}"
+    );
+    assert!(
+        on_sqlite
+            .iter()
+            .any(|l| l.starts_with("after the fixes: ") && l.contains("\"fixed\":3")),
         "{on_sqlite:#?}"
     );
     assert_eq!(on_postgres, on_sqlite);

@@ -62,9 +62,9 @@ fn body_texts<'r>(r: &'r rusqlite::Row<'_>, at: usize) -> rusqlite::Result<[Opti
     Ok([text(0)?, text(1)?, text(2)?, text(3)?, text(4)?, text(5)?])
 }
 
-/// A body from its six columns' text, in [`BODY_COLUMNS`] order (`None`: an invalid
-/// row, which has none). Both backends read bodies through this.
-pub(super) fn payload_of(texts: [Option<&str>; 6]) -> Result<Option<Payload>, String> {
+/// The six columns' text, in [`BODY_COLUMNS`] order, as a body (`None`: an invalid
+/// row, which has none).
+fn columns(texts: [Option<&str>; 6]) -> Option<BodyText<'_>> {
     let [
         customer_id,
         order_id,
@@ -73,10 +73,23 @@ pub(super) fn payload_of(texts: [Option<&str>; 6]) -> Result<Option<Payload>, St
         mid_expire_at,
         metadata,
     ] = texts;
-    let Some(customer_id) = customer_id else {
+    Some(BodyText {
+        customer_id: customer_id?,
+        order_id,
+        payment_intent_id,
+        expires_at,
+        mid_expire_at,
+        metadata,
+    })
+}
+
+/// A body from its six columns' text, in [`BODY_COLUMNS`] order (`None`: an invalid
+/// row, which has none). Both backends read bodies through this.
+pub(super) fn payload_of(texts: [Option<&str>; 6]) -> Result<Option<Payload>, String> {
+    let Some(b) = columns(texts) else {
         return Ok(None);
     };
-    let metadata = match metadata {
+    let metadata = match b.metadata {
         None => None,
         Some(text) => Some(
             serde_json::from_str(text)
@@ -84,11 +97,11 @@ pub(super) fn payload_of(texts: [Option<&str>; 6]) -> Result<Option<Payload>, St
         ),
     };
     Ok(Some(Payload {
-        customer_id: customer_id.to_owned(),
-        order_id: order_id.map(str::to_owned),
-        payment_intent_id: payment_intent_id.map(str::to_owned),
-        expires_at: expires_at.map(str::to_owned),
-        mid_expire_at: mid_expire_at.map(str::to_owned),
+        customer_id: b.customer_id.to_owned(),
+        order_id: b.order_id.map(str::to_owned),
+        payment_intent_id: b.payment_intent_id.map(str::to_owned),
+        expires_at: b.expires_at.map(str::to_owned),
+        mid_expire_at: b.mid_expire_at.map(str::to_owned),
         metadata,
     }))
 }
@@ -106,18 +119,10 @@ pub(super) fn send_body(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Op
 /// The JSON to send, from the six body columns' text (see [`send_body`]). Both
 /// backends build request bodies through this.
 pub(super) fn send_body_of(texts: [Option<&str>; 6]) -> Result<Option<SendBody>, String> {
-    let [
-        customer_id,
-        order_id,
-        payment_intent,
-        expires_at,
-        mid_expire_at,
-        metadata,
-    ] = texts;
-    let Some(customer_id) = customer_id else {
+    let Some(body) = columns(texts) else {
         return Ok(None);
     };
-    if let Some(metadata) = metadata {
+    if let Some(metadata) = body.metadata {
         // Written by kohort-batch from a parsed object; checked all the same, as it is
         // sent as it is.
         serde_json::from_str::<serde::de::IgnoredAny>(metadata)
@@ -128,18 +133,10 @@ pub(super) fn send_body_of(texts: [Option<&str>; 6]) -> Result<Option<SendBody>,
             })
             .map_err(|e| format!("the stored metadata is not a JSON object: {e}"))?;
     }
-    let json = BodyText {
-        customer_id,
-        order_id,
-        payment_intent_id: payment_intent,
-        expires_at,
-        mid_expire_at,
-        metadata,
-    }
-    .to_json();
+    let (order_id, payment_intent) = (body.order_id, body.payment_intent_id.is_some());
     Ok(Some(SendBody::new(
-        json,
+        body.to_json(),
         order_id.map(str::to_owned),
-        payment_intent.is_some(),
+        payment_intent,
     )))
 }
